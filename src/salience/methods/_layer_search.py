@@ -713,10 +713,70 @@ def _search(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple[s
         )
     if not spatial:
         return chosen[-1][0], "the last layer with a map (none has h * w > 1 on this input: use a larger input)"
+    name, why = spatial[-1][0], "the last layer with a spatial map"
+    if spatial[-1] is not cands[-1]:  # the last maps have one cell: not a layer inside the module that reduces them
+        name, why = _before_reduction(calls, cands, outputs[0] if outputs else None) or (name, why)
     after = max(i for i, c in enumerate(cands) if c[1].shape[-2:].numel() > 1) + 1
     later = [c for c in cands[after:] if c[2]]
     if not later:
-        return chosen[-1][0], "the last layer with a spatial map"
+        return name, why
     # A token stage that subsampling left with one token (LeViT on a small input), or a class token: say so.
-    return chosen[-1][0], (f"the last layer with a spatial map; the later token layer {later[-1][0]!r} holds a single "
-                           "token on this input, so its map would be constant")
+    return name, (f"{why}; the later token layer {later[-1][0]!r} holds a single token on this input, so its map "
+                  "would be constant")
+
+
+def _before_reduction(calls: list[_Call], cands: list[tuple[str, Tensor, bool]],
+                      output: Any) -> Optional[tuple[str, str]]:
+    """``(name, why)`` where the last map with ``h * w > 1`` (``S``, of the map candidates ``cands``, later ones
+    having one cell) lies inside the module that reduces it to one cell (a small input: inception_v3's ``Mixed_7a``
+    at 96 px, a stage's downsample): the map that module is computed from, the block or stage output before it, as
+    the same model's default at a larger input is a block or stage output. That module ``Z``: the outermost module
+    around ``S`` none of whose child modules outputs a map of ``S``'s ``h x w`` that all later computation goes
+    through (a stage holding such a child does not reduce it as a whole: it is looked into; a branch joined by a
+    concatenation is not such a child). The map: the last candidate that finished before ``Z`` began, if it has
+    ``S``'s ``h x w`` and every path of the pass's autograd graph from the model's ``output`` to the input goes
+    through it (:func:`_all_through`). None where no such module or map is found (``S`` stays the default)."""
+    index = {c.name: i for i, c in enumerate(calls)}  # a candidate is called once: its one call
+    counts = collections.Counter(c.name for c in calls)
+    top = _first_tensor(getattr(output, "logits", output))
+    top = top.grad_fn if isinstance(top, Tensor) else None
+    spatial = [c for c in cands if c[1].shape[-2:].numel() > 1]
+    name, hw = spatial[-1][0], tuple(spatial[-1][1].shape[-2:])
+    fits = {n: tuple(t.shape[-2:]) == hw for n, t, _ in cands}
+
+    def passage(n: str) -> bool:  # a candidate map of S's h x w that all later computation goes through
+        return fits[n] and _all_through(top, calls[index[n]].node)
+
+    around = sorted({c.name for c in calls if name.startswith(c.name + ".") and counts[c.name] == 1}, key=len)
+    for z in around:
+        if any(passage(n) for n in fits if n.startswith(z + ".") and "." not in n[len(z) + 1:]):
+            continue  # a child of z is such a map: z does not reduce it as a whole
+        first = min(i for i, c in enumerate(calls) if c.name.startswith(z + "."))
+        before = [n for n, _, _ in cands if index[n] < first]
+        if not before or not passage(before[-1]):
+            return None
+        return before[-1], (f"the last layer with a spatial map ({hw[0]}x{hw[1]}) at a block boundary: the module "
+                            f"{z!r} after it reduces it to one cell on this input (its insides, such as {name!r}, are "
+                            "partial steps or branches of that reduction; a larger input keeps more maps spatial)")
+    return None
+
+
+def _all_through(top: Any, node: Any) -> bool:
+    """Whether every path of the traced pass's autograd graph from ``top`` (the model output's node) down to the
+    input goes through ``node`` (a candidate's): the input reached only through it. The parameters are frozen in
+    the pass, so a leaf's gradient accumulator that is reached is the input's (or a tensor made with requires_grad
+    inside the model: not through ``node`` either; a miss makes the caller keep its default, never a wrong one)."""
+    if top is None or node is None:
+        return False
+    stack, visited = [top], {top}
+    while stack:
+        n = stack.pop()
+        if n is node:
+            continue
+        if hasattr(n, "variable"):  # an AccumulateGrad: the input, reached around node
+            return False
+        for nxt, _ in n.next_functions:
+            if nxt is not None and nxt not in visited:
+                visited.add(nxt)
+                stack.append(nxt)
+    return True
