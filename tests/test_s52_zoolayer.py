@@ -26,6 +26,8 @@ def _timm(arch: str, size: int, **kw) -> nn.Module:
 
 
 @pytest.mark.parametrize("arch, size, kw, layer, inside", [
+    # 32 px: stages.2 2x2, stages.3 1x1; the LayerNorm of stages.3's downsample (norm, stride-2 conv) was the default
+    ("convnext_atto", 32, {}, "stages.2", "stages.3"),
     # 96 px: Mixed_6e 4x4, Mixed_7a's stride-2 branches give 1x1; its 7x7x3 branch's third conv was the default
     ("inception_v3", 96, {}, "Mixed_6e", "Mixed_7a"),
     # 64 px: stages.1 2x2, stages.2's downsample 1x1; its patch merging's 1x1 expansion conv was the default
@@ -81,11 +83,11 @@ class _BranchNet(nn.Module):
 
 
 class _Stage(nn.Module):
-    def __init__(self, c: int, down: bool) -> None:
+    """A downsample that expands (1x1 conv), then halves ``h x w``; a block."""
+
+    def __init__(self, c: int) -> None:
         super().__init__()
-        # a downsample that expands (1x1 conv), then halves h x w: its expansion is a 2x2 map inside the reduction
-        self.downsample = (nn.Sequential(nn.Conv2d(c, 2 * c, 1), nn.ReLU(), nn.Conv2d(2 * c, c, 3, 2, 1)) if down
-                           else nn.Identity())
+        self.downsample = nn.Sequential(nn.Conv2d(c, 2 * c, 1), nn.ReLU(), nn.Conv2d(2 * c, c, 3, 2, 1))
         self.blocks = nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,12 +95,12 @@ class _Stage(nn.Module):
 
 
 class _StageNet(nn.Module):
-    """A patch embedding to 2x2 (16 px), ``stages`` of a 2x2 stage and one whose downsample gives 1x1, pooled."""
+    """A patch embedding to 4x4 (16 px), ``stages`` of two :class:`_Stage` (4x4 -> 2x2 -> 1x1), a mean, a linear."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.patch_embed = nn.Conv2d(3, 4, 8, stride=8)
-        self.stages = nn.Sequential(_Stage(4, False), _Stage(4, True))
+        self.patch_embed = nn.Conv2d(3, 4, 4, stride=4)
+        self.stages = nn.Sequential(_Stage(4), _Stage(4))
         self.head = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,16 +122,16 @@ def test_branch_joined_by_a_concat_loses_to_the_block_it_reads():
 
 
 def test_downsample_to_one_cell_loses_to_the_stage_before_it():
-    """``stages`` holds a whole 2x2 stage (``stages.0``), so it is looked into: ``stages.1`` reduces to one cell,
-    and the default is ``stages.0``, not the expansion inside its downsample (``stages.1.downsample.1``, its ReLU:
-    the old default), nor the patch embedding (also 2x2, before ``stages``)."""
+    """The last 2x2 map is the ReLU after the expansion inside ``stages.1``'s downsample (the old default,
+    ``stages.1.downsample.1``). ``stages`` begins at 4x4 (the patch embedding's map), so it is looked into:
+    ``stages.1`` begins at 2x2 and reduces it to one cell; the default is ``stages.0``, the map it is computed from."""
     torch.manual_seed(0)
     net = _StageNet().eval()
     assert default_layer(net, torch.rand(1, 3, 16, 16)) == "stages.0"
 
 
 def test_a_map_that_later_computation_bypasses_is_not_taken():
-    """Where the head also reads an earlier map (a skip around ``stages.1``), ``stages.0`` is not what all later
+    """Where the head also reads the patch embedding (a skip around ``stages``), ``stages.0`` is not what all later
     computation comes from: the rule finds no such map and keeps the last map with h * w > 1."""
     torch.manual_seed(0)
     net = _StageNet().eval()

@@ -86,7 +86,11 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
       ``aux_head``; its default is its last stage, ``network.4``), and outputs that are a permuted / reshaped view
       of an earlier candidate's (Swin's ``permute`` after ``norm``), unless the module holds that
       candidate: then it takes its place (MaxViT's and TinyViT's channels-last blocks, permuted back:
-      their ``stages``); modules with ``h * w > 1`` are preferred. A container is
+      their ``stages``); modules with ``h * w > 1`` are preferred, and where the last maps have one cell (a small
+      input) not one inside the module that reduces the last such map to one cell (a branch of an Inception
+      block, a step of a stage's downsample) but the block or stage output that module is computed from, where all
+      later computation goes through it (:func:`_before_reduction`: timm's inception_v3 at 96 px ``Mixed_6e``, its
+      efficientvit_m0 and shvit_s1 at 64 px ``stages.1``). A container is
       preferred to its last child (it finishes later). This gives torchvision's resnet
       ``layer4``, densenet / mobilenet / efficientnet / convnext ``features`` (the last stage's
       output), swin ``norm``, vgg the last ReLU of ``features`` (before the final max-pool), timm
@@ -728,36 +732,29 @@ def _search(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple[s
 def _before_reduction(calls: list[_Call], cands: list[tuple[str, Tensor, bool]],
                       output: Any) -> Optional[tuple[str, str]]:
     """``(name, why)`` where the last map with ``h * w > 1`` (``S``, of the map candidates ``cands``, later ones
-    having one cell) lies inside the module that reduces it to one cell (a small input: inception_v3's ``Mixed_7a``
-    at 96 px, a stage's downsample): the map that module is computed from, the block or stage output before it, as
-    the same model's default at a larger input is a block or stage output. That module ``Z``: the outermost module
-    around ``S`` none of whose child modules outputs a map of ``S``'s ``h x w`` that all later computation goes
-    through (a stage holding such a child does not reduce it as a whole: it is looked into; a branch joined by a
-    concatenation is not such a child). The map: the last candidate that finished before ``Z`` began, if it has
-    ``S``'s ``h x w`` and every path of the pass's autograd graph from the model's ``output`` to the input goes
-    through it (:func:`_all_through`). None where no such module or map is found (``S`` stays the default)."""
+    having one cell) lies inside a module that reduces it to one cell (a small input: inception_v3's ``Mixed_7a``
+    at 96 px, a stage's downsample): the map the outermost such module is computed from, the block or stage output
+    before it, as the same model's default at a larger input is a block or stage output, not a branch or a step of
+    the reduction. The modules around ``S`` are looked at from the outermost in; the first whose preceding map (the
+    last candidate that finished before it began) has ``S``'s ``h x w`` and is gone through by every path of the
+    pass's autograd graph from the model's ``output`` to the input (:func:`_all_through`: a map that a branch or a
+    skip connection bypasses is not what all later layers are computed from) gives that map. A module around ``S``
+    whose preceding map is larger (a stage that holds the last stage at ``S``'s size, a backbone wrapper) is looked
+    into. None where no module gives one (``S`` stays the default)."""
     index = {c.name: i for i, c in enumerate(calls)}  # a candidate is called once: its one call
     counts = collections.Counter(c.name for c in calls)
     top = _first_tensor(getattr(output, "logits", output))
     top = top.grad_fn if isinstance(top, Tensor) else None
     spatial = [c for c in cands if c[1].shape[-2:].numel() > 1]
     name, hw = spatial[-1][0], tuple(spatial[-1][1].shape[-2:])
-    fits = {n: tuple(t.shape[-2:]) == hw for n, t, _ in cands}
-
-    def passage(n: str) -> bool:  # a candidate map of S's h x w that all later computation goes through
-        return fits[n] and _all_through(top, calls[index[n]].node)
-
     around = sorted({c.name for c in calls if name.startswith(c.name + ".") and counts[c.name] == 1}, key=len)
     for z in around:
-        if any(passage(n) for n in fits if n.startswith(z + ".") and "." not in n[len(z) + 1:]):
-            continue  # a child of z is such a map: z does not reduce it as a whole
         first = min(i for i, c in enumerate(calls) if c.name.startswith(z + "."))
-        before = [n for n, _, _ in cands if index[n] < first]
-        if not before or not passage(before[-1]):
-            return None
-        return before[-1], (f"the last layer with a spatial map ({hw[0]}x{hw[1]}) at a block boundary: the module "
-                            f"{z!r} after it reduces it to one cell on this input (its insides, such as {name!r}, are "
-                            "partial steps or branches of that reduction; a larger input keeps more maps spatial)")
+        before = [(n, t) for n, t, _ in cands if index[n] < first]
+        if before and tuple(before[-1][1].shape[-2:]) == hw and _all_through(top, calls[index[before[-1][0]]].node):
+            return before[-1][0], (f"the last spatial map ({hw[0]}x{hw[1]}) all later layers are computed from: the "
+                                   f"module {z!r} after it reduces it to one cell on this input ({name!r} inside it "
+                                   "is a branch or a step of that reduction; a larger input keeps more maps spatial)")
     return None
 
 
