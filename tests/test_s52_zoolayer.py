@@ -138,3 +138,16 @@ def test_a_map_that_later_computation_bypasses_is_not_taken():
     forward = net.forward
     net.forward = lambda x: forward(x) + net.head(net.patch_embed(x).mean((2, 3)))
     assert default_layer(net, torch.rand(1, 3, 16, 16)) == "stages.1.downsample.1"
+
+
+def test_a_residual_block_before_the_reduction_stays():
+    """Hugging Face LeViT ends each stage with its subsampling: at 64 px ``levit.encoder.stages.1`` runs an attention
+    and an MLP block at 2x2, then subsamples to one token. Its last 2x2 map, ``stages.1.layers.1``, is a residual
+    block's output (``x + mlp(x)``): the main path at that size, not a step of the reduction; it stays the default
+    (the rule without this check moved it back to ``stages.0``, before stage 1's blocks)."""
+    from transformers import LevitConfig, LevitForImageClassification
+    torch.manual_seed(0)
+    config = LevitConfig(image_size=64, hidden_sizes=[32, 48, 64], num_attention_heads=[1, 2, 2], depths=[1, 1, 1],
+                         key_dim=[8, 8, 8], num_labels=3)
+    net = LevitForImageClassification(config).eval()
+    assert default_layer(net, torch.rand(1, 3, 64, 64)) == "levit.encoder.stages.1.layers.1"

@@ -740,13 +740,16 @@ def _before_reduction(calls: list[_Call], cands: list[tuple[str, Tensor, bool]],
     pass's autograd graph from the model's ``output`` to the input (:func:`_all_through`: a map that a branch or a
     skip connection bypasses is not what all later layers are computed from) gives that map. A module around ``S``
     whose preceding map is larger (a stage that holds the last stage at ``S``'s size, a backbone wrapper) is looked
-    into. None where no module gives one (``S`` stays the default)."""
+    into. None where no module gives one, or where ``S`` is a residual block's output (:func:`_residual`: the main
+    path's last map at its size, a sibling of the reduction after it, not a step of it): ``S`` stays the default."""
     index = {c.name: i for i, c in enumerate(calls)}  # a candidate is called once: its one call
     counts = collections.Counter(c.name for c in calls)
     top = _first_tensor(getattr(output, "logits", output))
     top = top.grad_fn if isinstance(top, Tensor) else None
     spatial = [c for c in cands if c[1].shape[-2:].numel() > 1]
     name, hw = spatial[-1][0], tuple(spatial[-1][1].shape[-2:])
+    if _residual(calls, index[name]):
+        return None  # S is a block's output: the main path at its size, before the reduction, not a step of it
     around = sorted({c.name for c in calls if name.startswith(c.name + ".") and counts[c.name] == 1}, key=len)
     for z in around:
         first = min(i for i, c in enumerate(calls) if c.name.startswith(z + "."))
@@ -756,6 +759,17 @@ def _before_reduction(calls: list[_Call], cands: list[tuple[str, Tensor, bool]],
                                    f"module {z!r} after it reduces it to one cell on this input ({name!r} inside it "
                                    "is a branch or a step of that reduction; a larger input keeps more maps spatial)")
     return None
+
+
+def _residual(calls: list[_Call], i: int) -> bool:
+    """Whether ``calls[i]``'s output is a residual block's, ``x + f(x)``: the sum (its autograd node an addition) of
+    an earlier module's output (outside it) and another term (Hugging Face LeViT's ``LevitResidualLayer``, the last
+    block at a size before the stage's subsampling)."""
+    node, inner = calls[i].node, calls[i].name + "."
+    if node is None or not type(node).__name__.startswith("AddBackward"):
+        return False
+    operands = {n for n, _ in node.next_functions if n is not None}
+    return any(c.node in operands for c in calls[:i] if c.node is not None and not c.name.startswith(inner))
 
 
 def _all_through(top: Any, node: Any) -> bool:
