@@ -55,7 +55,7 @@ from conftest import assert_same_snapshot, model_snapshot  # noqa: E402
 
 from salience import SalienceError  # noqa: E402
 from salience.methods import METHODS, default_methods  # noqa: E402
-from salience.methods._layer_search import _pick_default  # noqa: E402
+from salience.methods.gradcam import default_layer, describe_default_layer  # noqa: E402
 
 CHEAP: dict[str, dict[str, Any]] = {"smoothgrad": {"samples": 2}, "integrated_gradients": {"steps": 2},
                                     "rise": {"masks": 4, "cell": 2}, "occlusion": {"window": 16, "stride": 16}}
@@ -294,11 +294,13 @@ def _without_relu(model: torch.nn.Module, x: torch.Tensor, name: str, timeout: i
 
 
 def default_info(model: torch.nn.Module, x: torch.Tensor) -> dict:
-    """The Grad-CAM default layer, why, its layout; and default_methods on ``x[:1]``."""
+    """The Grad-CAM default layer, its description (:func:`~salience.methods.gradcam.describe_default_layer`: its
+    layout and why), its layout; and default_methods on ``x[:1]``."""
     info: dict[str, Any] = {}
     try:
-        name, why = _pick_default(model, x[:1])
-        info["default_layer"], info["why"] = name, why
+        name = default_layer(model, x[:1])
+        # the public one-line description (the layer, its output's layout, why it was picked); the search is cached
+        info["default_layer"], info["why"] = name, describe_default_layer(model, x[:1])
         info["layout"], info["layer_output_shape"], _ = _layout(model, name, x[:1])
     except SalienceError as e:
         info["default_layer"], info["refused"] = None, _first_line(e)

@@ -86,7 +86,11 @@ def default_layer(model: nn.Module, x: Tensor) -> str:
       ``aux_head``; its default is its last stage, ``network.4``), and outputs that are a permuted / reshaped view
       of an earlier candidate's (Swin's ``permute`` after ``norm``), unless the module holds that
       candidate: then it takes its place (MaxViT's and TinyViT's channels-last blocks, permuted back:
-      their ``stages``); modules with ``h * w > 1`` are preferred. A container is
+      their ``stages``); modules with ``h * w > 1`` are preferred, and where the last maps have one cell (a small
+      input) not one inside the module that reduces the last such map to one cell (a branch of an Inception
+      block, a step of a stage's downsample) but the block or stage output that module is computed from, where all
+      later computation goes through it (:func:`_before_reduction`: timm's inception_v3 at 96 px ``Mixed_6e``, its
+      efficientvit_m0 and shvit_s1 at 64 px ``stages.1``). A container is
       preferred to its last child (it finishes later). This gives torchvision's resnet
       ``layer4``, densenet / mobilenet / efficientnet / convnext ``features`` (the last stage's
       output), swin ``norm``, vgg the last ReLU of ``features`` (before the final max-pool), timm
@@ -713,10 +717,77 @@ def _search(model: nn.Module, x: Tensor, seen: Optional[dict] = None) -> tuple[s
         )
     if not spatial:
         return chosen[-1][0], "the last layer with a map (none has h * w > 1 on this input: use a larger input)"
+    name, why = spatial[-1][0], "the last layer with a spatial map"
+    if spatial[-1] is not cands[-1]:  # the last maps have one cell: not a layer inside the module that reduces them
+        name, why = _before_reduction(calls, cands, outputs[0] if outputs else None) or (name, why)
     after = max(i for i, c in enumerate(cands) if c[1].shape[-2:].numel() > 1) + 1
     later = [c for c in cands[after:] if c[2]]
     if not later:
-        return chosen[-1][0], "the last layer with a spatial map"
+        return name, why
     # A token stage that subsampling left with one token (LeViT on a small input), or a class token: say so.
-    return chosen[-1][0], (f"the last layer with a spatial map; the later token layer {later[-1][0]!r} holds a single "
-                           "token on this input, so its map would be constant")
+    return name, (f"{why}; the later token layer {later[-1][0]!r} holds a single token on this input, so its map "
+                  "would be constant")
+
+
+def _before_reduction(calls: list[_Call], cands: list[tuple[str, Tensor, bool]],
+                      output: Any) -> Optional[tuple[str, str]]:
+    """``(name, why)`` where the last map with ``h * w > 1`` (``S``, of the map candidates ``cands``, later ones
+    having one cell) lies inside a module that reduces it to one cell (a small input: inception_v3's ``Mixed_7a``
+    at 96 px, a stage's downsample): the map the outermost such module is computed from, the block or stage output
+    before it, as the same model's default at a larger input is a block or stage output, not a branch or a step of
+    the reduction. The modules around ``S`` are looked at from the outermost in; the first whose preceding map (the
+    last candidate that finished before it began) has ``S``'s ``h x w`` and is gone through by every path of the
+    pass's autograd graph from the model's ``output`` to the input (:func:`_all_through`: a map that a branch or a
+    skip connection bypasses is not what all later layers are computed from) gives that map. A module around ``S``
+    whose preceding map is larger (a stage that holds the last stage at ``S``'s size, a backbone wrapper) is looked
+    into. None where no module gives one, or where ``S`` is a residual block's output (:func:`_residual`: the main
+    path's last map at its size, a sibling of the reduction after it, not a step of it): ``S`` stays the default."""
+    index = {c.name: i for i, c in enumerate(calls)}  # a candidate is called once: its one call
+    counts = collections.Counter(c.name for c in calls)
+    top = _first_tensor(getattr(output, "logits", output))
+    top = top.grad_fn if isinstance(top, Tensor) else None
+    spatial = [c for c in cands if c[1].shape[-2:].numel() > 1]
+    name, hw = spatial[-1][0], tuple(spatial[-1][1].shape[-2:])
+    if _residual(calls, index[name]):
+        return None  # S is a block's output: the main path at its size, before the reduction, not a step of it
+    around = sorted({c.name for c in calls if name.startswith(c.name + ".") and counts[c.name] == 1}, key=len)
+    for z in around:
+        first = min(i for i, c in enumerate(calls) if c.name.startswith(z + "."))
+        before = [(n, t) for n, t, _ in cands if index[n] < first]
+        if before and tuple(before[-1][1].shape[-2:]) == hw and _all_through(top, calls[index[before[-1][0]]].node):
+            return before[-1][0], (f"the last spatial map ({hw[0]}x{hw[1]}) all later layers are computed from: the "
+                                   f"module {z!r} after it reduces it to one cell on this input ({name!r} inside it "
+                                   "is a branch or a step of that reduction; a larger input keeps more maps spatial)")
+    return None
+
+
+def _residual(calls: list[_Call], i: int) -> bool:
+    """Whether ``calls[i]``'s output is a residual block's, ``x + f(x)``: the sum (its autograd node an addition) of
+    an earlier module's output (outside it) and another term (Hugging Face LeViT's ``LevitResidualLayer``, the last
+    block at a size before the stage's subsampling)."""
+    node, inner = calls[i].node, calls[i].name + "."
+    if node is None or not type(node).__name__.startswith("AddBackward"):
+        return False
+    operands = {n for n, _ in node.next_functions if n is not None}
+    return any(c.node in operands for c in calls[:i] if c.node is not None and not c.name.startswith(inner))
+
+
+def _all_through(top: Any, node: Any) -> bool:
+    """Whether every path of the traced pass's autograd graph from ``top`` (the model output's node) down to the
+    input goes through ``node`` (a candidate's): the input reached only through it. The parameters are frozen in
+    the pass, so a leaf's gradient accumulator that is reached is the input's (or a tensor made with requires_grad
+    inside the model: not through ``node`` either; a miss makes the caller keep its default, never a wrong one)."""
+    if top is None or node is None:
+        return False
+    stack, visited = [top], {top}
+    while stack:
+        n = stack.pop()
+        if n is node:
+            continue
+        if hasattr(n, "variable"):  # an AccumulateGrad: the input, reached around node
+            return False
+        for nxt, _ in n.next_functions:
+            if nxt is not None and nxt not in visited:
+                visited.add(nxt)
+                stack.append(nxt)
+    return True
