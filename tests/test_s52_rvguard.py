@@ -3,12 +3,15 @@
 - :class:`~salience._core.guard.Found` compared a NumPy array or inference tensor over 1 MiB whole before every pass
   (a 100 MiB table: SmoothGrad of 8 chunks 39 -> 709 ms, occlusion 40 -> 822 ms): now by samples before each pass and
   whole once at the call's end, so the number of whole comparisons no longer grows with the chunks.
+- A NumPy array the forward wrote and made read-only: the put-back raised NumPy's raw ValueError; now made
+  writeable again and put back.
 - A structured array with an object field was compared by the identity of its records (``numpy.void``, new objects at
   each read): changed at every call, though nothing wrote it.
 """
 import collections
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -90,3 +93,25 @@ def test_a_structured_array_with_an_object_field_not_written_is_not_changed():
     assert guard.state_changes(record) == [(0, "rows")]
     guard.put_back_state(record)
     assert m.rows["score"][0] == 1.5 and m.rows["name"][1] == "b"
+
+
+class ReadOnly(nn.Module):
+    """A forward that writes its NumPy table and then makes it read-only."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.table = np.arange(n, dtype=np.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.table[0] = -1.0
+        self.table.flags.writeable = False
+        return self.conv(x).mean((2, 3))
+
+
+@pytest.mark.parametrize("n", [1000, N])
+def test_a_table_written_and_made_read_only_comes_back_writeable_with_its_values(n):
+    m = ReadOnly(n)
+    salience.vanilla(m, torch.randn(1, 3, 4, 4), 0)  # NumPy's raw "assignment destination is read-only" before
+    assert m.table.flags.writeable
+    np.testing.assert_array_equal(m.table, np.arange(n, dtype=np.float32))

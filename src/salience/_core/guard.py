@@ -94,7 +94,9 @@ inference tensor 1.1 -> 29-47 (AMD EPYC, core 1, a loaded machine; a comparison 
 ``benchmarks/guard-s52.md``), the model without one as before. A many-pass call's :class:`Found` compares such a
 value by :data:`_KEPT_SAMPLES` samples before each pass and whole once, at the call's end (review of session 52: whole
 before each pass, a 100 MiB array made SmoothGrad of 8 chunks 39 -> 709 ms; ``tests/test_s52_rvguard.py``): a forward
-that writes a few values no sample reads has its later passes see them; the call's end puts them back. An object array up to 1024 items is copied (shallow) and its
+that writes a few values no sample reads has its later passes see them; the call's end puts them back. An array the
+forward wrote and made read-only is made writeable again to be put back (:func:`_put_back_array`; it raised NumPy's
+"assignment destination is read-only"). An object array up to 1024 items is copied (shallow) and its
 items compared by identity; a ``numpy.memmap`` (a write to it writes the user's file; a copy would read a file of any
 size each call) and an object array over 1024 items are sampled (:class:`_Sampled`, 1024 places spread evenly) and a
 write that reaches a sampled place is told (a warning naming the attribute, and the memmap's file). The items of a
@@ -845,7 +847,7 @@ def _put_back_tensors(records: Any) -> Any:
                 if type(copy) is _Sampled or not _values_moved(t, copy):  # sampled: told (_not_put_back), not put back
                     continue
                 if type(t) is _ndarray():
-                    t[...] = copy
+                    _put_back_array(t, copy)
                     continue
                 with torch.inference_mode():
                     t.copy_(copy)
@@ -855,6 +857,26 @@ def _put_back_tensors(records: Any) -> Any:
                     _kept_again(t, copy)
     return tuple((k, t, t._version if version is not None else None, _Sampled(t) if type(copy) is _Sampled else copy)
                  for k, t, version, copy in records)
+
+
+def _put_back_array(t: Any, copy: Any) -> None:
+    """The values of ``copy`` put back into the NumPy array ``t`` (writeable when recorded: :func:`_tensor_records`),
+    made writeable again where the forward made it read-only (``self.table.flags.writeable = False``; review of session
+    52: NumPy's raw "assignment destination is read-only" out of the call, the values and the flag left as the forward
+    set them); where its memory is no longer writeable (its base made read-only), told (a warning), left as it is."""
+    if not t.flags.writeable:
+        try:
+            t.flags.writeable = True
+        except ValueError:
+            import warnings
+
+            from salience._core.errors import user_stacklevel
+
+            warnings.warn(f"the model's forward wrote in place a NumPy array attribute ({t.nbytes / 2 ** 20:.1f} MiB) "
+                          "and made it and its base read-only, so salience cannot put its values back: keep it "
+                          "writeable in the forward, or save and restore it yourself", stacklevel=user_stacklevel())
+            return
+    t[...] = copy
 
 
 def _not_put_back(records: Any) -> list:
