@@ -1,8 +1,8 @@
 """Review of session 52's guard (``guard._kept_values``, ``guard.Found``, ``guard._same_values``).
 
 - :class:`~salience._core.guard.Found` compared a NumPy array or inference tensor over 1 MiB whole before every pass
-  (a 100 MiB table: SmoothGrad of 8 chunks 39 -> 709 ms, occlusion 40 -> 822 ms): now by samples before each pass and
-  whole once at the call's end, so the number of whole comparisons no longer grows with the chunks.
+  (a 100 MiB table: SmoothGrad of 8 chunks 39 -> 709 ms, occlusion 40 -> 822 ms, an informal run): now by samples
+  before each pass and whole once at the call's end, so the number of whole comparisons no longer grows with the chunks.
 - A NumPy array the forward wrote and made read-only: the put-back raised NumPy's raw ValueError; now made
   writeable again and put back.
 - A structured array with an object field was compared by the identity of its records (``numpy.void``, new objects at

@@ -93,8 +93,8 @@ each call two passes over the values and the copy: a 100 MiB array, the guard al
 inference tensor 1.1 -> 29-47 (AMD EPYC, core 1, a loaded machine; a comparison about 10 ms on an idle core;
 ``benchmarks/guard-s52.md``), the model without one as before. A many-pass call's :class:`Found` compares such a
 value by :data:`_KEPT_SAMPLES` samples before each pass and whole once, at the call's end (review of session 52: whole
-before each pass, a 100 MiB array made SmoothGrad of 8 chunks 39 -> 709 ms; ``tests/test_s52_rvguard.py``): a forward
-that writes a few values no sample reads has its later passes see them; the call's end puts them back. An array the
+before each pass, a 100 MiB array made SmoothGrad of 8 chunks 39 -> 709 ms, an informal run;
+``tests/test_s52_rvguard.py``): a forward that writes a few values no sample reads has its later passes see them; the call's end puts them back. An array the
 forward wrote and made read-only is made writeable again to be put back (:func:`_put_back_array`; it raised NumPy's
 "assignment destination is read-only"). An object array up to 1024 items is copied (shallow) and its
 items compared by identity; a ``numpy.memmap`` (a write to it writes the user's file; a copy would read a file of any
@@ -2137,7 +2137,9 @@ def _large_apart(record: list) -> list:
     ``record`` (no version counter: each comparison reads them whole), taken out of their modules' records, as
     :func:`_tensor_records`' ``(name, value, None, copy)``: :meth:`Found.before_pass` compares them by samples
     (:func:`_samples_moved`) and :meth:`Found.__exit__` whole (review of session 52: compared whole before each
-    pass, a 100 MiB array made SmoothGrad of 8 chunks 39 -> 709 ms, occlusion 40 -> 822 ms, AMD EPYC, one core)."""
+    pass, a 100 MiB array made SmoothGrad of 8 chunks 39 -> 709 ms, occlusion 40 -> 822 ms, AMD EPYC, one core, loaded;
+    an informal run of one call each, not a benchmark under the lock; after: 147 and 160 ms, the four whole
+    comparisons a call)."""
     large = []
     for r in record:
         if r.tensors and any(version is None and _large_copy(copy) for _, _, version, copy in r.tensors):
