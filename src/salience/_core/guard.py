@@ -91,7 +91,12 @@ each call's start and end, bit for bit in chunks (:func:`_same_bits`): a sampled
 user's own write of a value between two calls (``model.table[5] = 1``), and the stale copy would undo it. That costs
 each call two passes over the values and the copy: a 100 MiB array, the guard alone 1.1 -> 24-40 ms a call, an
 inference tensor 1.1 -> 29-47 (AMD EPYC, core 1, a loaded machine; a comparison about 10 ms on an idle core;
-``benchmarks/guard-s52.md``), the model without one as before. An object array up to 1024 items is copied (shallow) and its
+``benchmarks/guard-s52.md``), the model without one as before. A many-pass call's :class:`Found` compares such a
+value by :data:`_KEPT_SAMPLES` samples before each pass and whole once, at the call's end (review of session 52: whole
+before each pass, a 100 MiB array made SmoothGrad of 8 chunks 39 -> 709 ms, an informal run;
+``tests/test_s52_rvguard.py``): a forward that writes a few values no sample reads has its later passes see them; the call's end puts them back. An array the
+forward wrote and made read-only is made writeable again to be put back (:func:`_put_back_array`; it raised NumPy's
+"assignment destination is read-only"). An object array up to 1024 items is copied (shallow) and its
 items compared by identity; a ``numpy.memmap`` (a write to it writes the user's file; a copy would read a file of any
 size each call) and an object array over 1024 items are sampled (:class:`_Sampled`, 1024 places spread evenly) and a
 write that reaches a sampled place is told (a warning naming the attribute, and the memmap's file). The items of a
@@ -766,11 +771,16 @@ def _bits(v: Any) -> Any:
 
 def _same_values(a: Any, b: Any) -> bool:
     """:func:`_same_bits` by value, where no view of the bits exists: tensors by ``torch.equal``, NaN equal to NaN; NumPy
-    arrays by ``numpy.array_equal`` (NaN equal to NaN), an object array's items by identity (as a container's)."""
+    arrays by ``numpy.array_equal`` (NaN equal to NaN), an object array's items by identity (as a container's), a
+    structured array's fields each so."""
     if isinstance(a, torch.Tensor):
         return _equal_nan(a, b)
     import numpy
 
+    # a structured dtype with an object field: field by field (its records, ``numpy.void``, are new objects at each
+    # read: compared by identity, such an array was changed at every call, review of session 52)
+    if a.dtype.names:
+        return all(_same_values(a[n], b[n]) for n in a.dtype.names)
     if a.dtype.hasobject:
         return all(map(operator.is_, a.flat, b.flat))
     return bool(numpy.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
@@ -837,7 +847,7 @@ def _put_back_tensors(records: Any) -> Any:
                 if type(copy) is _Sampled or not _values_moved(t, copy):  # sampled: told (_not_put_back), not put back
                     continue
                 if type(t) is _ndarray():
-                    t[...] = copy
+                    _put_back_array(t, copy)
                     continue
                 with torch.inference_mode():
                     t.copy_(copy)
@@ -847,6 +857,26 @@ def _put_back_tensors(records: Any) -> Any:
                     _kept_again(t, copy)
     return tuple((k, t, t._version if version is not None else None, _Sampled(t) if type(copy) is _Sampled else copy)
                  for k, t, version, copy in records)
+
+
+def _put_back_array(t: Any, copy: Any) -> None:
+    """The values of ``copy`` put back into the NumPy array ``t`` (writeable when recorded: :func:`_tensor_records`),
+    made writeable again where the forward made it read-only (``self.table.flags.writeable = False``; review of session
+    52: NumPy's raw "assignment destination is read-only" out of the call, the values and the flag left as the forward
+    set them); where its memory is no longer writeable (its base made read-only), told (a warning), left as it is."""
+    if not t.flags.writeable:
+        try:
+            t.flags.writeable = True
+        except ValueError:
+            import warnings
+
+            from salience._core.errors import user_stacklevel
+
+            warnings.warn(f"the model's forward wrote in place a NumPy array attribute ({t.nbytes / 2 ** 20:.1f} MiB) "
+                          "and made it and its base read-only, so salience cannot put its values back: keep it "
+                          "writeable in the forward, or save and restore it yourself", stacklevel=user_stacklevel())
+            return
+    t[...] = copy
 
 
 def _not_put_back(records: Any) -> list:
@@ -1915,6 +1945,8 @@ class Found:
         # its parameters and submodules by name too, as the model guard's (``self.w = nn.Parameter``, a submodule
         # added on a first call or swapped: session 50 review)
         self.record = record_state(own, containers=True, large_copies=True, inference=True, named=True) if own else []
+        # a NumPy array or inference tensor over the copy limit: apart, by samples before each pass (:meth:`_large`)
+        self.large = _large_apart(self.record)
         # the tensors (one over the guard's copy limit the guard records without a copy): told put back at the end
         self.tensors = [(r.module, t, version) for r in self.record for _, t, version, _ in r.tensors
                         if version is not None]
@@ -1997,6 +2029,8 @@ class Found:
 
     def __exit__(self, *exc: Any) -> None:
         self.before_pass(refuse=False)  # what cannot be put back stays
+        if self.large:  # the whole of each large array or inference tensor compared, once a call
+            self.large = _put_back_tensors(self.large)
         for m, t, version in self.tensors:  # put back from this record's copy: the guard's warning would say it stays
             if t._version != version:
                 settled(m, t, version)
@@ -2011,6 +2045,8 @@ class Found:
                 tensors, versions, *_, bufs, buf_versions, _ = self.flat  # the versions taken again, in place
                 versions[:] = map(_VERSION, tensors)
                 buf_versions[:] = map(_VERSION, bufs)
+        if self.large and any(_samples_moved(t, copy) for _, t, _, copy in self.large):
+            self.large = _put_back_tensors(self.large)
         if self.scripted is not None:
             self.scripted.put_back()
         if self.torch_nn and not self._layers_same():
@@ -2094,6 +2130,38 @@ class Found:
 
 
 _VERSION = operator.attrgetter("_version")
+
+
+def _large_apart(record: list) -> list:
+    """The NumPy arrays and inference tensors over :data:`_COPY_LIMIT` bytes among the tensors of :class:`Found`'s
+    ``record`` (no version counter: each comparison reads them whole), taken out of their modules' records, as
+    :func:`_tensor_records`' ``(name, value, None, copy)``: :meth:`Found.before_pass` compares them by samples
+    (:func:`_samples_moved`) and :meth:`Found.__exit__` whole (review of session 52: compared whole before each
+    pass, a 100 MiB array made SmoothGrad of 8 chunks 39 -> 709 ms, occlusion 40 -> 822 ms, AMD EPYC, one core, loaded;
+    an informal run of one call each, not a benchmark under the lock; after: 147 and 160 ms, the four whole
+    comparisons a call)."""
+    large = []
+    for r in record:
+        if r.tensors and any(version is None and _large_copy(copy) for _, _, version, copy in r.tensors):
+            large += [e for e in r.tensors if e[2] is None and _large_copy(e[3])]
+            r.tensors = tuple(e for e in r.tensors if not (e[2] is None and _large_copy(e[3]))) or _NO_TENSORS
+    return large
+
+
+def _large_copy(copy: Any) -> bool:
+    """Whether ``copy``, a record's copy of a value without version counter, is one over :data:`_COPY_LIMIT` bytes."""
+    return copy is not None and type(copy) is not _Sampled and copy.nbytes > _COPY_LIMIT
+
+
+def _samples_moved(t: Any, copy: Any) -> bool:
+    """Whether the NumPy array or inference tensor ``t`` no longer holds the values of ``copy`` at
+    :data:`_KEPT_SAMPLES` places spread evenly over it (or its shape or dtype changed): :class:`Found`'s check before
+    each pass, a write of a few values elsewhere seen by the next passes and put back at the call's end."""
+    if t.shape != copy.shape or t.dtype != copy.dtype:
+        return True
+    if isinstance(t, torch.Tensor):
+        return not _samples_same(t, copy)
+    return not _Sampled(copy).same(t)
 _dict_eq = dict.__eq__
 
 
