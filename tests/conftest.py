@@ -24,6 +24,13 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, tor
 # tests the warning, clears the mark for each of its tests.
 _cpu._warned = True
 
+# Ray starts its worker processes (the actors explaining, the tasks decoding) at niceness 15, below the other
+# xdist worker and everything else on the machine: on two busy cores they waited, and tests/test_runs_ray.py took
+# 1,224 s in a full run against 242 s in a worker of its own. At niceness 0 (what Ray's own job manager gives its
+# workers) they get their share; no test checks a process's priority. The clusters started here and in the
+# commands run as subprocesses inherit it.
+os.environ.setdefault("RAY_worker_niceness", "0")
+
 _CHECKOUT = Path(__file__).resolve().parent.parent
 
 
@@ -262,9 +269,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: Optional[pytest.Item]) 
 
 # The files that took longest in CI (seconds summed over the run of 2026-12-06, two workers on two busy cores):
 # handed to the workers first, the rest after them by their number of tests (pytest-xdist's own order for
-# --dist loadfile). tests/test_runs_ray.py took 1,224 s in that run, 242 s in a worker of its own (-n 1) and 322 s
-# alone without xdist on the same busy machine: it goes first, on a fresh worker; and a long file taken last
-# leaves the other worker idle to the end.
+# --dist loadfile): a long file taken last leaves the other worker idle to the end.
 _SLOW_FIRST = (
     "tests/test_runs_ray.py",  # 1,224 s
     "tests/test_explore_browser.py",  # 238 s
