@@ -266,37 +266,3 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: Optional[pytest.Item]) 
     if helpers is not None and (nextitem is None or getattr(nextitem, "module", None) is not module):
         helpers.close_shared_browser()
 
-
-# The files that took longest in CI (seconds summed over the run of 2026-12-06, two workers on two busy cores):
-# handed to the workers first, the rest after them by their number of tests (pytest-xdist's own order for
-# --dist loadfile): a long file taken last leaves the other worker idle to the end.
-_SLOW_FIRST = (
-    "tests/test_runs_ray.py",  # 1,224 s
-    "tests/test_explore_browser.py",  # 238 s
-    "tests/test_runs.py",  # 125 s
-    "tests/test_performance.py",  # 99 s
-    "tests/test_s39_store_ray.py",  # 77 s
-    "tests/test_s44_occlusion_local.py",  # 71 s
-    "tests/test_cli_matrix.py",  # 65 s
-    "tests/test_cli_evaluate.py",  # 63 s
-    "tests/test_s41_cam_skip.py",  # 53 s
-)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    if hasattr(config.option, "loadscopereorder"):
-        config.option.loadscopereorder = False  # the files' order is pytest_collection_modifyitems's below
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist: the slow files of ``_SLOW_FIRST`` first, then the others by their number of tests,
-    most first; each file's tests in their own order (the order a worker is handed whole files in)."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return
-    files = [item.nodeid.split("::", 1)[0] for item in items]
-    count: dict[str, int] = {}
-    for f in files:
-        count[f] = count.get(f, 0) + 1
-    rank = {f: i for i, f in enumerate(_SLOW_FIRST)}
-    order = sorted(range(len(items)), key=lambda i: (rank.get(files[i], len(rank)), -count[files[i]], files[i], i))
-    items[:] = [items[i] for i in order]
