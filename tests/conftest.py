@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -22,6 +23,13 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, tor
 # with warnings as errors and bf16 failed first in its process on such a CPU); tests/test_s40_bf16_engine.py, which
 # tests the warning, clears the mark for each of its tests.
 _cpu._warned = True
+
+# Ray starts its worker processes (the actors explaining, the tasks decoding) at niceness 15, below the other
+# xdist worker and everything else on the machine: on two busy cores they waited, and tests/test_runs_ray.py took
+# 1,224 s in a full run against 242 s in a worker of its own. At niceness 0 (what Ray's own job manager gives its
+# workers) they get their share; no test checks a process's priority. The clusters started here and in the
+# commands run as subprocesses inherit it.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
 
@@ -248,3 +256,13 @@ def fresh_perf_state():
     yield
     _multi._UNAPPLIED.clear()
     perf.clear_cache()
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: Optional[pytest.Item]) -> None:
+    """After a module's last test: close the Chromium its tests shared (tests/explore_helpers.py's
+    ``browser_page``), so that no other module runs with it (it refuses ``asyncio.run`` in this thread)."""
+    helpers = sys.modules.get("explore_helpers")
+    module = getattr(item, "module", None)
+    if helpers is not None and (nextitem is None or getattr(nextitem, "module", None) is not module):
+        helpers.close_shared_browser()
+

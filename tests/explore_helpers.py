@@ -112,25 +112,63 @@ def block_worker(hub, slot: str = "a"):
     return release
 
 
+_SHARED: dict[str, Any] = {}
+
+
+def _shared_browser() -> Any:
+    """One headless Chromium for the tests of a module (launching one costs ~3 s a test; each page gets its
+    own context, as isolated as a fresh browser: cookies, storage, cache); tests/conftest.py closes it after
+    the module's last test (while it runs, ``asyncio.run`` is refused in this thread)."""
+    browser = _SHARED.get("browser")
+    if browser is not None and browser.is_connected():
+        return browser
+    close_shared_browser()
+    playwright = browser_api().sync_playwright().start()
+    try:
+        _SHARED["browser"] = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+    except BaseException:
+        playwright.stop()
+        raise
+    _SHARED["playwright"] = playwright
+    return _SHARED["browser"]
+
+
+def close_shared_browser() -> None:
+    """Close the Chromium of :func:`browser_page` and its Playwright, if started."""
+    browser, playwright = _SHARED.pop("browser", None), _SHARED.pop("playwright", None)
+    try:
+        if browser is not None:
+            browser.close()
+    finally:
+        if playwright is not None:
+            playwright.stop()
+
+
+@contextlib.contextmanager
+def browser_context(**options: Any) -> Iterator[Any]:
+    """A fresh context (``browser.new_context(**options)``: its own cookies, storage and cache, as a new browser's)
+    of the module's shared headless Chromium, closed after. Skips when Playwright or Chromium is missing."""
+    context = _shared_browser().new_context(**options)
+    try:
+        yield context
+    finally:
+        context.close()
+
+
 @contextlib.contextmanager
 def browser_page(url: str, errors: list[str], *, allow_404: bool = False, **page_options: Any) -> Iterator[Any]:
-    """A page of the explorer at ``url`` in headless Chromium, ready (the status bar says so), closed
-    after; its script errors and console errors collected in ``errors`` (but "status of 404" lines
-    with ``allow_404``). Skips when Playwright or Chromium is missing."""
-    sync_api = browser_api()
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            page = browser.new_page(**{"viewport": {"width": 1200, "height": 900}, **page_options})
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("console", lambda m: errors.append(m.text)
-                    if m.type == "error" and not (allow_404 and "status of 404" in m.text) else None)
-            page.set_default_timeout(30_000)
-            page.goto(url)
-            page.wait_for_function("document.getElementById('status').textContent === 'ready'")
-            yield page
-        finally:
-            browser.close()
+    """A page of the explorer at ``url`` in headless Chromium (in a fresh browser context), ready (the status
+    bar says so), closed after; its script errors and console errors collected in ``errors`` (but "status of
+    404" lines with ``allow_404``). Skips when Playwright or Chromium is missing."""
+    with browser_context(**{"viewport": {"width": 1200, "height": 900}, **page_options}) as context:
+        page = context.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(m.text)
+                if m.type == "error" and not (allow_404 and "status of 404" in m.text) else None)
+        page.set_default_timeout(30_000)
+        page.goto(url)
+        page.wait_for_function("document.getElementById('status').textContent === 'ready'")
+        yield page
 
 
 def shown(page: Any, cell: str, start: str) -> None:

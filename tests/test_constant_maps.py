@@ -795,9 +795,9 @@ def test_the_static_gallery_says_a_runs_constant_maps_under_their_thumbnails(tmp
     without."""
     import dataclasses
 
-    from explore_helpers import ARGS, CHROMIUM, browser_api, shapes_files
+    from explore_helpers import browser_api, browser_context, shapes_files
 
-    sync_api = browser_api()
+    browser_api()  # skips here without Playwright or Chromium
     pytest.importorskip("pyarrow")
     (tmp_path / "imgs").mkdir()
     paths, _, _ = shapes_files(tmp_path / "imgs", n=2)
@@ -815,36 +815,32 @@ def test_the_static_gallery_says_a_runs_constant_maps_under_their_thumbnails(tmp
     note = viz.constant_map_note(np.zeros(2))
     errors: list[str] = []
     shown = {}
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            page = browser.new_page()
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            for run in ("r0", "r1"):
-                page.goto((tmp_path / run / "index.html").resolve().as_uri())
-                page.wait_for_function("document.querySelectorAll('#body tr').length === 2")
-                for row in (0, 1):
-                    tr = page.locator("#body tr").nth(row)
-                    assert tr.locator("td").nth(1).inner_text() == str(row)  # the index column
-                    tiles = {}
-                    for t in range(tr.locator(".tile").count()):
-                        flat = tr.locator(f".tile[data-tile='{t}'] .flat")
-                        tiles[t] = {"texts": flat.all_inner_texts(),
-                                    "titles": [flat.nth(i).get_attribute("title") for i in range(flat.count())],
-                                    "visible": all(flat.nth(i).is_visible() for i in range(flat.count())),
-                                    "markup": flat.locator("b").count()}
-                    shown[run, row] = tiles
-                # the table's constant column: a marker on each row with a constant map, and a filter by it
-                shown[run, "cells"] = page.evaluate("""() => {
-                  const i = [...document.querySelectorAll('#head th')].findIndex(th => th.dataset.col === 'constant');
-                  return [...document.querySelectorAll('#body tr')].map(tr => [tr.children[i].textContent,
-                                                                               tr.children[i].className]); }""")
-                page.select_option("#fl", "varying")
-                page.wait_for_function("document.querySelectorAll('#body tr').length === 0")
-                page.select_option("#fl", "constant")
-                page.wait_for_function("document.querySelectorAll('#body tr').length === 2")
-        finally:
-            browser.close()
+    with browser_context() as context:
+        page = context.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        for run in ("r0", "r1"):
+            page.goto((tmp_path / run / "index.html").resolve().as_uri())
+            page.wait_for_function("document.querySelectorAll('#body tr').length === 2")
+            for row in (0, 1):
+                tr = page.locator("#body tr").nth(row)
+                assert tr.locator("td").nth(1).inner_text() == str(row)  # the index column
+                tiles = {}
+                for t in range(tr.locator(".tile").count()):
+                    flat = tr.locator(f".tile[data-tile='{t}'] .flat")
+                    tiles[t] = {"texts": flat.all_inner_texts(),
+                                "titles": [flat.nth(i).get_attribute("title") for i in range(flat.count())],
+                                "visible": all(flat.nth(i).is_visible() for i in range(flat.count())),
+                                "markup": flat.locator("b").count()}
+                shown[run, row] = tiles
+            # the table's constant column: a marker on each row with a constant map, and a filter by it
+            shown[run, "cells"] = page.evaluate("""() => {
+              const i = [...document.querySelectorAll('#head th')].findIndex(th => th.dataset.col === 'constant');
+              return [...document.querySelectorAll('#body tr')].map(tr => [tr.children[i].textContent,
+                                                                           tr.children[i].className]); }""")
+            page.select_option("#fl", "varying")
+            page.wait_for_function("document.querySelectorAll('#body tr').length === 0")
+            page.select_option("#fl", "constant")
+            page.wait_for_function("document.querySelectorAll('#body tr').length === 2")
     assert not errors, errors
     none = {"texts": [], "titles": [], "visible": True, "markup": 0}
     for row in (0, 1):

@@ -796,22 +796,17 @@ def test_gallery_class_filter_shows_the_images_labelled_with_a_class(data):
 def _gallery_in_chromium(page_file: Path, classes: list[str]) -> list[list[str]]:
     """The gallery opened from disk in Chromium: the class menu's values, then for each of ``classes``
     chosen in it the index column of the rows shown."""
-    from explore_helpers import ARGS, CHROMIUM, browser_api
+    from explore_helpers import browser_context
 
-    sync_api = browser_api()
     errors: list[str] = []
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            page = browser.new_page()
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(page_file.resolve().as_uri())
-            out = [page.eval_on_selector_all("#cls option", "os => os.map(o => o.value).filter(v => v)")]
-            for c in classes:
-                page.select_option("#cls", c)
-                out.append(page.eval_on_selector_all("#body tr", "trs => trs.map(t => t.children[1].textContent)"))
-        finally:
-            browser.close()
+    with browser_context() as context:
+        page = context.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(page_file.resolve().as_uri())
+        out = [page.eval_on_selector_all("#cls option", "os => os.map(o => o.value).filter(v => v)")]
+        for c in classes:
+            page.select_option("#cls", c)
+            out.append(page.eval_on_selector_all("#body tr", "trs => trs.map(t => t.children[1].textContent)"))
     assert not errors, errors
     return out
 

@@ -305,19 +305,14 @@ def test_the_refused_images_thumbnail_is_blank_the_others_are_overlays(tmp_path)
 def gallery_rows(folder, n: int, *scripts: str) -> list:
     """``folder/index.html`` in Chromium, its ``n`` rows shown: per script (a JavaScript expression of a row ``tr``),
     each row's ``[index, value]``."""
-    from explore_helpers import ARGS, CHROMIUM, browser_api
+    from explore_helpers import browser_context
 
-    sync_api = browser_api()
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            page = browser.new_page()
-            page.goto((folder / "index.html").resolve().as_uri())
-            page.wait_for_function(f"document.querySelectorAll('#body tr').length === {n}")
-            return [page.evaluate(f"() => [...document.querySelectorAll('#body tr')].map("
-                                  f"tr => [tr.children[1].textContent, {js}])") for js in scripts]
-        finally:
-            browser.close()
+    with browser_context() as context:
+        page = context.new_page()
+        page.goto((folder / "index.html").resolve().as_uri())
+        page.wait_for_function(f"document.querySelectorAll('#body tr').length === {n}")
+        return [page.evaluate(f"() => [...document.querySelectorAll('#body tr')].map("
+                              f"tr => [tr.children[1].textContent, {js}])") for js in scripts]
 
 
 def test_the_gallery_shows_a_refused_images_thumbnails(tmp_path):

@@ -140,7 +140,16 @@ def test_models_look_where_they_should():
     assert on_cue > 5 * cue_area and on_mask < 1.5 * mask_area  # the mark, not the shape
 
 
-def test_train_command_line(tmp_path):
+def test_train_command_line(tmp_path, monkeypatch):
+    # the command line's parsing, metadata and atomic write; the held-out draw is scored on 40 images, not the
+    # default 2,000 x 3 cues (its size is train()'s argument, which the command does not set: checked here)
+    real = train.train
+
+    def fewer_held_out(*args, **kwargs):
+        assert "n_held_out" not in kwargs
+        return real(*args, **kwargs, n_held_out=40)
+
+    monkeypatch.setattr(train, "train", fewer_held_out)
     assert train.main(["shapes-cue", "--out", str(tmp_path), "--n-train", "32", "--epochs", "1", "--seed", "2"]) == 0
     meta = json.loads((tmp_path / "shapes-cue.json").read_text())
     assert meta["train_command"] == "python -m salience.demo.train shapes-cue --seed 2 --n-train 32 --epochs 1"
