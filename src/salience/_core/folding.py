@@ -77,6 +77,8 @@ def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None, passes: Optiona
         traced = fx_traced(clone, dtype, passes, _WRITES.get(), source=model)
         if isinstance(traced, str):
             return traced
+        if sum(n.op == "placeholder" for n in traced.graph.nodes) != 1:
+            return _SEVERAL_INPUTS
         folded = _fuse(traced, dtype)
     except Exception as e:  # noqa: BLE001 - the copy or the fuse failing: run the model as it is
         return f"torch.fx cannot trace it ({_described(e, 200)})"
@@ -212,6 +214,11 @@ class _AutocastSeeingTracer(ThisThreadTracer):
                                          or state[1:] != self._passes)
 
 
+# a trace of more than the images (``forward(x, mask=None)``, ``**kwargs``): fx makes ``mask`` an input, so ``if mask is
+# not None`` traced the branch salience's calls, model(x), never take, and the copy ran it (review of session 52:
+# fold_batchnorm=True gave every plain pass's scores of that branch, wrong maps); the model runs as it is (a warning)
+_SEVERAL_INPUTS = ("its forward takes more inputs than the images (fx traces a parameter such as mask=None as an input "
+                   "and a branch on it as taken)")
 _IN_BLOCK = "its forward runs "  # the start of the refusal of an operation in an autocast block (fx_traced)
 # one fx trace at a time in the process: a trace patches nn.Module.__call__ / __getattr__ for the process and puts
 # back what it found, so two at once in two threads (the first ending before the second) left the second's find, the
