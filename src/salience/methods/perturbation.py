@@ -357,8 +357,11 @@ def occlusion(
     (convolutions, eval-mode batch norm, elementwise activations, pooling, sums of such branches) run on a crop
     around each window only and the rest of the model from a copy of the clean activation with the crop's exact
     part pasted in (:mod:`salience.methods._occlusion_local`); the same maps as full passes up to float rounding.
-    Models that cannot be traced by ``torch.fx``, have hooks, an autocast block in their forward or no such
-    prefix, and ``compile`` or ``precision="bf16-mixed"`` runs, take full passes (a debug log line of ``salience.occlusion`` says why);
+    A forward ``torch.fx`` cannot trace (a Hugging Face model's ``**kwargs``, a check of the channel count) is
+    traced as the call ``model(x)`` with the images' channel count known (session 52); models that cannot be
+    traced even so (a branch on the image's size or values), have hooks, an autocast block in their forward or no
+    such prefix, and ``compile`` or ``precision="bf16-mixed"`` runs, take full passes (a debug log line of
+    ``salience.occlusion`` says why);
     ``False``: always full passes.
     """
     progress = check_flag(progress, "progress")
