@@ -72,11 +72,10 @@ def test_hand_built_first_stage_is_the_default_and_its_cam_is_the_formula():
     ``stages.0`` (two blocks at 2x2) before it: the default is ``stages.0`` (the merge: ``patch_embed``), and
     Grad-CAM there is the paper's formula by hand."""
     torch.manual_seed(4)  # a seed where neither image's map is 0 everywhere after the ReLU at random init
-    net = _Net().eval()
+    net, target = _Net().eval(), torch.tensor([0, 2])
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    assert default_layer(net, x) == "stages.0"
-    target = torch.tensor([0, 2])
     with unchanged(net):
-        cam = salience.gradcam(net, x, target)
+        layer, cam = default_layer(net, x), salience.gradcam(net, x, target)
+    assert layer == "stages.0", layer
     assert_each_varies(cam)
-    torch.testing.assert_close(cam, gradcam_by_hand(net, x, "stages.0", target), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(cam, gradcam_by_hand(net, x, layer, target), rtol=1e-4, atol=1e-7)

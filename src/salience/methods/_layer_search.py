@@ -757,9 +757,10 @@ def _before_reduction(calls: list[_Call], cands: list[tuple[str, Tensor, bool]],
         before = [(n, t) for n, t, _ in cands if index[n] < first]
         if (before and tuple(before[-1][1].shape[-2:]) == hw and _all_through(top, calls[index[before[-1][0]]].node)
                 and not _block_in_between(calls, cands, z, (index[before[-1][0]], index[name]), top)):
-            return before[-1][0], (f"the last spatial map ({hw[0]}x{hw[1]}) all later layers are computed from: the "
-                                   f"module {z!r} after it reduces it to one cell on this input ({name!r} inside it "
-                                   "is a branch or a step of that reduction; a larger input keeps more maps spatial)")
+            return before[-1][0], (f"the last spatial map ({hw[0]}x{hw[1]}) before the module {z!r}, which reduces "
+                                   "it to one cell on this input; all later layers are computed from it "
+                                   f"({name!r} inside {z!r} is a branch or a step of that reduction; a larger input "
+                                   "keeps more maps spatial)")
     return None
 
 
