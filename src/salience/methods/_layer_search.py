@@ -739,9 +739,10 @@ def _before_reduction(calls: list[_Call], cands: list[tuple[str, Tensor, bool]],
     last candidate that finished before it began) has ``S``'s ``h x w`` and is gone through by every path of the
     pass's autograd graph from the model's ``output`` to the input (:func:`_all_through`: a map that a branch or a
     skip connection bypasses is not what all later layers are computed from) gives that map. A module around ``S``
-    whose preceding map is larger (a stage that holds the last stage at ``S``'s size, a backbone wrapper) is looked
-    into. None where no module gives one, or where ``S`` is a residual block's output (:func:`_residual`: the main
-    path's last map at its size, a sibling of the reduction after it, not a step of it): ``S`` stays the default."""
+    whose preceding map is larger (a stage that holds the last stage at ``S``'s size, a backbone wrapper), or that
+    holds a block or stage at ``S``'s size before ``S`` or as ``S`` (:func:`_block_in_between`), is looked into.
+    None where no module gives one, or where ``S`` is a residual block's output (:func:`_residual`: the main path's
+    last map at its size, a sibling of the reduction after it, not a step of it): ``S`` stays the default."""
     index = {c.name: i for i, c in enumerate(calls)}  # a candidate is called once: its one call
     counts = collections.Counter(c.name for c in calls)
     top = _first_tensor(getattr(output, "logits", output))
@@ -754,11 +755,33 @@ def _before_reduction(calls: list[_Call], cands: list[tuple[str, Tensor, bool]],
     for z in around:
         first = min(i for i, c in enumerate(calls) if c.name.startswith(z + "."))
         before = [(n, t) for n, t, _ in cands if index[n] < first]
-        if before and tuple(before[-1][1].shape[-2:]) == hw and _all_through(top, calls[index[before[-1][0]]].node):
-            return before[-1][0], (f"the last spatial map ({hw[0]}x{hw[1]}) all later layers are computed from: the "
-                                   f"module {z!r} after it reduces it to one cell on this input ({name!r} inside it "
-                                   "is a branch or a step of that reduction; a larger input keeps more maps spatial)")
+        if (before and tuple(before[-1][1].shape[-2:]) == hw and _all_through(top, calls[index[before[-1][0]]].node)
+                and not _block_in_between(calls, cands, z, (index[before[-1][0]], index[name]), top)):
+            return before[-1][0], (f"the last spatial map ({hw[0]}x{hw[1]}) before the module {z!r}, which reduces "
+                                   "it to one cell on this input; all later layers are computed from it "
+                                   f"({name!r} inside {z!r} is a branch or a step of that reduction; a larger input "
+                                   "keeps more maps spatial)")
     return None
+
+
+def _block_in_between(calls: list[_Call], cands: list[tuple[str, Tensor, bool]], z: str, span: tuple[int, int],
+                      top: Any) -> bool:
+    """Whether a child of module ``z`` that is a block or a stage (it holds two or more convolutions or linear
+    layers, not one layer with its norm and activation) finished in ``span`` (after the map before ``z``, up to
+    ``S``: indices in ``calls``) with a map of ``S``'s ``h x w`` that every later layer goes through
+    (:func:`_all_through`): then ``S`` is not a step of ``z``'s reduction but in or after a block before it, which
+    the map before ``z`` would skip (timm's EfficientViT-M0 and SHViT-S1 at 32 px: ``stages.0``, at 2x2 as the
+    patch embedding before ``stages``; timm's LeViT at 32 px, where ``S`` is ``stages.0`` itself)."""
+    index = {c.name: i for i, c in enumerate(calls)}
+    hw = tuple(next(t for n, t, _ in cands if index[n] == span[1]).shape[-2:])
+    for n, t, _ in cands:
+        i = index[n]
+        if (span[0] < i <= span[1] and n.startswith(z + ".") and "." not in n[len(z) + 1:]
+                and tuple(t.shape[-2:]) == hw
+                and sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) for m in calls[i].module.modules()) > 1
+                and _all_through(top, calls[i].node)):
+            return True
+    return False
 
 
 def _residual(calls: list[_Call], i: int) -> bool:
