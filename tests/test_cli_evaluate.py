@@ -23,7 +23,10 @@ def _rows(out: Path) -> dict:
     return {r["name"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
 
 
-N_SMALL = 16
+# 12 held-out images (16 before): ROAD's imputation per image and row is most of the command's time. The ranking
+# asserted below holds with room on both: vanilla's energy in the mask 0.252 against the spectral residual's 0.222
+# (0.254 and 0.209 on 16); on 8 the margin is 0.006.
+N_SMALL = 12
 
 
 def test_evaluate_demo_shapes_end_to_end(tmp_path, capsys):

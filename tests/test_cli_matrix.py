@@ -31,7 +31,7 @@ MAY_FAIL = {
                     "xgradcam", "layercam", "eigencam", "scorecam", "ablationcam"} | ATTENTION,
 }
 # The many-pass methods with few passes: the matrix checks that they run, not their quality
-# (occlusion's window of 64 pixels: 1 window on the 64 x 64 demo images, 36 on squeezenet's 224 x 224).
+# (occlusion's window of 64 pixels: 1 window on the 64 x 64 demo images, a few on squeezenet's 96 x 96).
 FEW_PASSES = ["--rise-masks", "8", "--window", "64"]
 
 
@@ -74,8 +74,10 @@ def files(tmp_path_factory):
 KINDS = {
     "demo": ["-m", "demo:shapes"],
     # Score-CAM and Ablation-CAM run a pass per channel of the CAM layer: a layer of 16 channels
-    # (the default layer has 512, and the images are 224 x 224) keeps this run quick.
-    "torchvision": ["-m", "torchvision:squeezenet1_1", "--weights", "random", "--layer", "features.3.squeeze"],
+    # (the default layer has 512) keeps this run quick.
+    # --size 96: the model kind's loading, layers and methods are checked, not its default 224 x 224 input
+    "torchvision": ["-m", "torchvision:squeezenet1_1", "--weights", "random", "--layer", "features.3.squeeze",
+                    "--size", "96"],
     "torchscript": None,
     "keras": None,
     "onnx": None,

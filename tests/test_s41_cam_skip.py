@@ -191,23 +191,25 @@ def test_scorecam_and_ablationcam_on_a_resnet_with_dead_channels(resnet_dead):
         # Ablation-CAM's weights (S - S_k) / S cancel nearly equal scores: float32 puts the formula itself up to 3e-4
         # of the map's largest value from float64 on an AMD EPYC's AVX-512 kernels (session 44), so the bound is
         # measured here, not typed: three times the float32 formula's own distance from float64 (each map compared
-        # is that far from the truth at most, the pair twice that, with room for kernels' orders), at least 1e-4
-        bound = max(1e-4, 3 * _round_off(model, "layer3", x, t[:, k], _ablationcam_reference))
+        # is that far from the truth at most, the pair twice that, with room for kernels' orders), at least 1e-4.
+        # The float32 formula measured is the reference itself: target 1's is compared with our map below.
+        off, reference = _round_off(model, "layer3", x, t[:, k], _ablationcam_reference)
+        bound = max(1e-4, 3 * off)
         _close(score[:, k], _scorecam_peer(model, model.layer3, x, t[:, k]))
         _close(ablation[:, k], _ablationcam_peer(model, model.layer3, x, t[:, k]), rtol=bound)
     _close(score[:, 0], _scorecam_reference(model, model.layer3, x, t[:, 0]))
-    _close(ablation[:, 1], _ablationcam_reference(model, model.layer3, x, t[:, 1]),
-           rtol=max(1e-4, 3 * _round_off(model, "layer3", x, t[:, 1], _ablationcam_reference)))
+    _close(ablation[:, 1], reference, rtol=bound)  # the formula for target 1, its bound measured above
 
 
-def _round_off(model, layer, x, classes, reference):
+def _round_off(model, layer, x, classes, reference) -> tuple[float, torch.Tensor]:
     """How far float32 puts ``reference`` (a paper's formula written out) from the same formula in float64, on this
-    CPU, relative to each map's largest value: the float32 round-off the maps compared can carry."""
+    CPU, relative to each map's largest value: the float32 round-off the maps compared can carry; and the float32
+    maps ``reference`` gives (B, h, w)."""
     m64 = copy.deepcopy(model).double()
     ours = reference(model, dict(model.named_modules())[layer], x, classes)
     truth = reference(m64, dict(m64.named_modules())[layer], x.double(), classes).float()
     scale = truth.abs().flatten(1).amax(1).clamp_min(1e-12).view(-1, *[1] * (truth.dim() - 1))
-    return float(((ours - truth) / scale).abs().max())
+    return float(((ours - truth) / scale).abs().max()), ours
 
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "explain_real_photos.py"
