@@ -282,7 +282,12 @@ def _trace(model: nn.Module, dtype: Optional[torch.dtype] = None, written: Optio
         return gm
     through: set = set()
     called = fx_traced(_Called(model, channels), dtype, written=through)
-    if isinstance(called, str):  # the forward's own reason told (the call's is the same or follows from it)
+    if isinstance(called, str) and not isinstance(gm, str):
+        # several inputs, and the call untraceable: that told (last read of session 52: the debug line said "no local
+        # prefix ... none", the trace of several inputs having no fields)
+        called = ("its forward takes more inputs than the images (fx makes a parameter such as mask=None an input), "
+                  f"and the call model(x) cannot be traced either: {called}")
+    elif isinstance(called, str):  # the forward's own reason told (the call's is the same or follows from it)
         called = gm
     else:  # by (module index, name) in the model's modules(): the wrapper is index 0
         seen = {(i - 1, k) for i, k in through if i > 0}
