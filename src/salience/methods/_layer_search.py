@@ -756,7 +756,7 @@ def _before_reduction(calls: list[_Call], cands: list[tuple[str, Tensor, bool]],
         first = min(i for i, c in enumerate(calls) if c.name.startswith(z + "."))
         before = [(n, t) for n, t, _ in cands if index[n] < first]
         if (before and tuple(before[-1][1].shape[-2:]) == hw and _all_through(top, calls[index[before[-1][0]]].node)
-                and not _block_in_between(calls, cands, z, (index[before[-1][0]], index[name]), top)):
+                and not _block_in_between(calls, cands, index, z, (index[before[-1][0]], index[name]), hw, top)):
             return before[-1][0], (f"the last spatial map ({hw[0]}x{hw[1]}) before the module {z!r}, which reduces "
                                    "it to one cell on this input; all later layers are computed from it "
                                    f"({name!r} inside {z!r} is a branch or a step of that reduction; a larger input "
@@ -764,16 +764,15 @@ def _before_reduction(calls: list[_Call], cands: list[tuple[str, Tensor, bool]],
     return None
 
 
-def _block_in_between(calls: list[_Call], cands: list[tuple[str, Tensor, bool]], z: str, span: tuple[int, int],
-                      top: Any) -> bool:
+def _block_in_between(calls: list[_Call], cands: list[tuple[str, Tensor, bool]], index: dict[str, int], z: str,
+                      span: tuple[int, int], hw: tuple[int, ...], top: Any) -> bool:
     """Whether a child of module ``z`` that is a block or a stage (it holds two or more convolutions or linear
     layers, not one layer with its norm and activation) finished in ``span`` (after the map before ``z``, up to
     ``S``: indices in ``calls``) with a map of ``S``'s ``h x w`` that every later layer goes through
     (:func:`_all_through`): then ``S`` is not a step of ``z``'s reduction but in or after a block before it, which
     the map before ``z`` would skip (timm's EfficientViT-M0 and SHViT-S1 at 32 px: ``stages.0``, at 2x2 as the
-    patch embedding before ``stages``; timm's LeViT at 32 px, where ``S`` is ``stages.0`` itself)."""
-    index = {c.name: i for i, c in enumerate(calls)}
-    hw = tuple(next(t for n, t, _ in cands if index[n] == span[1]).shape[-2:])
+    patch embedding before ``stages``; timm's LeViT at 32 px, where ``S`` is ``stages.0`` itself). ``index``: each
+    candidate's index in ``calls``; ``hw``: ``S``'s ``h x w`` (the caller's)."""
     for n, t, _ in cands:
         i = index[n]
         if (span[0] < i <= span[1] and n.startswith(z + ".") and "." not in n[len(z) + 1:]
