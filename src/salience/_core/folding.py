@@ -77,7 +77,7 @@ def _fold(model: nn.Module, dtype: Optional[torch.dtype] = None, passes: Optiona
         traced = fx_traced(clone, dtype, passes, _WRITES.get(), source=model)
         if isinstance(traced, str):
             return traced
-        if sum(n.op == "placeholder" for n in traced.graph.nodes) != 1:
+        if trace_inputs(traced) != 1:
             return _SEVERAL_INPUTS
         folded = _fuse(traced, dtype)
     except Exception as e:  # noqa: BLE001 - the copy or the fuse failing: run the model as it is
@@ -212,6 +212,13 @@ class _AutocastSeeingTracer(ThisThreadTracer):
         trace's start, but inside a block (nested deeper) whose settings are the passes' own."""
         return state != self._start and (self._passes is None or state[0] <= self._start[0]
                                          or state[1:] != self._passes)
+
+
+def trace_inputs(gm: torch.fx.GraphModule) -> int:
+    """How many inputs ``gm`` (an :func:`fx_traced` trace) takes: one, the images, where it is the call salience
+    makes; more where fx made a parameter such as ``mask=None`` an input (the folded copy and occlusion's plan
+    refuse such a trace: it took the branch salience's calls, ``model(x)``, never take)."""
+    return sum(n.op == "placeholder" for n in gm.graph.nodes)
 
 
 # a trace of more than the images (``forward(x, mask=None)``, ``**kwargs``): fx makes ``mask`` an input, so ``if mask is

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import Node
 
-from salience._core.folding import fx_traced, settings
+from salience._core.folding import fx_traced, settings, trace_inputs
 from salience._core.perf import ModelCache
 
 log = logging.getLogger("salience.occlusion")
@@ -276,7 +276,7 @@ def _trace(model: nn.Module, dtype: Optional[torch.dtype] = None, written: Optio
     seen: set = set()
     gm = fx_traced(model, dtype, written=seen)  # a tracing failure: its reason, full passes
     if isinstance(gm, str) and not gm.startswith("torch.fx cannot trace it") or (
-            not isinstance(gm, str) and sum(n.op == "placeholder" for n in gm.graph.nodes) == 1):
+            not isinstance(gm, str) and trace_inputs(gm) == 1):
         if written is not None:
             written.update(seen)
         return gm
