@@ -2162,6 +2162,8 @@ def _samples_moved(t: Any, copy: Any) -> bool:
     if isinstance(t, torch.Tensor):
         return not _samples_same(t, copy)
     return not _Sampled(copy).same(t)
+
+
 _dict_eq = dict.__eq__
 
 
