@@ -21,7 +21,8 @@ another order: about 1e-6 of a score in float32).
 
 A forward that fx cannot trace, or whose trace has several inputs, is traced as the call ``model(x)`` with the
 images' channel count known (:func:`_trace`, session 52: Hugging Face's ``ConvNextForImageClassification``, whose
-``**kwargs`` and channel check stopped fx).
+``**kwargs`` and channel check stopped fx); it gives the output back as the model gives it (:func:`_as_given`,
+session 53: a ``ModelOutput`` rebuilt, not fx's plain dict, so ``output=lambda o: o.logits`` and ``output=0`` fit it).
 
 Where the model cannot be traced, has hooks, no local prefix that saves work, or fails the check on the clean
 images (the split model must give the model's output, and a crop's exact part the clean activation),
