@@ -270,8 +270,10 @@ def _trace(model: nn.Module, dtype: Optional[torch.dtype] = None, written: Optio
     ``ConvNextForImageClassification``, whose ``**kwargs`` fx made a proxy that the forward unpacks, and whose
     embeddings compare ``x.shape[1]`` with the configured channels). So is a forward of one input whose trace gives
     back a dict (fx makes any dict a plain one): the call gives the output back as the model gives it
-    (:func:`_as_given`, session 53: a ``ModelOutput`` built in a forward of the images alone); where the call's trace
-    gives a plain dict too (the model's own: a folded copy's ``GraphModule``), the forward's is kept."""
+    (:func:`_as_given`, session 53: a ``ModelOutput`` built in a forward of the images alone), and the forward's
+    trace is kept with that output (:func:`_given_like`: the call's nodes are named ``model_...``, which the folded
+    copy's are not, so :func:`moved` missed the cut and the split was found again on the float32 copy; review of
+    session 53); where the call's trace gives a plain dict too (the model's own), the forward's is kept as it is."""
     if isinstance(model, torch.jit.ScriptModule):
         return "a TorchScript model cannot be traced by torch.fx"
     from salience._core.fingerprint import own_hooks
@@ -287,8 +289,8 @@ def _trace(model: nn.Module, dtype: Optional[torch.dtype] = None, written: Optio
         return gm
     through: set = set()
     called = fx_traced(_Called(model, channels), dtype, written=through)
-    if direct and (isinstance(called, str) or _gives_dict(called)):
-        called = gm  # a plain dict (the model's own, or the call untraced): the forward's trace, as before session 53
+    if direct:  # the forward's trace (its nodes' names the folded copy's, for :func:`moved`), its output as given
+        called = gm if isinstance(called, str) or _gives_dict(called) else _given_like(gm, called)
     elif isinstance(called, str) and not isinstance(gm, str):
         # several inputs, and the call untraceable: that told (last read of session 52: the debug line said "no local
         # prefix ... none", the trace of several inputs having no fields)
@@ -328,6 +330,43 @@ def _gives_dict(gm: Any) -> bool:
     def holds(v: Any) -> bool:
         return isinstance(v, dict) or (isinstance(v, (list, tuple)) and any(holds(e) for e in v))
     return any(n.op == "output" and holds(n.args[0]) for n in gm.graph.nodes)
+
+
+def _given_like(gm: Any, called: Any) -> Any:
+    """``gm``, the forward's trace (its output fx's plain dicts), giving back its output as ``called``, the call's
+    trace of the same forward (:func:`_as_given`'s nodes), does: each of those nodes made again in ``gm`` on ``gm``'s
+    values; ``called`` where the two outputs differ in structure."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    ref = next(n for n in called.graph.nodes if n.op == "output")
+
+    def like(v: Any, r: Any) -> Any:
+        if isinstance(r, Node) and isinstance(r.target, type) and issubclass(r.target, dict) and isinstance(v, dict):
+            pairs = [tuple(kv) for kv in r.args[0]] if r.args else list(r.kwargs.items())  # items, or fields
+            if [k for k, _ in pairs] != list(v):
+                raise KeyError("the two traces give other keys")
+            made = {k: like(v[k], e) for k, e in pairs}
+            n = gm.graph.call_function(r.target, (list(made.items()),)) if r.args else gm.graph.call_function(
+                r.target, (), made)
+            n.meta.update({k: r.meta[k] for k in (_NOT_REBUILT,) if k in r.meta})
+            return n
+        if isinstance(v, dict) and isinstance(r, dict) and list(v) == list(r):
+            return {k: like(v[k], r[k]) for k in v}
+        if isinstance(v, (list, tuple)) and isinstance(r, (list, tuple)) and len(v) == len(r):
+            items = [like(a, b) for a, b in zip(v, r)]
+            return type(v)(*items) if hasattr(v, "_fields") else type(v)(items)
+        if isinstance(v, (dict, list, tuple)) or isinstance(r, (dict, list, tuple)) or (
+                isinstance(v, Node) != isinstance(r, Node)):
+            raise KeyError("the two traces give other structures")
+        return v
+
+    try:
+        with gm.graph.inserting_before(out):
+            given = like(out.args[0], ref.args[0])
+    except KeyError:
+        return called
+    out.args = (given,)
+    gm.recompile()
+    return gm
 
 
 # the meta key of a node that gives back as a plain dict what the model returned as a dict of a type :func:`_as_given`
