@@ -28,11 +28,8 @@ the non-persistent names); its plain attributes one level deep (a copy of each m
 counter, the last shape, a tensor it caches, which held salience's batch and its graph; an attribute added or
 deleted), each plain tensor among them by its version counter with a copy (``self.seen.fill_(1)``, ``self.steps += 1``
 on a tensor: the same object written in place, which its identity did not tell: session 48, ``tests/test_s48_putback.py``;
-a copy of each per call, as of the buffers, where a module not of torch.nn holds one; none of one over
-``_COPY_LIMIT``, 1 MiB: a 100 MiB lookup table cost each vanilla call 60 ms and 100 MiB, 0.8 ms without, on an AMD
-EPYC, ``benchmarks/guard-big-attr-s48.txt``; a call that writes such a one in place says so, a warning naming it, as
-it stays written; an inference tensor among them, which keeps no version counter, by its values: a copy up to the
-same limit, compared with ``torch.equal`` and written back under inference mode, session 49);
+a copy per call up to ``_COPY_LIMIT``, 1 MiB, a copy kept across calls over it, session 53 below; an inference tensor
+among them, which keeps no version counter, by its values, written back under inference mode, session 49);
 the contents of each list, dict and set attribute of a module not from torch.nn (``self.history.append(y)``,
 ``self.cfg["k"] = v``; session 49, ``tests/test_s49_record.py``), and of each ``collections.deque`` (its ``maxlen``
 stays the object's), ``defaultdict`` (its ``default_factory`` put back too), ``Counter`` and ``OrderedDict`` (a
@@ -76,7 +73,7 @@ Session 51 (``tests/test_s51_guard.py``): a TorchScript module's attributes othe
 by :class:`Found` between a perturbation call's passes since session 50, but not by the guard after a gradient
 method's call) are read and put back through TorchScript (:class:`_Scripted` with ``guard``): those some method may
 change (:func:`_guard_names`: assigned by a ``prim::SetAttr``, a list or dict given to anything but a read, every
-tensor that is no buffer; all once a method calls Python), a tensor over 1 MiB written in place told; the guard
+tensor that is no buffer; all once a method calls Python); the guard
 on a scripted resnet18 dearer, 2.80 -> 3.59 ms (medians, a loaded machine, ``benchmarks/found-s51.md``). The tensors
 among a container attribute's items (``self.cache[0].add_(1)``; a container inside one too) are recorded as the attributes' tensors, by version
 counter with a copy (their container's copy held the same objects: the writes stayed). A NumPy array among the
@@ -105,6 +102,16 @@ tuple or namedtuple attribute, and of a tuple among a container's items, are loo
 Past the kept copies' cap (:data:`_KEEP_LIMIT`, 1 GiB) the least recently used are dropped to make room (:func:`_keep`;
 before, nothing more was kept and every call copied anew, the copies of models no longer used holding the room).
 
+Session 53 (``tests/test_s53_guard.py``): a plain tensor attribute over 1 MiB written in place (``self.table.mul_(2)``;
+a tensor among a container's items, a TorchScript module's too) is put back from the copy kept across calls
+(:func:`_kept`); it stayed written, told by a warning. Its version counter, data pointer, shape, dtype and 1024 samples
+tell at each call's start whether the user wrote it since. A write through ``.data`` moves no version counter: a plain
+tensor whose counter did not move is compared with its copy at the call's end (:func:`_written_quietly`: whole up to
+1 MiB, by the samples over it). A 100 MiB table not written costs the guard alone about 0.6 ms more a call (the two
+sampled reads); written, the copy back (``benchmarks/guard-s53.md``). One over the kept copies' cap (1 GiB) is copied
+for each call, as an array is. The :class:`Found` of a perturbation call takes the large copies the guard's entry has
+just compared or taken (:func:`_trusted`): a large array or inference tensor is read whole three times a call, not four.
+
 What remains a limit (not put back): what a forward sets or registers on a torch.nn layer without hooks
 (``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back, and a
 hook it registers on the layer is taken off, but ``register_full_backward_hook``'s ``_is_full_backward_hook`` flag
@@ -115,12 +122,9 @@ cannot be written through the attribute, and its writable base, where that is an
 last read of session 51: its values moved through a base out of reach and the put-back raised NumPy's "assignment
 destination is read-only"), a subclass of ndarray other than ``numpy.memmap`` (a masked array: not looked at); a
 ``numpy.memmap`` or an object array over 1024 items written in place (told where a write reaches a sampled place,
-session 52; a write of a few values elsewhere not); a NumPy array or inference tensor past the kept copies' cap (one
-over 1 GiB: copied per call, as the cap leaves no room); a plain tensor attribute over 1 MiB written
-in place, a tensor in a container too (told: a warning; the guard keeps no copy of it, Found and Ablation-CAM's split
-do: :func:`_kept`); a
-hook
-on a parameter (``self.weight.register_hook``: torch refuses it on the guard's frozen parameters, unless the
+session 52; a write of a few values elsewhere not); a write through ``.data`` of a few values of a plain tensor over
+1 MiB that no sample reads (session 53), and, between a perturbation call's passes, any write through ``.data`` (its
+:class:`Found` reads version counters; the call's end puts it back); a hook on a parameter (``self.weight.register_hook``: torch refuses it on the guard's frozen parameters, unless the
 forward turns ``requires_grad`` on itself, and then it stays); an attribute or parameter replaced by another equal
 to it (``==``: a number, a string, a one-element tensor or parameter of the same value; a parameter of several
 elements compares by identity, its ``==`` raising) keeps the new object; an attribute a global module hook
@@ -142,7 +146,7 @@ asked), :func:`state_changes` ("what changed since", by module and name) and :fu
 place). Its records are the guard's own (:class:`ModuleState`, one light object per module for its cost per call; one
 class since session 49, ``ModuleRecord`` gone), made of the same pieces (:func:`_tensor_records`,
 :func:`_container_records`) and put back by the guard's own :meth:`ModuleState.put_back`; Ablation-CAM's split clean pass (``methods.scorecam._own_state``) records the modules not
-from torch.nn, containers too, each plain tensor with a copy whatever its size (``large_copies``: over the guard's
+from torch.nn, containers too, each plain tensor with a copy whatever its size (without one over the guard's old
 limit its one pass ran on the first pass's writes, last read of session 48), tells a first pass's writes and puts
 them back before its one pass (a torch.nn layer's buffer, recorded without a copy, from the guard's own copy:
 :func:`held_values`); the fx trace
@@ -571,8 +575,8 @@ def _array_record(v: Any) -> Any:
 
 def _kept(t: torch.Tensor, version: int) -> torch.Tensor:
     """A copy of the values of ``t`` (a plain tensor attribute over :data:`_COPY_LIMIT` bytes, at ``version``), kept
-    across calls while ``t`` lives and holds them: :class:`Found` and Ablation-CAM's split copy every such tensor once a
-    call (a pass that writes it must still see the values found), and a 100 MiB constant lookup table cost each call of
+    across calls while ``t`` lives and holds them: the model guard (session 53), :class:`Found` and Ablation-CAM's split
+    copy every such tensor once a call (to put it back; a pass that writes it must still see the values found), and a 100 MiB constant lookup table cost each call of
     SmoothGrad or integrated gradients 50 ms and 100 MiB (session 50: 55.5 against 5.1 ms a call; session 51). The copy
     is taken again where ``t``'s version counter, storage, shape or dtype moved since (the user wrote it between the
     calls); one put back from it is taken as holding it again (:func:`_put_back_tensors`). Up to :data:`_KEEP_LIMIT`
@@ -937,20 +941,20 @@ def _not_put_back(records: Any) -> list:
 
 def _tell_not_put_back(module: nn.Module, lost: list) -> None:
     """A warning naming the plain attributes of ``module`` (``lost``: ``(name, value)`` each, :func:`_not_put_back`'s
-    tensors and :func:`_put_back_containers`' lists, dicts, sets and deques) that a call changed in place and the
-    guard could not put back (no copy: a tensor over :data:`_COPY_LIMIT` bytes, a container over :data:`_CONTENTS_LIMIT` items)."""
+    and :func:`_put_back_containers`') that a call changed in place and the guard could not put back: a container over
+    :data:`_CONTENTS_LIMIT` items (not copied), a ``numpy.memmap`` or large object array (sampled), a tensor without a
+    copy (a TorchScript buffer whose guard copy is gone)."""
     import warnings
 
     from salience._core.errors import user_stacklevel
 
     names = ", ".join(_described(k, t) for k, t in lost)
     warnings.warn(f"the model's forward changed in place the plain attribute {names} of a "
-                  f"{type(module).__name__} during salience's passes, and it keeps those values: salience copies such "
-                  f"an attribute to put it back only up to {_COPY_LIMIT // 2 ** 20} MiB for a tensor, "
-                  f"{_CONTENTS_LIMIT} items for a list, dict, set, deque or object array, and never a numpy.memmap "
-                  "(its file may be of any size; a write to it writes the file: open it with mode='r' or 'c' if the "
-                  "forward must not); a tensor: register it as a buffer (module.register_buffer: copied and put back); "
-                  "or save and restore it yourself", stacklevel=user_stacklevel())
+                  f"{type(module).__name__} during salience's passes, and it keeps those values: salience copies a "
+                  f"list, dict, set, deque or object array to put it back only up to {_CONTENTS_LIMIT} items, and "
+                  "never a numpy.memmap (its file may be of any size; a write to it writes the file: open it with "
+                  "mode='r' or 'c' if the forward must not); save and restore it yourself",
+                  stacklevel=user_stacklevel())
 
 
 def _described(k: str, t: Any) -> str:
@@ -1279,7 +1283,8 @@ def _restore_buffers(module: nn.Module, records: Any, saved: Optional[dict], qui
 
 
 _NO_TENSORS: tuple = ()
-# the largest plain tensor attribute (bytes) the records copy (:func:`_tensor_records`)
+# the largest tensor or array attribute (bytes) the records copy anew at each call (:func:`_tensor_records`); a larger
+# one gets a copy kept across calls (:func:`_kept`, :func:`_kept_values`)
 _COPY_LIMIT = 1 << 20
 # the copies of larger ones kept across calls (:func:`_kept`): id -> (weak reference, version, data_ptr, copy), and
 # the most bytes they may hold in all
@@ -1961,8 +1966,8 @@ class Found:
     list, dict, set, ``collections`` deque, defaultdict and Counter (exactly those types, ``self.hist.append(y)``;
     a subclass, a test's log of the passes, is not copied), each plain tensor among the attributes written in place,
     an inference tensor (no version counter: a
-    forward under ``torch.inference_mode()``) by its values; here each copied whatever its size (the guard's stop at
-    1 MiB and 1024 items; as Ablation-CAM's split, session 48), so that no pass sees what a pass before left that the
+    forward under ``torch.inference_mode()``) by its values; here each copied whatever its size (the guard's
+    containers stop at 1024 items; as Ablation-CAM's split, session 48), so that no pass sees what a pass before left that the
     call's end would undo (session 49 review). A copy over 1 MiB is kept across calls while its tensor holds its values
     (:func:`_kept`, session 51: a constant lookup table of 100 MiB cost each SmoothGrad call its copy, 84 ms of an
     88.5 ms call on an AMD EPYC (medians), 3.66 ms now, ``benchmarks/found-s51.md``; it holds that memory while the table lives). The
@@ -2199,8 +2204,9 @@ def _large_apart(record: list) -> list:
     :func:`_tensor_records`' ``(name, value, None, copy)``: :meth:`Found.before_pass` compares them by samples
     (:func:`_samples_moved`) and :meth:`Found.__exit__` whole (review of session 52: compared whole before each
     pass, a 100 MiB array made SmoothGrad of 8 chunks 39 -> 709 ms, occlusion 40 -> 822 ms, AMD EPYC, one core, loaded;
-    an informal run of one call each, not a benchmark under the lock; after: 147 and 160 ms, the four whole
-    comparisons a call)."""
+    an informal run of one call each, not a benchmark under the lock; after: 147 and 160 ms). Three whole comparisons
+    a call: the guard's entry (Found takes the copy it compared: :func:`_trusted`, session 53; four before), Found's
+    end and the guard's exit."""
     large = []
     for r in record:
         if r.tensors and any(version is None and _large_copy(copy) for _, _, version, copy in r.tensors):
@@ -2284,9 +2290,9 @@ class _Scripted:
                               stacklevel=user_stacklevel())
 
     def put_back(self) -> None:
-        """Each attribute put back where it differs from the record (a tensor replaced, or written in place); one
-        written in place without a copy (the model guard's record of a tensor over :data:`_COPY_LIMIT`) told, as it
-        stays written (:func:`_tell_not_put_back`)."""
+        """Each attribute put back where it differs from the record (a tensor replaced, or written in place); a buffer
+        written in place whose copy the model guard no longer holds (:func:`held_values`) told, as it stays written
+        (:func:`_tell_not_put_back`)."""
         lost: list = []
         for entry in self.tensors:
             c, name, t, version, copy, assigned, m, found = entry
@@ -2303,6 +2309,8 @@ class _Scripted:
                     continue
                 with torch.no_grad():
                     t.copy_(copy)
+                if _KEPT:
+                    _kept_again(t, copy)
                 entry[3] = t._version
         self._put_back_values()
         for m, name, t in lost:  # last: a warning made an error raises
@@ -2324,17 +2332,20 @@ def _script_tensor(c: Any, name: str, m: nn.Module, assigned: bool, guard: bool)
     """:class:`_Scripted`'s record of the tensor attribute ``name`` of the TorchScript module ``m`` (``c``, its
     ``_c``): ``[c, name, tensor, version, copy, assigned, m, version]``. No copy of a buffer the model guard holds a
     copy of at this version (a BatchNorm's: 159 on resnet50; that copy, :func:`held_values`, not one more: 0.8 ms a
-    call); for the model guard itself (``guard``), none over :data:`_COPY_LIMIT` bytes, as its other records (one
-    written in place is told)."""
+    call); over :data:`_COPY_LIMIT` bytes the copy kept across calls, as the model guard's other records (session 53:
+    the guard took none, and one written in place stayed written, told; TorchScript gives the same Python object at
+    each read while the module holds the tensor)."""
     t = c.getattr(name)
     try:
         version = t._version
     except Exception:  # noqa: BLE001 - an inference tensor: no version counter
         version = None
-    if guard:
-        copy = t.detach().clone() if t.numel() * t.element_size() <= _COPY_LIMIT else None
+    if not guard and version is not None and held_values(m, name, t, version) is not None:
+        return [c, name, t, version, None, assigned, m, version]
+    if t.numel() * t.element_size() <= _COPY_LIMIT:
+        copy = t.detach().clone()
     else:
-        copy = None if version is not None and held_values(m, name, t, version) is not None else t.detach().clone()
+        copy = _kept(t, version) if version is not None else _kept_values(t)
     return [c, name, t, version, copy, assigned, m, version]
 
 
