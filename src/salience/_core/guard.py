@@ -106,11 +106,12 @@ Session 53 (``tests/test_s53_guard.py``): a plain tensor attribute over 1 MiB wr
 a tensor among a container's items, a TorchScript module's too) is put back from the copy kept across calls
 (:func:`_kept`); it stayed written, told by a warning. Its version counter, data pointer, shape, dtype and 1024 samples
 tell at each call's start whether the user wrote it since. A write through ``.data`` moves no version counter: a plain
-tensor whose counter did not move is compared with its copy at the call's end (:func:`_written_quietly`: whole up to
-1 MiB, by the samples over it). A 100 MiB table not written costs the guard alone about 0.6 ms more a call (the two
-sampled reads); written, the copy back (``benchmarks/guard-s53.md``). One over the kept copies' cap (1 GiB) is copied
-for each call, as an array is. The :class:`Found` of a perturbation call takes the large copies the guard's entry has
-just compared or taken (:func:`_trusted`): a large array or inference tensor is read whole three times a call, not four.
+tensor in CPU memory whose counter did not move is compared with its copy at the call's end (:func:`_written_quietly`:
+whole up to 1 MiB, by the samples over it). A 100 MiB table not written costs the guard alone about 0.6 ms more a call
+(the two sampled reads); written, the copy back (``benchmarks/guard-s53.md``). One over the kept copies' cap (1 GiB) is
+copied for each call, as an array is. The :class:`Found` of a perturbation call takes the large copies the guard's entry
+has just compared or taken (:func:`_trusted`): a large array or inference tensor is read whole three times a call, not
+four.
 
 What remains a limit (not put back): what a forward sets or registers on a torch.nn layer without hooks
 (``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back, and a
@@ -123,8 +124,9 @@ last read of session 51: its values moved through a base out of reach and the pu
 destination is read-only"), a subclass of ndarray other than ``numpy.memmap`` (a masked array: not looked at); a
 ``numpy.memmap`` or an object array over 1024 items written in place (told where a write reaches a sampled place,
 session 52; a write of a few values elsewhere not); a write through ``.data`` of a few values of a plain tensor over
-1 MiB that no sample reads (session 53), and, between a perturbation call's passes, any write through ``.data`` (its
-:class:`Found` reads version counters; the call's end puts it back); a hook on a parameter (``self.weight.register_hook``: torch refuses it on the guard's frozen parameters, unless the
+1 MiB that no sample reads (session 53), of any on a device, and, between a perturbation call's passes, any write through
+``.data`` (its :class:`Found` reads version counters; the call's end puts it back); a hook on a parameter
+(``self.weight.register_hook``: torch refuses it on the guard's frozen parameters, unless the
 forward turns ``requires_grad`` on itself, and then it stays); an attribute or parameter replaced by another equal
 to it (``==``: a number, a string, a one-element tensor or parameter of the same value; a parameter of several
 elements compares by identity, its ``==`` raising) keeps the new object; an attribute a global module hook
@@ -765,8 +767,9 @@ def _written_quietly(t: torch.Tensor, copy: Any) -> bool:
     """Whether the plain tensor ``t``, its version counter unmoved, no longer holds the values of ``copy``: a write
     through ``t.data`` (``self.table.data.mul_(2)``) or a NumPy view moves no counter, and stayed (session 53). Compared
     whole up to :data:`_COPY_LIMIT` bytes, over it at :data:`_KEPT_SAMPLES` places (:func:`_samples_same`: a write of a
-    few values no sample reads stays); not where there is no copy, nor where the two cannot be compared."""
-    if copy is None or copy.shape != t.shape or copy.dtype != t.dtype:
+    few values no sample reads stays); not where there is no copy, nor where the two cannot be compared, nor on a
+    device (its answer would wait for the device: a synchronization per tensor and call)."""
+    if copy is None or copy.shape != t.shape or copy.dtype != t.dtype or t.device.type != "cpu":
         return False
     try:
         return not (_samples_same(t, copy) if copy.nbytes > _COPY_LIMIT else _equal_nan(t.detach(), copy))
