@@ -124,8 +124,8 @@ last read of session 51: its values moved through a base out of reach and the pu
 destination is read-only"), a subclass of ndarray other than ``numpy.memmap`` (a masked array: not looked at); a
 ``numpy.memmap`` or an object array over 1024 items written in place (told where a write reaches a sampled place,
 session 52; a write of a few values elsewhere not); a write through ``.data`` of a few values of a plain tensor over
-1 MiB that no sample reads (session 53), of any on a device, and, between a perturbation call's passes, any write through
-``.data`` (its :class:`Found` reads version counters; the call's end puts it back); a hook on a parameter
+1 MiB that no sample reads (session 53), of any on a device, and, between a perturbation call's passes, any write
+through ``.data`` (its :class:`Found` reads version counters; the call's end puts it back); a hook on a parameter
 (``self.weight.register_hook``: torch refuses it on the guard's frozen parameters, unless the
 forward turns ``requires_grad`` on itself, and then it stays); an attribute or parameter replaced by another equal
 to it (``==``: a number, a string, a one-element tensor or parameter of the same value; a parameter of several
