@@ -182,6 +182,7 @@ thread, as any ``signal.signal`` call replaces it.
 """
 from __future__ import annotations
 
+import functools
 import operator
 import sys
 import threading
@@ -683,10 +684,12 @@ def _samples_same(t: torch.Tensor, values: torch.Tensor) -> bool:
     return _equal_nan(torch.take(t.detach(), at), torch.take(values, at))
 
 
+@functools.lru_cache(maxsize=64)
 def _sample_places(n: int, device: Any = None) -> torch.Tensor:
     """The flat indices (int64, on ``device``) of :data:`_KEPT_SAMPLES` places spread evenly over ``n`` values, the
     first and the last among them (every one where ``n`` is smaller): :func:`_samples_same`'s and :class:`_Sampled`'s.
-    In integers: a float's linspace rounds an index past the end over 2 ** 24 values."""
+    In integers: a float's linspace rounds an index past the end over 2 ** 24 values. Made once per size and device
+    (read only): 50 us each time, a third of a sampled check (session 53)."""
     k = min(n, _KEPT_SAMPLES)
     return torch.arange(k, device=device) * (n - 1) // max(k - 1, 1)
 
