@@ -107,11 +107,11 @@ a tensor among a container's items, a TorchScript module's too) is put back from
 (:func:`_kept`); it stayed written, told by a warning. Its version counter, data pointer, shape, dtype and 1024 samples
 tell at each call's start whether the user wrote it since. A write through ``.data`` moves no version counter: a plain
 tensor in CPU memory whose counter did not move is compared with its copy at the call's end (:func:`_written_quietly`:
-whole up to 1 MiB, by the samples over it). A 100 MiB table not written costs the guard alone about 0.6 ms more a call
-(the two sampled reads); written, the copy back (``benchmarks/guard-s53.md``). One over the kept copies' cap (1 GiB) is
-copied for each call, as an array is. The :class:`Found` of a perturbation call takes the large copies the guard's entry
-has just compared or taken (:func:`_trusted`): a large array or inference tensor is read whole three times a call, not
-four.
+whole up to 1 MiB, by the samples over it). A 100 MiB table not written costs the guard alone 0.1 to 0.4 ms more a call
+(two sampled reads; medians 1.20 -> 1.49 ms on resnet18, AMD EPYC, core 1, loaded); written, the copy back, 12 -> 26 ms
+(``benchmarks/guard-s53.md``). One over the kept copies' cap (1 GiB) is copied for each call, as an array is. The
+:class:`Found` of a perturbation call takes the large copies the guard's entry has just compared or taken
+(:func:`_trusted`): a large array or inference tensor is read whole three times a call, not four.
 
 What remains a limit (not put back): what a forward sets or registers on a torch.nn layer without hooks
 (``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back, and a
