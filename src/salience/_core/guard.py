@@ -28,11 +28,8 @@ the non-persistent names); its plain attributes one level deep (a copy of each m
 counter, the last shape, a tensor it caches, which held salience's batch and its graph; an attribute added or
 deleted), each plain tensor among them by its version counter with a copy (``self.seen.fill_(1)``, ``self.steps += 1``
 on a tensor: the same object written in place, which its identity did not tell: session 48, ``tests/test_s48_putback.py``;
-a copy of each per call, as of the buffers, where a module not of torch.nn holds one; none of one over
-``_COPY_LIMIT``, 1 MiB: a 100 MiB lookup table cost each vanilla call 60 ms and 100 MiB, 0.8 ms without, on an AMD
-EPYC, ``benchmarks/guard-big-attr-s48.txt``; a call that writes such a one in place says so, a warning naming it, as
-it stays written; an inference tensor among them, which keeps no version counter, by its values: a copy up to the
-same limit, compared with ``torch.equal`` and written back under inference mode, session 49);
+a copy per call up to ``_COPY_LIMIT``, 1 MiB, a copy kept across calls over it, session 53 below; an inference tensor
+among them, which keeps no version counter, by its values, written back under inference mode, session 49);
 the contents of each list, dict and set attribute of a module not from torch.nn (``self.history.append(y)``,
 ``self.cfg["k"] = v``; session 49, ``tests/test_s49_record.py``), and of each ``collections.deque`` (its ``maxlen``
 stays the object's), ``defaultdict`` (its ``default_factory`` put back too), ``Counter`` and ``OrderedDict`` (a
@@ -76,7 +73,7 @@ Session 51 (``tests/test_s51_guard.py``): a TorchScript module's attributes othe
 by :class:`Found` between a perturbation call's passes since session 50, but not by the guard after a gradient
 method's call) are read and put back through TorchScript (:class:`_Scripted` with ``guard``): those some method may
 change (:func:`_guard_names`: assigned by a ``prim::SetAttr``, a list or dict given to anything but a read, every
-tensor that is no buffer; all once a method calls Python), a tensor over 1 MiB written in place told; the guard
+tensor that is no buffer; all once a method calls Python); the guard
 on a scripted resnet18 dearer, 2.80 -> 3.59 ms (medians, a loaded machine, ``benchmarks/found-s51.md``). The tensors
 among a container attribute's items (``self.cache[0].add_(1)``; a container inside one too) are recorded as the attributes' tensors, by version
 counter with a copy (their container's copy held the same objects: the writes stayed). A NumPy array among the
@@ -105,6 +102,17 @@ tuple or namedtuple attribute, and of a tuple among a container's items, are loo
 Past the kept copies' cap (:data:`_KEEP_LIMIT`, 1 GiB) the least recently used are dropped to make room (:func:`_keep`;
 before, nothing more was kept and every call copied anew, the copies of models no longer used holding the room).
 
+Session 53 (``tests/test_s53_guard.py``): a plain tensor attribute over 1 MiB written in place (``self.table.mul_(2)``;
+a tensor among a container's items, a TorchScript module's too) is put back from the copy kept across calls
+(:func:`_kept`); it stayed written, told by a warning. Its version counter, data pointer, shape, dtype and 1024 samples
+tell at each call's start whether the user wrote it since. A write through ``.data`` moves no version counter: a plain
+tensor in CPU memory whose counter did not move is compared with its copy at the call's end (:func:`_written_quietly`:
+whole up to 1 MiB, by the samples over it). A 100 MiB table not written costs the guard alone 0.1 to 0.4 ms more a call
+(two sampled reads; medians 1.20 -> 1.49 ms on resnet18, AMD EPYC, core 1, loaded); written, the copy back, 12 -> 26 ms
+(``benchmarks/guard-s53.md``). One over the kept copies' cap (1 GiB) is copied for each call, as an array is. The
+:class:`Found` of a perturbation call takes the large copies the guard's entry has just compared or taken
+(:func:`_trusted`): a large array or inference tensor is read whole three times a call, not four.
+
 What remains a limit (not put back): what a forward sets or registers on a torch.nn layer without hooks
 (``self.linear.cache = x`` in the parent's forward; the parent's own attributes and children are put back, and a
 hook it registers on the layer is taken off, but ``register_full_backward_hook``'s ``_is_full_backward_hook`` flag
@@ -115,12 +123,10 @@ cannot be written through the attribute, and its writable base, where that is an
 last read of session 51: its values moved through a base out of reach and the put-back raised NumPy's "assignment
 destination is read-only"), a subclass of ndarray other than ``numpy.memmap`` (a masked array: not looked at); a
 ``numpy.memmap`` or an object array over 1024 items written in place (told where a write reaches a sampled place,
-session 52; a write of a few values elsewhere not); a NumPy array or inference tensor past the kept copies' cap (one
-over 1 GiB: copied per call, as the cap leaves no room); a plain tensor attribute over 1 MiB written
-in place, a tensor in a container too (told: a warning; the guard keeps no copy of it, Found and Ablation-CAM's split
-do: :func:`_kept`); a
-hook
-on a parameter (``self.weight.register_hook``: torch refuses it on the guard's frozen parameters, unless the
+session 52; a write of a few values elsewhere not); a write through ``.data`` of a few values of a plain tensor over
+1 MiB that no sample reads (session 53), of any on a device, and, between a perturbation call's passes, any write
+through ``.data`` (its :class:`Found` reads version counters; the call's end puts it back); a hook on a parameter
+(``self.weight.register_hook``: torch refuses it on the guard's frozen parameters, unless the
 forward turns ``requires_grad`` on itself, and then it stays); an attribute or parameter replaced by another equal
 to it (``==``: a number, a string, a one-element tensor or parameter of the same value; a parameter of several
 elements compares by identity, its ``==`` raising) keeps the new object; an attribute a global module hook
@@ -142,7 +148,7 @@ asked), :func:`state_changes` ("what changed since", by module and name) and :fu
 place). Its records are the guard's own (:class:`ModuleState`, one light object per module for its cost per call; one
 class since session 49, ``ModuleRecord`` gone), made of the same pieces (:func:`_tensor_records`,
 :func:`_container_records`) and put back by the guard's own :meth:`ModuleState.put_back`; Ablation-CAM's split clean pass (``methods.scorecam._own_state``) records the modules not
-from torch.nn, containers too, each plain tensor with a copy whatever its size (``large_copies``: over the guard's
+from torch.nn, containers too, each plain tensor with a copy whatever its size (without one over the guard's old
 limit its one pass ran on the first pass's writes, last read of session 48), tells a first pass's writes and puts
 them back before its one pass (a torch.nn layer's buffer, recorded without a copy, from the guard's own copy:
 :func:`held_values`); the fx trace
@@ -176,6 +182,7 @@ thread, as any ``signal.signal`` call replaces it.
 """
 from __future__ import annotations
 
+import functools
 import operator
 import sys
 import threading
@@ -513,21 +520,20 @@ def _restore_attributes(tensor: torch.Tensor, saved: Any) -> None:
 # :func:`_restore_mapping`, :func:`_restore_buffers`), kept in their own light form for the guard's speed; Ablation-CAM's
 # split clean pass (``methods.scorecam``) and the fx trace (:mod:`salience._core.folding`) take the record whole.
 
-def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True, every: bool = False) -> Any:
+def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True) -> Any:
     """The plain tensors among a module's attributes ``attrs`` (its ``__dict__``, or a copy: its parameters and buffers
     live in their own dicts), each ``(name, tensor, version, copy)``, or :data:`_NO_TENSORS`. A forward that writes one
     in place (``self.seen.fill_(1)``, ``self.steps += 1`` on a tensor) keeps the object, so its identity does not tell;
     the version counter does, and the copy puts the values back. An inference tensor keeps no version counter: left
     out, or ``None`` returned where ``refuse`` (Ablation-CAM's split then runs its one pass). The types are looked at
-    first, in C (most modules hold no tensor: 1 us a module). No copy (``None``) of one over :data:`_COPY_LIMIT` bytes
-    (a lookup table: a 100 MiB one cost each call 60 ms and 100 MiB: session 48 review), nor of any without ``copy``
-    (the fx trace's record of its shadow, thrown away after): one written in place is told (:func:`_not_put_back`);
-    with ``every``, a copy of each whatever its size (Ablation-CAM's split: its one pass must start from the values
-    the call found; the last read of session 48: over the limit, the pass ran on the first pass's writes). Without
-    ``refuse`` (the model guard), an inference tensor is recorded with the version ``None`` and a copy (up to the
-    limit, kept across calls over it: :func:`_kept_values`, session 52): written in place (a forward under
-    ``torch.inference_mode()``), it is told and put back by its values (session 49); a writeable NumPy array too, by
-    :func:`_array_record`'s copy (none without ``copy``)."""
+    first, in C (most modules hold no tensor: 1 us a module). One over :data:`_COPY_LIMIT` bytes gets the copy kept
+    across calls (:func:`_kept`; session 53: the guard took none, and a lookup table the forward wrote in place stayed
+    written, told by a warning; a new copy each call had cost 60 ms and 100 MiB for 100 MiB, session 48 review). No
+    copy (``None``) without ``copy`` (the fx trace's record of its shadow, thrown away after). Without ``refuse`` (the
+    model guard), an inference tensor is recorded with the version ``None`` and a copy (kept across calls over the
+    limit: :func:`_kept_values`, session 52): written in place (a forward under ``torch.inference_mode()``), it is put
+    back by its values (session 49); a writeable NumPy array too, by :func:`_array_record`'s copy (none without
+    ``copy``)."""
     tensor = torch.Tensor
     kinds = set(map(type, attrs.values()))
     if kinds <= _NO_TENSOR_KINDS:  # in C: a module's usual dicts, flags and numbers
@@ -545,10 +551,9 @@ def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True, every:
                 found.append((k, v, None, _array_record(v)))
         elif isinstance(v, tensor) and not isinstance(v, nn.Parameter):
             large = v.numel() * v.element_size() > _COPY_LIMIT
-            small = copy and (every or not large)
             try:  # an inference tensor (or a subclass without one) has no version counter
                 version = v._version
-                found.append((k, v, version, (_kept(v, version) if large else v.detach().clone()) if small else None))
+                found.append((k, v, version, (_kept(v, version) if large else v.detach().clone()) if copy else None))
             except Exception:
                 if refuse:
                     return None
@@ -573,8 +578,8 @@ def _array_record(v: Any) -> Any:
 
 def _kept(t: torch.Tensor, version: int) -> torch.Tensor:
     """A copy of the values of ``t`` (a plain tensor attribute over :data:`_COPY_LIMIT` bytes, at ``version``), kept
-    across calls while ``t`` lives and holds them: :class:`Found` and Ablation-CAM's split copy every such tensor once a
-    call (a pass that writes it must still see the values found), and a 100 MiB constant lookup table cost each call of
+    across calls while ``t`` lives and holds them: the model guard (session 53), :class:`Found` and Ablation-CAM's split
+    copy every such tensor once a call (to put it back; a pass that writes it must still see the values found), and a 100 MiB constant lookup table cost each call of
     SmoothGrad or integrated gradients 50 ms and 100 MiB (session 50: 55.5 against 5.1 ms a call; session 51). The copy
     is taken again where ``t``'s version counter, storage, shape or dtype moved since (the user wrote it between the
     calls); one put back from it is taken as holding it again (:func:`_put_back_tensors`). Up to :data:`_KEEP_LIMIT`
@@ -583,16 +588,20 @@ def _kept(t: torch.Tensor, version: int) -> torch.Tensor:
     A write that moves no version counter (through ``.data``, a NumPy view of the tensor) between two calls is told
     only where it changed one of :data:`_KEPT_SAMPLES` values spread evenly over the tensor (:func:`_samples_same`,
     review of session 51: the copy stayed, and a pass that then wrote the tensor put the older values back, the user's
-    write lost); a write of a few values between them is not seen."""
+    write lost); a write of a few values between them is not seen. The copy the model guard's entry just took or
+    checked is not checked again by the :class:`Found` recorded right after it (:func:`_trusted`)."""
     key, ptr = id(t), t.data_ptr()
+    values = _trusted(key)
+    if values is not None and values.shape == t.shape and values.dtype == t.dtype:
+        return values
     entry = _KEPT.get(key)
     if entry is not None:
         ref, at, where, values = entry
         if ref() is t and at == version and where == ptr and values.shape == t.shape and values.dtype == t.dtype \
                 and _samples_same(t, values):
             _used(key, entry)
-            return values
-    return _keep(t, version, ptr, t.detach().clone())
+            return _marked(key, values)
+    return _marked(key, _keep(t, version, ptr, t.detach().clone()))
 
 
 def _kept_values(v: Any) -> Any:
@@ -602,15 +611,38 @@ def _kept_values(v: Any) -> Any:
     ``v`` between two calls (``model.table[5] = 1``: a sampled check misses it, and the kept copy, stale, would undo
     that write at the next call's put-back): each reuse compares the whole (:func:`_same_bits`, bit for bit, in chunks
     of 256 KiB; about 10 ms for 100 MiB on an AMD EPYC core, against 39 ms for a new copy of it, which its memory's
-    first writes make dear); a copy taken again where it differs."""
+    first writes make dear); a copy taken again where it differs. The :class:`Found` recorded right after the model
+    guard's entry takes the copy that entry just compared or took (:func:`_trusted`): compared again, the same values
+    read twice at each call's start (session 53)."""
     key = id(v)
+    values = _trusted(key)
+    if values is not None and values.shape == v.shape and values.dtype == v.dtype:
+        return values
     entry = _KEPT.get(key)
     if entry is not None:
         values = entry[3]
         if entry[0]() is v and entry[1] is None and _same_bits(v, values):
             _used(key, entry)
-            return values
-    return _keep(v, None, 0, v.copy() if type(v) is _ndarray() else v.clone())
+            return _marked(key, values)
+    return _marked(key, _keep(v, None, 0, v.copy() if type(v) is _ndarray() else v.clone()))
+
+
+def _marked(key: int, values: Any) -> Any:
+    """``values``, the copy of the object of id ``key`` just compared or taken, noted where this thread's model guard
+    is entering (:func:`_enter_guard`: ``_local.marking``), for the :class:`Found` recorded right after it."""
+    marking = getattr(_local, "marking", None)
+    if marking is not None:
+        marking[key] = values
+    return values
+
+
+def _trusted(key: int) -> Any:
+    """The copy of the object of id ``key`` that this thread's model guard took or compared while entering, where a
+    :class:`Found` recorded right after that entry asks (``_local.trusted``, set only then); else ``None``. Nothing ran
+    between the two (``with model_guard(model), Found(model)``), so the values are those the entry saw; another guard's
+    entry or exit in between drops the notes (:func:`_enter_guard`, :func:`_leave_guard`)."""
+    trusted = getattr(_local, "trusted", None)
+    return trusted.get(key) if trusted else None
 
 
 def _keep(t: Any, version: Optional[int], ptr: int, values: Any) -> Any:
@@ -648,10 +680,18 @@ def _samples_same(t: torch.Tensor, values: torch.Tensor) -> bool:
     it (the first and the last among them; NaN equal to NaN): a write that moves no version counter between two calls
     (``t.data[...] = v``, ``t.numpy()[...] = v``) that reaches one of them is told (about 0.2 ms on a 100 MiB tensor, each
     sampled place a cache miss; AMD EPYC, core 0, loaded: against 84 ms for its copy, ``benchmarks/found-s51.md``)."""
-    n = t.numel()
-    k = min(n, _KEPT_SAMPLES)  # in integers (a float's linspace rounds an index past the end over 2 ** 24 values)
-    at = torch.arange(k, device=t.device) * (n - 1) // max(k - 1, 1)
+    at = _sample_places(t.numel(), t.device)
     return _equal_nan(torch.take(t.detach(), at), torch.take(values, at))
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_places(n: int, device: Any = None) -> torch.Tensor:
+    """The flat indices (int64, on ``device``) of :data:`_KEPT_SAMPLES` places spread evenly over ``n`` values, the
+    first and the last among them (every one where ``n`` is smaller): :func:`_samples_same`'s and :class:`_Sampled`'s.
+    In integers: a float's linspace rounds an index past the end over 2 ** 24 values. Made once per size and device
+    (read only): 50 us each time, a third of a sampled check (session 53)."""
+    k = min(n, _KEPT_SAMPLES)
+    return torch.arange(k, device=device) * (n - 1) // max(k - 1, 1)
 
 
 def _forget(key: int) -> None:
@@ -714,8 +754,30 @@ def _put_back_storages(storages: Any) -> None:
 
 def _tensors_moved(records: Any) -> bool:
     """Whether a tensor of :func:`_tensor_records`' ``records`` was written in place since."""
-    return any(t._version != version if version is not None else _values_moved(t, copy)
-               for _, t, version, copy in records)
+    return any(_tensor_moved(t, version, copy) for _, t, version, copy in records)
+
+
+def _tensor_moved(t: Any, version: Optional[int], copy: Any) -> bool:
+    """Whether the tensor (or NumPy array) ``t``, recorded at ``version`` with ``copy``, was written in place since: by
+    its version counter, else by its values (:func:`_values_moved`); a plain tensor whose counter did not move by its
+    values too (:func:`_written_quietly`)."""
+    if version is None:
+        return _values_moved(t, copy)
+    return t._version != version or _written_quietly(t, copy)
+
+
+def _written_quietly(t: torch.Tensor, copy: Any) -> bool:
+    """Whether the plain tensor ``t``, its version counter unmoved, no longer holds the values of ``copy``: a write
+    through ``t.data`` (``self.table.data.mul_(2)``) or a NumPy view moves no counter, and stayed (session 53). Compared
+    whole up to :data:`_COPY_LIMIT` bytes, over it at :data:`_KEPT_SAMPLES` places (:func:`_samples_same`: a write of a
+    few values no sample reads stays); not where there is no copy, nor where the two cannot be compared, nor on a
+    device (its answer would wait for the device: a synchronization per tensor and call)."""
+    if copy is None or copy.shape != t.shape or copy.dtype != t.dtype or t.device.type != "cpu":
+        return False
+    try:
+        return not (_samples_same(t, copy) if copy.nbytes > _COPY_LIMIT else _equal_nan(t.detach(), copy))
+    except Exception:  # noqa: BLE001 - no kernel for the comparison (meta, sparse, a subclass): by its counter only
+        return False
 
 
 def _values_moved(t: Any, copy: Any) -> bool:
@@ -805,10 +867,7 @@ class _Sampled:
     def __init__(self, v: Any) -> None:
         import numpy
 
-        n = v.size
-        k = min(n, _KEPT_SAMPLES)
-        flat = numpy.arange(k, dtype=numpy.int64) * (n - 1) // max(k - 1, 1)
-        self.at = numpy.unravel_index(flat, v.shape) if v.ndim else ()
+        self.at = numpy.unravel_index(_sample_places(v.size).numpy(), v.shape) if v.ndim else ()
         self.values = numpy.array(v[self.at])  # a plain array (a memmap's fancy index is one too, without its file)
 
     def same(self, v: Any) -> bool:
@@ -851,7 +910,7 @@ def _put_back_tensors(records: Any) -> Any:
                     continue
                 with torch.inference_mode():
                     t.copy_(copy)
-            elif t._version != version and copy is not None:
+            elif copy is not None and (t._version != version or _written_quietly(t, copy)):
                 t.copy_(copy)
                 if _KEPT:
                     _kept_again(t, copy)
@@ -888,20 +947,20 @@ def _not_put_back(records: Any) -> list:
 
 def _tell_not_put_back(module: nn.Module, lost: list) -> None:
     """A warning naming the plain attributes of ``module`` (``lost``: ``(name, value)`` each, :func:`_not_put_back`'s
-    tensors and :func:`_put_back_containers`' lists, dicts, sets and deques) that a call changed in place and the
-    guard could not put back (no copy: a tensor over :data:`_COPY_LIMIT` bytes, a container over :data:`_CONTENTS_LIMIT` items)."""
+    and :func:`_put_back_containers`') that a call changed in place and the guard could not put back: a container over
+    :data:`_CONTENTS_LIMIT` items (not copied), a ``numpy.memmap`` or large object array (sampled), a tensor without a
+    copy (a TorchScript buffer whose guard copy is gone)."""
     import warnings
 
     from salience._core.errors import user_stacklevel
 
     names = ", ".join(_described(k, t) for k, t in lost)
     warnings.warn(f"the model's forward changed in place the plain attribute {names} of a "
-                  f"{type(module).__name__} during salience's passes, and it keeps those values: salience copies such "
-                  f"an attribute to put it back only up to {_COPY_LIMIT // 2 ** 20} MiB for a tensor, "
-                  f"{_CONTENTS_LIMIT} items for a list, dict, set, deque or object array, and never a numpy.memmap "
-                  "(its file may be of any size; a write to it writes the file: open it with mode='r' or 'c' if the "
-                  "forward must not); a tensor: register it as a buffer (module.register_buffer: copied and put back); "
-                  "or save and restore it yourself", stacklevel=user_stacklevel())
+                  f"{type(module).__name__} during salience's passes, and it keeps those values: salience copies a "
+                  f"list, dict, set, deque or object array to put it back only up to {_CONTENTS_LIMIT} items, and "
+                  "never a numpy.memmap (its file may be of any size; a write to it writes the file: open it with "
+                  "mode='r' or 'c' if the forward must not); save and restore it yourself",
+                  stacklevel=user_stacklevel())
 
 
 def _described(k: str, t: Any) -> str:
@@ -1072,19 +1131,19 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
     name in order, with its version counter and a copy of its values where ``copies(module)`` says so, default all),
     and where ``attributes(module)`` says so (default all) its plain attributes one level deep (a copy of its
     ``__dict__``, nn.Module's own dicts and sets too unless ``own_dicts`` is False), each plain tensor among them with
-    its version counter and a copy (none over :data:`_COPY_LIMIT` bytes unless ``large_copies``, nor any without
-    ``tensor_copies``), and with
+    its version counter and a copy (over :data:`_COPY_LIMIT` bytes the one kept across calls, :func:`_kept`; none
+    without ``tensor_copies``), and with
     ``containers`` a copy of each list's, dict's, set's, deque's, defaultdict's, Counter's and OrderedDict's contents. A module with neither (no attributes asked, no buffer) has no record. ``None`` where such a tensor or a buffer is an
     inference tensor (no version counter to tell a write by), unless ``inference``: such a tensor attribute is then
-    recorded as the model guard records it, by its values (a copy; none over the limit unless ``large_copies``). With
+    recorded as the model guard records it, by its values. ``large_copies``: no effect since session 53 (every tensor
+    is copied whatever its size, as it asked; kept for its callers). With
     ``named`` (and the attributes asked), its parameters and submodules by name too, as the model guard's own record
     (``self.w = nn.Parameter(...)``, a head swapped in a forward: both write nn.Module's own dicts in place, which the
     copy of the ``__dict__`` holds by identity; Ablation-CAM's split missed them, session 51). :func:`state_changes`
     says what changed since, :func:`put_back_state` puts it back.
 
     Each module's record is a :class:`ModuleState`, the model guard's own class, made here without its hold counts
-    (the guard copies a container up to :data:`_CONTENTS_LIMIT` items; here every one, as every tensor with
-    ``large_copies``). Ablation-CAM's split clean pass records the modules not from
+    (the guard copies a container up to :data:`_CONTENTS_LIMIT` items; here every one). Ablation-CAM's split clean pass records the modules not from
     torch.nn, whose layers in eval mode write nothing (the buffers of those unrecorded are put back from the guard's
     own copy); the fx trace records the shadow it traces (:mod:`salience._core.folding`), no buffer."""
     record = []
@@ -1100,14 +1159,14 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
         r.storages = _NO_TENSORS
         if asked:
             attrs = d.copy() if own_dicts else {k: v for k, v in d.items() if k not in _MODULE_OWN}
-            tensors = _tensor_records(attrs, refuse=not inference, copy=tensor_copies, every=large_copies)
+            tensors = _tensor_records(attrs, refuse=not inference, copy=tensor_copies)
             if tensors is None:
                 return None
             r.attrs, r.tensors = attrs, tensors
             if containers:
                 items: dict = {}
                 r.contents = _container_records(attrs, every=True, items=items)
-                more = _tensor_records(items, refuse=not inference, copy=tensor_copies, every=large_copies) \
+                more = _tensor_records(items, refuse=not inference, copy=tensor_copies) \
                     if items else _NO_TENSORS
                 if more is None:
                     return None
@@ -1230,7 +1289,8 @@ def _restore_buffers(module: nn.Module, records: Any, saved: Optional[dict], qui
 
 
 _NO_TENSORS: tuple = ()
-# the largest plain tensor attribute (bytes) the records copy (:func:`_tensor_records`)
+# the largest tensor or array attribute (bytes) the records copy anew at each call (:func:`_tensor_records`); a larger
+# one gets a copy kept across calls (:func:`_kept`, :func:`_kept_values`)
 _COPY_LIMIT = 1 << 20
 # the copies of larger ones kept across calls (:func:`_kept`): id -> (weak reference, version, data_ptr, copy), and
 # the most bytes they may hold in all
@@ -1240,6 +1300,9 @@ _kept_bytes = 0
 # re-entrant: a tensor that dies while its thread holds it (the garbage collector, run by any allocation inside it,
 # frees a model in a reference cycle) calls :func:`_forget`, which takes it again (review of session 51: a deadlock)
 _kept_lock = threading.RLock()
+# per thread: the copies its model guard's entry took or compared (``marking``, while entering; ``fresh``, after it),
+# and those the :class:`Found` recorded right after it takes without comparing them again (``trusted``: :func:`_trusted`)
+_local = threading.local()
 # the values of a kept copy compared with its tensor's at each call (:func:`_samples_same`)
 _KEPT_SAMPLES = 1024
 # the items compared at once by :func:`_same_bits` (256 KiB of 4-byte values), and the unsigned integers it views
@@ -1351,19 +1414,19 @@ def held_values(module: nn.Module, name: str, buf: torch.Tensor, version: int) -
     return None
 
 
-def settled(module: nn.Module, t: torch.Tensor, version: int) -> None:
-    """The plain tensor attribute ``t`` of ``module``, which the caller recorded at ``version`` with a copy of its own
-    and has put back to those values, taken as put back by a guard holding ``module`` that recorded it at the same
-    version without a copy (over :data:`_COPY_LIMIT`): no warning that it stays written (:class:`Found`). A dataset
-    run's baseline (:func:`run_guard`, put back after each call) is told too: it warned after every call of the run
-    (session 49 last read)."""
+def settled(module: nn.Module, t: torch.Tensor, version: int, values: torch.Tensor) -> None:
+    """The plain tensor attribute ``t`` of ``module``, which the caller (:class:`Found`) recorded at ``version`` with the
+    copy ``values`` and has put back from it, taken as put back by a guard holding ``module`` that recorded it at the
+    same version with the same copy (the one kept across calls, :func:`_kept`) or none: the guard's exit copies it back
+    no more (a 100 MiB table: 100 MiB copied once more; session 53). A dataset run's baseline (:func:`run_guard`, put
+    back after each call) too."""
     entry = _held.get(id(module))
     if entry is None or type(entry) is not ModuleState or not entry.captured:
         return
     for record in (entry, entry.baseline):
         if type(record) is ModuleState and record.tensors:
-            record.tensors = tuple((k, v, v._version if v is t and at == version and copy is None else at, copy)
-                                   for k, v, at, copy in record.tensors)
+            record.tensors = tuple((k, v, v._version if v is t and at == version and (copy is None or copy is values)
+                                    else at, copy) for k, v, at, copy in record.tensors)
 
 
 def _hold(objects: list, held: list, new: list) -> None:
@@ -1547,6 +1610,7 @@ def _enter_guard(model: nn.Module, me: int, box: list) -> None:
     (:func:`_enter_thread`); the hold is appended to ``box`` once both are done, and not at all on an error."""
     with _lock:
         _guarding[me] = _guarding.get(me, 0) + 1
+    _local.fresh, _local.marking = None, {}  # the copies this entry takes or compares, for a Found right after it
     try:
         _enter_thread(model, me, box)
     except BaseException:
@@ -1554,11 +1618,14 @@ def _enter_guard(model: nn.Module, me: int, box: list) -> None:
             with _lock:
                 _unguard(me)
         raise
+    finally:
+        _local.fresh, _local.marking = _local.marking if box else None, None
 
 
 def _leave_guard(me: int, box: list) -> None:
     """The model_guard block whose hold is in ``box`` left (nothing if ``box`` is empty: it was not
     entered, or this ran already)."""
+    _local.fresh = None  # a Found after this exit compares the values itself (:func:`_trusted`)
     if box:
         with _lock:
             _unguard(me)
@@ -1905,8 +1972,8 @@ class Found:
     list, dict, set, ``collections`` deque, defaultdict and Counter (exactly those types, ``self.hist.append(y)``;
     a subclass, a test's log of the passes, is not copied), each plain tensor among the attributes written in place,
     an inference tensor (no version counter: a
-    forward under ``torch.inference_mode()``) by its values; here each copied whatever its size (the guard's stop at
-    1 MiB and 1024 items; as Ablation-CAM's split, session 48), so that no pass sees what a pass before left that the
+    forward under ``torch.inference_mode()``) by its values; here each copied whatever its size (the guard's
+    containers stop at 1024 items; as Ablation-CAM's split, session 48), so that no pass sees what a pass before left that the
     call's end would undo (session 49 review). A copy over 1 MiB is kept across calls while its tensor holds its values
     (:func:`_kept`, session 51: a constant lookup table of 100 MiB cost each SmoothGrad call its copy, 84 ms of an
     88.5 ms call on an AMD EPYC (medians), 3.66 ms now, ``benchmarks/found-s51.md``; it holds that memory while the table lives). The
@@ -1944,11 +2011,16 @@ class Found:
                 layers.append(m)
         # its parameters and submodules by name too, as the model guard's (``self.w = nn.Parameter``, a submodule
         # added on a first call or swapped: session 50 review)
-        self.record = record_state(own, containers=True, large_copies=True, inference=True, named=True) if own else []
+        # the large copies the guard's entry just took or compared, taken as they are (:func:`_trusted`), once
+        _local.trusted, _local.fresh = getattr(_local, "fresh", None), None
+        try:
+            self.record = record_state(own, containers=True, inference=True, named=True) if own else []
+        finally:
+            _local.trusted = None
         # a NumPy array or inference tensor over the copy limit: apart, by samples before each pass (:meth:`_large`)
         self.large = _large_apart(self.record)
-        # the tensors (one over the guard's copy limit the guard records without a copy): told put back at the end
-        self.tensors = [(r.module, t, version) for r in self.record for _, t, version, _ in r.tensors
+        # the tensors and their copies: the guard told at the end which it need not put back again (:func:`settled`)
+        self.tensors = [(r.module, t, version, copy) for r in self.record for _, t, version, copy in r.tensors
                         if version is not None]
         # each torch.nn layer's buffers: (module, name, buffer, its version as found, its version now); looked at
         # as a whole first (the dicts by identity in C, the versions' sum: they only grow), one by one where it moved
@@ -2031,9 +2103,9 @@ class Found:
         self.before_pass(refuse=False)  # what cannot be put back stays
         if self.large:  # the whole of each large array or inference tensor compared, once a call
             self.large = _put_back_tensors(self.large)
-        for m, t, version in self.tensors:  # put back from this record's copy: the guard's warning would say it stays
+        for m, t, version, copy in self.tensors:  # put back from this record's copy: the guard's need not again
             if t._version != version:
-                settled(m, t, version)
+                settled(m, t, version, copy)
 
     def before_pass(self, refuse: bool = True) -> None:
         """The state as the call found it, put back where a pass changed it (or refused where it cannot be)."""
@@ -2138,8 +2210,9 @@ def _large_apart(record: list) -> list:
     :func:`_tensor_records`' ``(name, value, None, copy)``: :meth:`Found.before_pass` compares them by samples
     (:func:`_samples_moved`) and :meth:`Found.__exit__` whole (review of session 52: compared whole before each
     pass, a 100 MiB array made SmoothGrad of 8 chunks 39 -> 709 ms, occlusion 40 -> 822 ms, AMD EPYC, one core, loaded;
-    an informal run of one call each, not a benchmark under the lock; after: 147 and 160 ms, the four whole
-    comparisons a call)."""
+    an informal run of one call each, not a benchmark under the lock; after: 147 and 160 ms). Three whole comparisons
+    a call: the guard's entry (Found takes the copy it compared: :func:`_trusted`, session 53; four before), Found's
+    end and the guard's exit."""
     large = []
     for r in record:
         if r.tensors and any(version is None and _large_copy(copy) for _, _, version, copy in r.tensors):
@@ -2223,9 +2296,9 @@ class _Scripted:
                               stacklevel=user_stacklevel())
 
     def put_back(self) -> None:
-        """Each attribute put back where it differs from the record (a tensor replaced, or written in place); one
-        written in place without a copy (the model guard's record of a tensor over :data:`_COPY_LIMIT`) told, as it
-        stays written (:func:`_tell_not_put_back`)."""
+        """Each attribute put back where it differs from the record (a tensor replaced, or written in place); a buffer
+        written in place whose copy the model guard no longer holds (:func:`held_values`) told, as it stays written
+        (:func:`_tell_not_put_back`)."""
         lost: list = []
         for entry in self.tensors:
             c, name, t, version, copy, assigned, m, found = entry
@@ -2242,6 +2315,8 @@ class _Scripted:
                     continue
                 with torch.no_grad():
                     t.copy_(copy)
+                if _KEPT:
+                    _kept_again(t, copy)
                 entry[3] = t._version
         self._put_back_values()
         for m, name, t in lost:  # last: a warning made an error raises
@@ -2263,17 +2338,20 @@ def _script_tensor(c: Any, name: str, m: nn.Module, assigned: bool, guard: bool)
     """:class:`_Scripted`'s record of the tensor attribute ``name`` of the TorchScript module ``m`` (``c``, its
     ``_c``): ``[c, name, tensor, version, copy, assigned, m, version]``. No copy of a buffer the model guard holds a
     copy of at this version (a BatchNorm's: 159 on resnet50; that copy, :func:`held_values`, not one more: 0.8 ms a
-    call); for the model guard itself (``guard``), none over :data:`_COPY_LIMIT` bytes, as its other records (one
-    written in place is told)."""
+    call); over :data:`_COPY_LIMIT` bytes the copy kept across calls, as the model guard's other records (session 53:
+    the guard took none, and one written in place stayed written, told; TorchScript gives the same Python object at
+    each read while the module holds the tensor)."""
     t = c.getattr(name)
     try:
         version = t._version
     except Exception:  # noqa: BLE001 - an inference tensor: no version counter
         version = None
-    if guard:
-        copy = t.detach().clone() if t.numel() * t.element_size() <= _COPY_LIMIT else None
+    if not guard and version is not None and held_values(m, name, t, version) is not None:
+        return [c, name, t, version, None, assigned, m, version]
+    if t.numel() * t.element_size() <= _COPY_LIMIT:
+        copy = t.detach().clone()
     else:
-        copy = None if version is not None and held_values(m, name, t, version) is not None else t.detach().clone()
+        copy = _kept(t, version) if version is not None else _kept_values(t)
     return [c, name, t, version, copy, assigned, m, version]
 
 
