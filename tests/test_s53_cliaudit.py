@@ -123,3 +123,25 @@ def test_a_layer_without_a_close_name_gets_the_models_layers_not_python(png, tmp
                    "normalize, features, pool, flatten, head; a dotted name reaches inside one, e.g. features.0\n")
     rc, _, err = _run(capsys, "explain", png, "--model", "demo:shapes", "--method", "gradcam", "--layer", "features.40")
     assert rc == 2 and "did you mean 'features.4.0'" in err
+
+
+@pytest.mark.parametrize("n", ["0", "-3"])
+def test_demo_n_below_one_is_a_usage_error_not_an_internal_one(tmp_path, capsys, n):
+    """``salience demo --n 0`` was exit 3, ``unexpected ValueError: torch.cat(): expected a non-empty list of Tensors
+    ... please report it``, after its output folder was made; now exit 2 naming ``--n``, and no folder."""
+    rc, _, err = _run(capsys, "demo", "--n", n, "--out", tmp_path / "demo")
+    assert rc == 2 and err == f"salience: error: --n must be an int >= 1, got {n}\n"
+    assert not (tmp_path / "demo").exists()
+
+
+def test_evaluate_out_an_existing_file_is_named_as_a_file(tmp_path, capsys, monkeypatch):
+    """``evaluate --out report.html`` where that file exists said ``cannot create the output folder report.html (File
+    exists)``; now it says the file is one, before the model loads."""
+    from salience.cli import evaluate_cmd
+
+    existing = tmp_path / "report.html"
+    existing.write_text("keep")
+    monkeypatch.setattr(evaluate_cmd, "load_model_arg", _never)
+    rc, _, err = _run(capsys, "evaluate", "--model", "demo:shapes", "--n", "2", "--method", "vanilla", "--out", existing)
+    assert rc == 2 and err == f"salience: error: --out {existing} is a file, not a folder; choose another --out\n"
+    assert existing.read_text() == "keep"
