@@ -145,3 +145,14 @@ def test_evaluate_out_an_existing_file_is_named_as_a_file(tmp_path, capsys, monk
     rc, _, err = _run(capsys, "evaluate", "--model", "demo:shapes", "--n", "2", "--method", "vanilla", "--out", existing)
     assert rc == 2 and err == f"salience: error: --out {existing} is a file, not a folder; choose another --out\n"
     assert existing.read_text() == "keep"
+
+
+def test_list_model_checks_output(capsys):
+    """``salience list --model M --output 3`` printed the model's layer and methods and exited 0 whatever ``--output``
+    said (nothing in ``list`` read the scores); now the pick is tried on one pass, as ``explain`` would, and a pick that
+    fits still lists."""
+    rc, out, err = _run(capsys, "list", "--model", "demo:shapes", "--output", "3")
+    assert rc == 2 and out == ""
+    assert err.startswith("salience: error: --output 3 does not fit: the model returned a tensor of shape (1, 5)")
+    rc, out, _ = _run(capsys, "list", "--model", "demo:shapes")
+    assert rc == 0 and "Grad-CAM layer (default; --layer to change): features.6" in out
