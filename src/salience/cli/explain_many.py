@@ -32,7 +32,7 @@ FLAGS = {"labels=": "--labels-csv", "masks=": "--masks", "out=": "--out", "overw
          'map_dtype="float32"': "--map-dtype float32", **METHOD_FLAGS}
 """The keywords of :func:`salience.explain_dataset` that its errors name, as this command's flags."""
 
-_BARE_KEYWORDS = re.compile(r"(?<![\w-])(top|mode) (?=\d|ranks\b|'|out\b)")
+_BARE_KEYWORDS = re.compile(r"(?<!\S)(top|mode)(?= \d+ is more than| \d+ or less| ranks classes| '\w+' is for| out\b)")
 """The keywords :func:`salience.explain_dataset`'s refusals of ``top`` and ``mode`` name without an ``=`` (``top 9 is
 more than the model's 5 classes; use top 5 or less``, ``top ranks classes, but ...``, ``mode 'decrease' is for a
 regression model ...: leave mode out``), which :data:`FLAGS` cannot match: said as the flags ``--top`` and ``--mode``,
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         with flag_errors(FLAGS, args):
             run_ = _explain(args, model, fns, target, show, taken)
     except SalienceError as e:
-        raise SalienceError(_BARE_KEYWORDS.sub(r"--\1 ", str(e))) from None
+        raise SalienceError(_BARE_KEYWORDS.sub(r"--\1", str(e))) from None
     _warn_constant(run_.table, methods)
     errors = run_.failed()  # the image's own error, or a method's or its metrics' (METHOD.error, METHOD.metrics_error)
     print(f"explained {len(run_) - errors} of {len(run_)} image(s) into {args.out}/ (index.parquet, index.html)"
