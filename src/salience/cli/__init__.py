@@ -28,7 +28,7 @@ from salience import __version__
 from salience._core.errors import SalienceError
 from salience.cli import demo_cmd, evaluate_cmd, explain_cmd, explore_cmd, list_cmd, visualize_cmd
 from salience.cli.common import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, Parser, error,
-                                 performance_from_args,
+                                 output_flag_said, performance_from_args,
                                  parse_class, parse_methods)
 from salience.cli.demo_cmd import DEMO_SEED
 
@@ -74,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None, *, owns_process: Optional[bool] =
         with performance_from_args(args, owns_process=argv is None if owns_process is None else owns_process):
             return int(args.func(args))
     except SalienceError as e:
-        error(str(e))
+        error(output_flag_said(str(e), args))
         return EXIT_USAGE
     except MemoryError:
         error(_OUT_OF_MEMORY)

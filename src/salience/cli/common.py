@@ -299,14 +299,28 @@ spec with weights (``model timm:resnet50 with weights=PATH``) as the command lin
 timm:resnet50 --weights PATH``)."""
 
 
-def load_model_arg(args: argparse.Namespace) -> nn.Module:
-    """The model that :func:`add_model_args`'s options name (its errors said with the flags)."""
+def output_arg(args: argparse.Namespace) -> Any:
+    """``--output`` as :func:`salience.load_model` takes it: an integer (a tuple index) or a key; ``None`` when not
+    given (or the command has no ``--output``)."""
     output = getattr(args, "output", None)
     if output is not None and re.fullmatch(r"-?\d+", output.strip()):
         output = int(output)
+    return output
+
+
+def output_flag_said(message: str, args: argparse.Namespace) -> str:
+    """``message`` with ``output=PICK`` (:func:`salience.load_model`'s keyword, as the errors of the model's first
+    forward pass name it: ``output='logits' does not fit: the model returned a tensor``) said as the flag the user
+    gave, ``--output logits``. Those errors come after the model is loaded, outside :func:`load_model_arg`."""
+    pick = output_arg(args)
+    return message if pick is None else message.replace(f"output={pick!r}", f"--output {pick}")
+
+
+def load_model_arg(args: argparse.Namespace) -> nn.Module:
+    """The model that :func:`add_model_args`'s options name (its errors said with the flags)."""
     with flag_errors(MODEL_FLAGS, args):
         return load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle, device=args.device,
-                          output=output)
+                          output=output_arg(args))
 
 
 # --------------------------------------------------------------------------------- scores
@@ -330,7 +344,27 @@ def probabilities(out: Tensor) -> Tensor:
 
 def output_folder(path: str) -> Path:
     """The folder ``path`` (``--out``), created with its parents; a :class:`SalienceError` if it cannot be."""
+    check_no_file_in_way(path)
     return make_folder(path, "--out ")
+
+
+def check_no_file_in_way(path: str, flag: str = "--out", names_file: bool = False) -> None:
+    """A :class:`SalienceError` when the output folder ``path`` (``flag``'s value), or a folder above it, is an
+    existing file: a command checks it before loading the model, so nothing is computed for results that could not
+    be written. ``path`` itself a file is said as one (``mkdir``'s own words, ``File exists``, read as if the folder
+    were there); a file above it as ``mkdir`` says it. ``names_file``: ``path`` is the output file (``visualize
+    --out class.png``), and only the folders above it are checked."""
+    target = Path(path)
+    for p in [*target.parents] if names_file else [target, *target.parents]:
+        if not p.exists():
+            continue
+        if p.is_dir():
+            return
+        if p == target:
+            raise SalienceError(f"{flag} {path} is a file, not a folder; choose another {flag}")
+        if names_file:
+            raise SalienceError(f"{flag} {path}: {p} is a file, not a folder; choose another {flag}")
+        raise SalienceError(f"cannot create the output folder {target} (Not a directory)")
 
 
 def safe_name(name: str) -> str:

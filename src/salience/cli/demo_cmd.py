@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from salience import __version__
 from salience._core.errors import SalienceError
 from salience._core.info import ModelInfo
+from salience._core.tensors import check_int
 from salience.cli.common import EXIT_OK, EXIT_PARTIAL, figure, output_folder, probabilities, safe_name, scores
 from salience.demo import data, zoo
 from salience.demo.clever_hans import clever_hans_report
@@ -42,6 +43,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Write the report (``index.html`` and its pictures) to ``args.out``; exit 1 if a part failed."""
     start = time.perf_counter()
+    check_int(args.n, "--n", minimum=1)  # 0 was an unexpected ValueError of torch.cat (exit 3), after the folder was made
     # the report holds every image and each method's map at once: the evaluation's cap, before any folder is made
     check_images(args.n, (DEMO_SIZE, DEMO_SIZE), "held-out shapes images", holder="the demo report",
                  flag="salience demo --n")

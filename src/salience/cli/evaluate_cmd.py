@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from salience._core.errors import SalienceError
 from salience._core.tensors import check_int
 from salience.cli import options as _options
-from salience.cli.common import (EXIT_OK, EXIT_PARTIAL, METHOD_FLAGS, add_model_args, flag_errors, load_model_arg,
-                                 parse_methods, warn)
+from salience.cli.common import (EXIT_OK, EXIT_PARTIAL, METHOD_FLAGS, add_model_args, check_no_file_in_way, flag_errors,
+                                 load_model_arg, parse_methods, warn)
 from salience.demo.train import demo_train_fn
 from salience.evidence import evaluate
 from salience.evidence.sanity import NO_HOOKS
@@ -92,6 +92,7 @@ def _method_options(args: argparse.Namespace, model: nn.Module, methods: Optiona
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate the methods on the model; the report, tables and figures go to ``args.out``."""
+    check_no_file_in_way(args.out)  # mkdir said "cannot create the output folder X (File exists)" of a file X
     if args.masks is not None and args.images is None:
         raise SalienceError("--masks needs its images: give --images DIR too (a mask per image, same file names)")
     steps = args.deletion_steps if args.deletion_steps is not None else DELETION_STEPS

@@ -20,7 +20,8 @@ from salience._core.progress import Progress, progress
 from salience._core.tensors import check_int
 from salience.cli import explain_many
 from salience.cli import options as _options
-from salience.cli.common import (EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, METHOD_FLAGS, add_model_args, error,
+from salience.cli.common import (EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, METHOD_FLAGS, add_model_args,
+                                 check_no_file_in_way, error,
                                  figure, load_model_arg, model_specs_help, output_folder, parse_class, parse_methods,
                                  probabilities, safe_name, scores, to_image, warn, with_flags)
 from salience.cli.inputs import Inputs, add_input_args, class_names, preprocessing_info, read_inputs
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     check_int(args.max_pixels, "--max-pixels", minimum=1)  # 0 or less skipped every image, one by one
     if explain_many.wants_dataset(args):
         return explain_many.run(args)
+    check_no_file_in_way(args.out)  # said now: the folder was made only after every map was computed
     args.batch_size = args.batch if args.batch is not None else 16
     request = _check_args(args)
     model = load_model_arg(args)
@@ -195,6 +197,9 @@ def _choose_targets(args: argparse.Namespace, info: ModelInfo, out: Tensor) -> C
         idx = parse_class(args.target, info, k) if args.target is not None else 0
         return Chosen(torch.full((n, 1), idx, dtype=torch.long), [f"{safe_name(info.class_name(idx))}-{args.mode}"],
                       regression=True, mode=args.mode)
+    if args.mode != "increase":  # was ignored: the maps of the class's increase, silently (a dataset run refused it)
+        raise SalienceError(f"--mode {args.mode} is for a regression model or a model with one output; {info.name} is "
+                            f"a classifier with {k} outputs: leave --mode out (its maps show what raises the class)")
     if args.target is not None:
         idx = parse_class(args.target, info, k)
         return Chosen(torch.full((n, 1), idx, dtype=torch.long), ["target"])

@@ -7,6 +7,7 @@ list) or an option of dataset runs is given (``--dataset``, ``--labels-csv``, ``
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Any
 
@@ -30,6 +31,12 @@ FLAGS = {"labels=": "--labels-csv", "masks=": "--masks", "out=": "--out", "overw
          "target=": "--target", "mode=": "--mode", "engine='ray'": "--engine ray",
          'map_dtype="float32"': "--map-dtype float32", **METHOD_FLAGS}
 """The keywords of :func:`salience.explain_dataset` that its errors name, as this command's flags."""
+
+_BARE_KEYWORDS = re.compile(r"(?<!\S)(top|mode)(?= \d+ is more than| \d+ or less| ranks classes| '\w+' is for| out\b)")
+"""The keywords :func:`salience.explain_dataset`'s refusals of ``top`` and ``mode`` name without an ``=`` (``top 9 is
+more than the model's 5 classes; use top 5 or less``, ``top ranks classes, but ...``, ``mode 'decrease' is for a
+regression model ...: leave mode out``), which :data:`FLAGS` cannot match: said as the flags ``--top`` and ``--mode``,
+as a run of image files says them."""
 
 _DATASET_FLAGS = ("dataset", "labels_csv", "masks", "metrics", "png", "overwrite", "engine", "num_gpus", "workers",
                   "actors", "address", "shard_size", "map_dtype")
@@ -106,8 +113,11 @@ def run(args: argparse.Namespace) -> int:
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     if info.input_size is None:  # the command's inputs are image files: said with its flag, not Python's keyword
         raise needs_one_size(info.name, "give --size H,W")
-    with flag_errors(FLAGS, args):
-        run_ = _explain(args, model, fns, target, show, taken)
+    try:
+        with flag_errors(FLAGS, args):
+            run_ = _explain(args, model, fns, target, show, taken)
+    except SalienceError as e:
+        raise SalienceError(_BARE_KEYWORDS.sub(r"--\1", str(e))) from None
     _warn_constant(run_.table, methods)
     errors = run_.failed()  # the image's own error, or a method's or its metrics' (METHOD.error, METHOD.metrics_error)
     print(f"explained {len(run_) - errors} of {len(run_)} image(s) into {args.out}/ (index.parquet, index.html)"

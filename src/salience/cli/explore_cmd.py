@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import webbrowser
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 from salience._core.errors import SalienceError
 from salience._core.tensors import check_int
 from salience.cli.common import (EXIT_INTERRUPTED, EXIT_OK, MODEL_FLAGS, add_model_args, error, flag_errors,
-                                 model_specs_help)
+                                 model_specs_help, output_arg)
 from salience.loading import DEFAULT_MAX_PIXELS
 
 
@@ -47,10 +46,8 @@ def add_parser(sub: Any) -> None:
 
 
 def _load_options(args: argparse.Namespace) -> dict[str, Any]:
-    output = args.output
-    if output is not None and re.fullmatch(r"-?\d+", output.strip()):
-        output = int(output)
-    return {"weights": args.weights, "trust_pickle": args.trust_pickle, "device": args.device, "output": output}
+    return {"weights": args.weights, "trust_pickle": args.trust_pickle, "device": args.device,
+            "output": output_arg(args)}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import torch
 from salience._core.errors import SalienceError
 from salience._core.info import model_info
 from salience._core.tensors import model_device
-from salience.cli.common import EXIT_OK, load_model_arg, model_specs_help
+from salience.cli.common import EXIT_OK, load_model_arg, model_specs_help, scores
 from salience.cli.inputs import check_side
 from salience.cli.options import describe
 from salience.demo import zoo
@@ -44,6 +44,8 @@ def describe_model(args: argparse.Namespace) -> list[str]:
     info = model_info(model)
     h, w = info.input_size or (args.size, args.size)
     x = torch.rand(1, info.channels, h, w, device=model_device(model))
+    if args.output is not None:  # nothing here reads the scores: a wrong --output was taken silently (exit 0)
+        scores(model, x)
     try:
         layer = f"(default; --layer to change): {describe_default_layer(model, x)}"
     except SalienceError as e:  # e.g. a TorchScript file, which explain still runs the gradient methods on

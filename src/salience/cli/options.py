@@ -21,12 +21,15 @@ import inspect
 import re
 from typing import Any, Callable, Optional, Sequence
 
+from torch import nn
+
 from salience._core.errors import SalienceError, suggest
 from salience._core.info import ModelInfo
 from salience.methods import METHODS
 from salience.methods.options import (CHOICES, NOT_FLAGS, MethodOption, accepted, bind, check_applicable,  # noqa: F401
-                                      check_layer, check_values, keyword_parameters, method_options, option_error,
+                                      check_values, keyword_parameters, method_options, option_error,
                                       read_value, show_default, wraps_methods)
+from salience.methods.options import check_layer as _check_layer
 from salience.methods.options import INNER_METHOD, signature_of
 
 __all__ = ["NOT_FLAGS", "CHOICES", "MethodOption", "method_options", "keyword_parameters", "accepted",
@@ -56,6 +59,28 @@ def _help(opt: MethodOption) -> str:
     wrappers = [n for n, fn in METHODS.items() if wraps_methods(fn) and opt.keyword not in accepted(fn)]
     via = "".join(f" Also {w} --smooth-method NAME." for w in wrappers) if opt.keyword != INNER_METHOD else ""
     return f"{defaults}.{choices}{via}".replace("%", "%%")
+
+
+PYTHON_LAYER_HINT = "list the names with [n for n, _ in model.named_modules()]"
+"""What :func:`salience._core.layers.resolve_layer` says of a layer name with no close match: Python's way to list them."""
+
+
+def check_layer(model: nn.Module, given: dict[str, Any]) -> None:
+    """``--layer`` looked up in the model before anything is computed (:func:`salience.methods.options.check_layer`);
+    a name with no close match is answered with the model's top-level layers and a dotted name inside one (the
+    command's user has no ``model.named_modules()`` to call), instead of the Python hint."""
+    try:
+        _check_layer(model, given)
+    except SalienceError as e:
+        top = [n for n, _ in model.named_children()]
+        inside = next((n for n, _ in model.named_modules() if "." in n), None)
+        hint = "the model has no layers"
+        if top:
+            hint = f"the model's top-level layers are {', '.join(top[:12])}" + (
+                f", ... ({len(top)} in all)" if len(top) > 12 else "")
+        if inside:
+            hint += f"; a dotted name reaches inside one, e.g. {inside}"
+        raise SalienceError(str(e).replace(PYTHON_LAYER_HINT, hint)) from None
 
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:

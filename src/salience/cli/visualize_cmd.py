@@ -14,7 +14,9 @@ from salience._core.autograd import model_input
 from salience._core.errors import SalienceError
 from salience._core.files import make_folder
 from salience._core.info import model_info
-from salience.cli.common import EXIT_OK, add_model_args, load_model_arg, parse_class, scores, to_image, warn
+from salience._core.tensors import check_int
+from salience.cli.common import (EXIT_OK, add_model_args, check_no_file_in_way, flag_errors, load_model_arg, parse_class, scores,
+                                 to_image, warn)
 from salience.cli.inputs import check_side
 from salience.loading import unnormalize
 from salience.methods.class_model import class_model
@@ -39,9 +41,12 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.out).suffix.lower() != ".png":
         raise SalienceError(f"--out {args.out}: visualize writes a PNG image; give a file name ending in .png")
     check_side(args.size, "--size")
+    if args.steps is not None:  # class_model said "steps must be ...", without the flag, once the model had loaded
+        check_int(args.steps, "--steps", minimum=1)
     out = Path(args.out)
     if out.is_dir():  # said before the optimization, not after it
         raise SalienceError(f"--out {out}: a folder of that name exists; give a file name ending in .png")
+    check_no_file_in_way(args.out, names_file=True)  # mkdir said "cannot create the output folder X (File exists)"
     model = load_model_arg(args)  # a device that is not there refused before anything is written
     make_folder(out.parent)
     info = model_info(model)
@@ -53,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {"shape": (info.channels, h, w), "progress": sys.stderr.isatty()}
     if args.steps is not None:
         kwargs["steps"] = args.steps  # checked by class_model
-    img = class_model(model, target, **kwargs).detach().cpu()
+    with flag_errors({"steps=": "--steps"}, args):  # the cap on its passes names the keyword
+        img = class_model(model, target, **kwargs).detach().cpu()
     note = viz.constant_map_note(img[0], what="class model image")  # the score gave it no gradient: still its start
     if note is not None:
         warn(f"warning: {args.out}: {note}")
