@@ -17,7 +17,7 @@ folded weight carries at most 3 roundings more (``gamma / sqrt(var + eps)``, the
 a sum of ``K = 3 * 3 * 8 = 72`` products, is summed in another order (at most ``K u`` of the sum of the products'
 magnitudes); over two such layers, the head and the gradient pass back through them, ``4 (K + 3) u = 300 u``, times the
 ratio of the products' magnitudes to ``scale`` (a few: random weights), stays under ``2**11 u = 2**-13``. Seen: at most
-1e-5 of ``scale`` (occlusion), 2e-7 for the others. A wrong fold (a BatchNorm's statistics lost) moves the maps by
+1.8e-7 of ``scale`` (about 3 u). A wrong fold (a BatchNorm's statistics lost) moves the maps by
 about their own size: the BatchNorms here have random statistics, far from the identity. Tiny nets at 16 px.
 """
 from __future__ import annotations
