@@ -34,6 +34,8 @@ from salience._core import perf as _perf
 from salience._core.errors import SalienceError
 from salience._core.folding import folded_model
 from salience.loading.custom import select_output
+from test_s53_hfout import _Scores  # a dict whose constructor takes the scores alone
+from test_s53_rvhfout import _BN  # convolutions + BatchNorms returning a ModelOutput
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,19 +54,10 @@ def _randomised(m: nn.Module) -> nn.Module:
     return m
 
 
-class _Net(nn.Module):
-    """Two convolution + BatchNorm + ReLU blocks and a linear head, returning Hugging Face's ``ImageClassifierOutput``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                  nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.head = nn.Linear(8, 4)
-        _randomised(self)
-
-    def forward(self, x: torch.Tensor):
-        return transformers.modeling_outputs.ImageClassifierOutput(logits=self.head(self.body(x).mean((2, 3))))
+def _Net() -> nn.Module:
+    """Two convolution + BatchNorm + ReLU blocks and a linear head, returning Hugging Face's
+    ``ImageClassifierOutputWithNoAttention`` (tests/test_s53_rvhfout.py's net), its BatchNorms random."""
+    return _randomised(_BN())
 
 
 PICKS = {"key": "logits", "attribute": lambda o: o.logits, "index": 0}
@@ -128,18 +121,13 @@ def test_the_folded_copy_returns_the_models_output_type():
     assert float((got.logits - want.logits).abs().max()) <= TOL * float(want.logits.abs().max())
 
 
-class _Scores(dict):
-    """A dict whose constructor takes the scores alone (not its items): a trace cannot make it again."""
+class _Odd(_BN):
+    """The same net returning tests/test_s53_hfout.py's ``_Scores``: a dict subclass a trace cannot make again."""
 
-    def __init__(self, scores: torch.Tensor) -> None:
-        super().__init__(scores=scores)
+    def __init__(self) -> None:
+        super().__init__()
+        _randomised(self)
 
-    @property
-    def scores(self) -> torch.Tensor:
-        return self["scores"]
-
-
-class _Odd(_Net):
     def forward(self, x: torch.Tensor):
         return _Scores(self.head(self.body(x).mean((2, 3))))
 
