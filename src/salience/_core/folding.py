@@ -15,6 +15,7 @@ import weakref
 from collections import OrderedDict, deque
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import MISSING, fields, is_dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -26,7 +27,8 @@ from salience._core.guard import _MODULE_OWN, _contents, record_state, state_cha
 from salience._core.tensors import copy_model
 from torch.fx._symbolic_trace import _orig_module_call  # nn.Module.__call__ as it was before fx patched it
 
-__all__ = ["fold_failed", "folded_model", "fx_traced", "kept_for", "settings", "ThisThreadTracer"]
+__all__ = ["fold_failed", "folded_model", "fx_traced", "kept_for", "settings", "ThisThreadTracer", "FxPlainDict",
+           "not_rebuilt"]
 
 # (id(model), dtype) -> (weak reference to the model, what it is kept for, the copy or why none, the attributes its
 # forward rewrites: settings' skip); a float32 copy for passes under one autocast only (bf16-mixed's) is kept at
@@ -152,6 +154,76 @@ class ThisThreadTracer(torch.fx.Tracer):
         if threading.get_ident() != self._thread:
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_arg(self, a: Any) -> Any:
+        """fx's lowering of a value into the graph, but a dict of a subclass (what the forward returns, or passes on)
+        becomes a node that makes it again (:func:`_rebuilt`): fx's own makes any dict a plain one, so the folded copy
+        and occlusion's trace of a model returning a Hugging Face ``ModelOutput`` gave ``{"logits": ...}``, and
+        ``output=lambda o: o.logits`` or ``output=0`` raised on it where the model itself worked (session 53)."""
+        if isinstance(a, dict) and type(a) is not dict:
+            return _rebuilt(self, a)
+        return super().create_arg(a)
+
+
+def _rebuilds(kind: type, keys: Any) -> str:
+    """How a dict of ``kind`` with ``keys`` is made again from its items: ``"fields"`` (a dataclass whose init fields
+    hold the keys and need no other: a ``ModelOutput``, its keys its fields not None, in their order), ``"items"``
+    (an ``OrderedDict`` or a dict subclass with the dict's own constructor), or ``""`` (another constructor)."""
+    if is_dataclass(kind):
+        init = [f for f in fields(kind) if f.init]
+        needed = {f.name for f in init if f.default is MISSING and f.default_factory is MISSING}
+        if needed <= set(keys) <= {f.name for f in init}:
+            return "fields"
+    if kind.__init__ in (dict.__init__, OrderedDict.__init__) and kind.__new__ in (dict.__new__, OrderedDict.__new__):
+        return "items"
+    return ""
+
+
+def _rebuilt(tracer: torch.fx.Tracer, a: dict) -> torch.fx.Node:
+    """A node of ``tracer``'s graph that makes the dict ``a`` (of a subclass, proxies in it) again: its type called
+    with its fields (a ``ModelOutput``) or its items (:func:`_rebuilds`); where its type cannot be made so,
+    :class:`FxPlainDict` of its items, which tells what to do on an attribute or index pick."""
+    how = _rebuilds(type(a), a)
+    if how == "fields":
+        return tracer.create_node("call_function", type(a), (), {k: tracer.create_arg(v) for k, v in a.items()})
+    items = [(tracer.create_arg(k), tracer.create_arg(v)) for k, v in a.items()]
+    if how == "items":
+        return tracer.create_node("call_function", type(a), (items,), {})
+    return tracer.create_node("call_function", FxPlainDict, (items, type(a).__qualname__), {})
+
+
+class FxPlainDict(dict):
+    """What a torch.fx trace of salience gives back for a dict of a type it cannot make again (its own constructor,
+    :func:`_rebuilt`): a plain dict of the same items, which says so where an attribute or a key it has not is asked
+    for (an ``output=`` pick by attribute or index: the model's own object had it). ``lost``: that type's name."""
+
+    __slots__ = ("lost",)
+
+    def __init__(self, items: Any = (), lost: str = "dict") -> None:
+        super().__init__(items)
+        self.lost = lost
+
+    def _hint(self) -> str:
+        first = next(iter(self), "logits")
+        return (f"a torch.fx trace of the model (fold_batchnorm=True's folded copy, occlusion's region-limited passes) "
+                f"gives its {self.lost} back as a plain dict (a type it cannot rebuild): pick by key, "
+                f"output={first!r}")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "lost":  # copy's and pickle's look-ups, a slot not yet set
+            raise AttributeError(name)
+        raise AttributeError(f"no attribute {name!r}: {self._hint()}")
+
+    def __missing__(self, key: Any) -> Any:
+        raise TypeError(f"no key {key!r}: {self._hint()}")
+
+    def __reduce__(self) -> tuple:
+        return (FxPlainDict, (list(self.items()), self.lost))
+
+
+def not_rebuilt(gm: Any) -> list:
+    """The names of the types a trace (``gm``, a ``GraphModule``) gives back as plain dicts (:class:`FxPlainDict`)."""
+    return [n.args[1] for n in gm.graph.nodes if n.op == "call_function" and n.target is FxPlainDict]
 
 
 def _on_shadows(shadows: dict, thread: int) -> tuple[Callable[..., Any], Callable[..., None], Callable[..., None]]:

@@ -21,8 +21,9 @@ another order: about 1e-6 of a score in float32).
 
 A forward that fx cannot trace, or whose trace has several inputs, is traced as the call ``model(x)`` with the
 images' channel count known (:func:`_trace`, session 52: Hugging Face's ``ConvNextForImageClassification``, whose
-``**kwargs`` and channel check stopped fx); it gives the output back as the model gives it (:func:`_as_given`,
-session 53: a ``ModelOutput`` rebuilt, not fx's plain dict, so ``output=lambda o: o.logits`` and ``output=0`` fit it).
+``**kwargs`` and channel check stopped fx). Every trace gives the output back as the model gives it (session 53: a
+``ModelOutput`` rebuilt by :func:`salience._core.folding.fx_traced`'s tracer, not fx's plain dict, so
+``output=lambda o: o.logits`` and ``output=0`` fit it).
 
 Where the model cannot be traced, has hooks, no local prefix that saves work, or fails the check on the clean
 images (the split model must give the model's output, and a crop's exact part the clean activation),
@@ -33,8 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from collections import OrderedDict
-from dataclasses import dataclass, fields, is_dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import Node
 
-from salience._core.folding import fx_traced, settings, trace_inputs
+from salience._core.folding import fx_traced, not_rebuilt, settings, trace_inputs
 from salience._core.perf import ModelCache
 
 log = logging.getLogger("salience.occlusion")
@@ -268,12 +268,10 @@ def _trace(model: nn.Module, dtype: Optional[torch.dtype] = None, written: Optio
     ``mask`` a proxy, so ``if mask is not None`` took the branch salience's calls never take), the call salience makes,
     ``model(x)`` with ``x`` of ``channels`` channels, is traced instead (:class:`_Called`; session 52: Hugging Face's
     ``ConvNextForImageClassification``, whose ``**kwargs`` fx made a proxy that the forward unpacks, and whose
-    embeddings compare ``x.shape[1]`` with the configured channels). So is a forward of one input whose trace gives
-    back a dict (fx makes any dict a plain one): the call gives the output back as the model gives it
-    (:func:`_as_given`, session 53: a ``ModelOutput`` built in a forward of the images alone), and the forward's
-    trace is kept with that output (:func:`_given_like`: the call's nodes are named ``model_...``, which the folded
-    copy's are not, so :func:`moved` missed the cut and the split was found again on the float32 copy; review of
-    session 53); where the call's trace gives a plain dict too (the model's own), the forward's is kept as it is."""
+    embeddings compare ``x.shape[1]`` with the configured channels). Either trace gives the output back as the model
+    gives it: ``fx_traced``'s tracer rebuilds a dict of a subclass, a ``ModelOutput`` (session 53: fx made it a plain
+    dict, and ``output=lambda o: o.logits`` or ``output=0`` failed on the trace: full passes), so a forward of the images
+    alone is traced as it is, its nodes' names the folded copy's (:func:`moved`)."""
     if isinstance(model, torch.jit.ScriptModule):
         return "a TorchScript model cannot be traced by torch.fx"
     from salience._core.fingerprint import own_hooks
@@ -282,16 +280,14 @@ def _trace(model: nn.Module, dtype: Optional[torch.dtype] = None, written: Optio
         return f"the model has hooks ({hooked})"
     seen: set = set()
     gm = fx_traced(model, dtype, written=seen)  # a tracing failure: its reason, full passes
-    direct = not isinstance(gm, str) and trace_inputs(gm) == 1
-    if isinstance(gm, str) and not gm.startswith("torch.fx cannot trace it") or (direct and not _gives_dict(gm)):
+    if isinstance(gm, str) and not gm.startswith("torch.fx cannot trace it") or (
+            not isinstance(gm, str) and trace_inputs(gm) == 1):
         if written is not None:
             written.update(seen)
         return gm
     through: set = set()
     called = fx_traced(_Called(model, channels), dtype, written=through)
-    if direct:  # the forward's trace (its nodes' names the folded copy's, for :func:`moved`), its output as given
-        called = gm if isinstance(called, str) or _gives_dict(called) else _given_like(gm, called)
-    elif isinstance(called, str) and not isinstance(gm, str):
+    if isinstance(called, str) and not isinstance(gm, str):
         # several inputs, and the call untraceable: that told (last read of session 52: the debug line said "no local
         # prefix ... none", the trace of several inputs having no fields)
         called = ("its forward takes more inputs than the images (fx makes a parameter such as mask=None an input), "
@@ -308,8 +304,7 @@ def _trace(model: nn.Module, dtype: Optional[torch.dtype] = None, written: Optio
 class _Called(nn.Module):
     """``model(x)`` as a module of one input, for :func:`_trace`: the forward's other parameters take their defaults
     (``labels=None``, no ``**kwargs``: fx would make proxies of them), and ``x.shape[1]`` / ``x.size(1)`` is the
-    images' channel count ``channels`` (:class:`_KnownChannels`), the same on the crops; a check of it traces. What
-    the model returns is given back as it gives it (:func:`_as_given`: a Hugging Face ``ModelOutput``, not fx's dict)."""
+    images' channel count ``channels`` (:class:`_KnownChannels`), the same on the crops; a check of it traces."""
 
     def __init__(self, model: nn.Module, channels: Optional[int]) -> None:
         super().__init__()
@@ -317,92 +312,15 @@ class _Called(nn.Module):
         self.channels = channels
 
     def forward(self, x: Tensor) -> Any:
-        tracer = x.tracer if isinstance(x, torch.fx.Proxy) else None
-        if self.channels is not None and tracer is not None:
-            x = _KnownChannels(x.node, tracer, self.channels)
-        out = self.model(x)
-        return out if tracer is None else _as_given(tracer, out)
-
-
-def _gives_dict(gm: Any) -> bool:
-    """Whether the trace ``gm`` gives back a dict (in a tuple or list too): fx's lowering of what the forward
-    returned, whose type (a ``ModelOutput``) it dropped."""
-    def holds(v: Any) -> bool:
-        return isinstance(v, dict) or (isinstance(v, (list, tuple)) and any(holds(e) for e in v))
-    return any(n.op == "output" and holds(n.args[0]) for n in gm.graph.nodes)
-
-
-def _given_like(gm: Any, called: Any) -> Any:
-    """``gm``, the forward's trace (its output fx's plain dicts), giving back its output as ``called``, the call's
-    trace of the same forward (:func:`_as_given`'s nodes), does: each of those nodes made again in ``gm`` on ``gm``'s
-    values; ``called`` where the two outputs differ in structure."""
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    ref = next(n for n in called.graph.nodes if n.op == "output")
-
-    def like(v: Any, r: Any) -> Any:
-        if isinstance(r, Node) and isinstance(r.target, type) and issubclass(r.target, dict) and isinstance(v, dict):
-            pairs = [tuple(kv) for kv in r.args[0]] if r.args else list(r.kwargs.items())  # items, or fields
-            if [k for k, _ in pairs] != list(v):
-                raise KeyError("the two traces give other keys")
-            made = {k: like(v[k], e) for k, e in pairs}
-            n = gm.graph.call_function(r.target, (list(made.items()),)) if r.args else gm.graph.call_function(
-                r.target, (), made)
-            n.meta.update({k: r.meta[k] for k in (_NOT_REBUILT,) if k in r.meta})
-            return n
-        if isinstance(v, dict) and isinstance(r, dict) and list(v) == list(r):
-            return {k: like(v[k], r[k]) for k in v}
-        if isinstance(v, (list, tuple)) and isinstance(r, (list, tuple)) and len(v) == len(r):
-            items = [like(a, b) for a, b in zip(v, r)]
-            return type(v)(*items) if hasattr(v, "_fields") else type(v)(items)
-        if isinstance(v, (dict, list, tuple)) or isinstance(r, (dict, list, tuple)) or (
-                isinstance(v, Node) != isinstance(r, Node)):
-            raise KeyError("the two traces give other structures")
-        return v
-
-    try:
-        with gm.graph.inserting_before(out):
-            given = like(out.args[0], ref.args[0])
-    except KeyError:
-        return called
-    out.args = (given,)
-    gm.recompile()
-    return gm
-
-
-# the meta key of a node that gives back as a plain dict what the model returned as a dict of a type :func:`_as_given`
-# cannot rebuild (its name): the reason :func:`plan` adds where the check on the clean images fails
-_NOT_REBUILT = "salience_not_rebuilt"
-
-
-def _as_given(tracer: Any, v: Any) -> Any:
-    """``v``, what the forward returned in the trace (proxies in it), with each dict of a subclass made by a node of
-    the trace (session 53): fx's own lowering makes any dict a plain one, so a Hugging Face ``ModelOutput``
-    (``{"logits": ...}``) lost its attributes and its index, and ``output=lambda o: o.logits`` or ``output=0`` failed on
-    the trace (full passes). A dataclass of the dict's keys (``ModelOutput``) is rebuilt by its fields' names (its
-    field order: the keys' own), an ``OrderedDict`` or another dict subclass with the dict's own constructor from its
-    items in order; any other type is given back as a plain dict by a node noted :data:`_NOT_REBUILT`. Tuples (a
-    ``return_dict=False`` model's) and lists fx keeps; their items are looked at too. Once per trace, not per pass."""
-    if isinstance(v, dict):
-        items = [(k, _as_given(tracer, e)) for k, e in v.items()]
-        kind = type(v)
-        if kind is dict:
-            return dict(items)
-        if is_dataclass(kind) and set(v) <= {f.name for f in fields(kind) if f.init}:
-            return tracer.create_proxy("call_function", kind, (), dict(items))
-        if kind.__init__ in (dict.__init__, OrderedDict.__init__):
-            return tracer.create_proxy("call_function", kind, (items,), {})
-        plain = tracer.create_proxy("call_function", dict, (items,), {})
-        plain.node.meta[_NOT_REBUILT] = kind.__qualname__
-        return plain
-    if type(v) in (list, tuple):
-        return type(v)(_as_given(tracer, e) for e in v)
-    return v
+        if self.channels is not None and isinstance(x, torch.fx.Proxy):
+            x = _KnownChannels(x.node, x.tracer, self.channels)
+        return self.model(x)
 
 
 def _not_rebuilt(gm: Any) -> str:
-    """Why the trace's output may not fit the output rule (``""``: nothing to say): the types :func:`_as_given` gave
-    back as plain dicts."""
-    kinds = [n.meta[_NOT_REBUILT] for n in gm.graph.nodes if _NOT_REBUILT in n.meta]
+    """Why the trace's output may not fit the output rule (``""``: nothing to say): the types the trace gave back as
+    plain dicts (:func:`salience._core.folding.not_rebuilt`: their constructors are not the dict's)."""
+    kinds = not_rebuilt(gm)
     if not kinds:
         return ""
     return (f"; the trace gives the model's {', '.join(kinds)} back as a plain dict (a type it cannot rebuild: "
