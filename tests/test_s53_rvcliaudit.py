@@ -74,19 +74,3 @@ def test_an_out_that_is_a_link_to_nothing_is_refused_before_the_model(png, tmp_p
     assert rc == 0, err
     assert len(list((tmp_path / "gone" / "run").glob("*.npy"))) == 1
 
-
-def test_top_on_a_one_output_model_is_refused_in_a_run_of_files(png, tmp_path, capsys):
-    """A classifier with one output (one logit) is explained as a regression model (the review of ``--mode`` on
-    classifiers, ``_choose_targets``); ``--top 2`` on it was ignored by a run of image files (exit 0, one map of the
-    output's increase) while a dataset run refuses it: now refused with the dataset run's words, no folder made."""
-    code = tmp_path / "one.py"
-    code.write_text("import torch\nfrom torch import nn\n\n\ndef make():\n    torch.manual_seed(0)\n"
-                    "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1))\n")
-    spec = f"python:{code}:make"
-    rc, err = _run(capsys, "explain", png, "--model", spec, "--size", "32", "--top", "2", "--out", tmp_path / "o")
-    assert rc == 2 and not (tmp_path / "o").exists()
-    assert err == (f"salience: error: --top ranks classes, but {spec} is a model with one output; give --target OUTPUT "
-                   "and --mode MODE (increase, decrease or maintain)\n")
-    rc, err = _run(capsys, "explain", png, "--model", spec, "--size", "32", "--mode", "decrease", "--out", tmp_path / "o")
-    assert rc == 0, err
-    assert [p.name for p in (tmp_path / "o").glob("*.npy")] == ["noise_vanilla_0-decrease.npy"]

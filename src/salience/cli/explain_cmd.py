@@ -194,9 +194,6 @@ def _choose_targets(args: argparse.Namespace, info: ModelInfo, out: Tensor) -> C
     """The targets that ``--target``, ``--top`` and ``--mode`` ask for, given the model's outputs ``(N, K)``."""
     n, k = out.shape
     if info.task == "regression" or k == 1:  # one output is a score, not a choice of classes (as dataset runs)
-        if args.top is not None:  # a one-output model's --top was ignored, silently (a dataset run refused it)
-            raise SalienceError(f"--top ranks classes, but {info.name} is a model with one output; give --target "
-                                "OUTPUT and --mode MODE (increase, decrease or maintain)")
         idx = parse_class(args.target, info, k) if args.target is not None else 0
         return Chosen(torch.full((n, 1), idx, dtype=torch.long), [f"{safe_name(info.class_name(idx))}-{args.mode}"],
                       regression=True, mode=args.mode)
