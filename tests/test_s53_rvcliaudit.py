@@ -73,4 +73,3 @@ def test_an_out_that_is_a_link_to_nothing_is_refused_before_the_model(png, tmp_p
     rc, err = _run(capsys, "explain", png, "--model", "demo:shapes", "--out", link / "run")
     assert rc == 0, err
     assert len(list((tmp_path / "gone" / "run").glob("*.npy"))) == 1
-
