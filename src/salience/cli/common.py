@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -353,18 +354,38 @@ def check_no_file_in_way(path: str, flag: str = "--out", names_file: bool = Fals
     existing file: a command checks it before loading the model, so nothing is computed for results that could not
     be written. ``path`` itself a file is said as one (``mkdir``'s own words, ``File exists``, read as if the folder
     were there); a file above it as ``mkdir`` says it. ``names_file``: ``path`` is the output file (``visualize
-    --out class.png``), and only the folders above it are checked."""
+    --out class.png``), and only the folders above it are checked. A link to nothing is in the way as a file is
+    (``mkdir`` cannot make a folder there); a name the system will not look at (too long, no permission) is said
+    with the flag (it was an unexpected ``OSError``, exit 3)."""
     target = Path(path)
     for p in [*target.parents] if names_file else [target, *target.parents]:
-        if not p.exists():
+        kind = path_kind(p, flag, path)
+        if kind is None:
             continue
-        if p.is_dir():
+        if kind == "folder":
             return
+        if kind == "link":
+            raise SalienceError(f"{flag} {path}: {p} is a link to {os.readlink(p)}, which is not there; create that "
+                                f"folder or choose another {flag}")
         if p == target:
             raise SalienceError(f"{flag} {path} is a file, not a folder; choose another {flag}")
         if names_file:
             raise SalienceError(f"{flag} {path}: {p} is a file, not a folder; choose another {flag}")
         raise SalienceError(f"cannot create the output folder {target} (Not a directory)")
+
+
+def path_kind(p: Path, flag: str, given: str) -> Optional[str]:
+    """What is at ``p``: ``"folder"`` (a link to one included), ``"link"`` (a link to nothing), ``"file"`` (anything
+    else) or ``None`` (nothing); a :class:`SalienceError` naming ``flag`` and its value ``given`` when the system will
+    not say (a name too long, a folder without permission): ``Path.exists`` raises those as ``OSError``."""
+    try:
+        if p.is_dir():
+            return "folder"
+        if p.is_symlink() and not p.exists():
+            return "link"
+        return "file" if p.exists() else None
+    except OSError as e:
+        raise SalienceError(f"{flag} {given}: {e.strerror or e}; choose another {flag}") from None
 
 
 def safe_name(name: str) -> str:

@@ -15,7 +15,8 @@ from salience._core.errors import SalienceError
 from salience._core.files import make_folder
 from salience._core.info import model_info
 from salience._core.tensors import check_int
-from salience.cli.common import (EXIT_OK, add_model_args, check_no_file_in_way, flag_errors, load_model_arg, parse_class, scores,
+from salience.cli.common import (EXIT_OK, add_model_args, check_no_file_in_way, flag_errors, load_model_arg, parse_class,
+                                 path_kind, scores,
                                  to_image, warn)
 from salience.cli.inputs import check_side
 from salience.loading import unnormalize
@@ -44,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None:  # class_model said "steps must be ...", without the flag, once the model had loaded
         check_int(args.steps, "--steps", minimum=1)
     out = Path(args.out)
-    if out.is_dir():  # said before the optimization, not after it
-        raise SalienceError(f"--out {out}: a folder of that name exists; give a file name ending in .png")
     check_no_file_in_way(args.out, names_file=True)  # mkdir said "cannot create the output folder X (File exists)"
+    if path_kind(out, "--out", args.out) == "folder":  # said before the optimization, not after it
+        raise SalienceError(f"--out {out}: a folder of that name exists; give a file name ending in .png")
     model = load_model_arg(args)  # a device that is not there refused before anything is written
     make_folder(out.parent)
     info = model_info(model)
