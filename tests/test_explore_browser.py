@@ -1451,6 +1451,17 @@ def test_the_drop_box_is_lit_only_while_files_are_dragged_over_the_page(tmp_path
     assert relit2 and not moved
 
 
+PIXELS = """sel => [...document.querySelectorAll(sel)].map(c =>
+    Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data).join())"""
+"""The RGBA bytes of each canvas matched by a selector, each as one comma-joined string: Playwright checks a returned
+array element by element in Python (a list of 1.2 M numbers took most of a test's 30 s), a string at once."""
+
+
+def _ints(joined: str) -> np.ndarray:
+    """The numbers of a comma-joined string (:data:`PIXELS`, the preview's pixels), as int32 (n,)."""
+    return np.array(joined.split(","), dtype=np.int32) if joined else np.zeros(0, np.int32)
+
+
 def _gray_net() -> Any:
     """A 1-channel model (no demo model is gray): conv, ReLU, pooling, 5 classes, its layer
     ``features.0`` for Grad-CAM; random weights (seeded), as a map's shape is not checked here."""
@@ -1482,8 +1493,6 @@ def test_two_models_of_different_channels_side_by_side(tmp_path, gray_slot):
     a, b = (gray, rgb) if gray_slot == "a" else (rgb, gray)
     explorer = salience.explore(a, paths, compare=b, show=False)
     errors: list[str] = []
-    pixels = """sel => [...document.querySelectorAll(sel)].map(c =>
-        Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data))"""
     try:
         with browser_page(explorer.url, errors, viewport={"width": 1400, "height": 1000}) as page:
             page.click("#images img[data-id='f0']")
@@ -1501,15 +1510,15 @@ def test_two_models_of_different_channels_side_by_side(tmp_path, gray_slot):
                         f".some(s => s.textContent.startsWith('{method}'))")
             states = page.eval_on_selector_all("td.cell .state", "ss => ss.map(s => [s.className, s.textContent])")
             page.fill("#opacity", "0")  # the pictures alone
-            pictures = {s: np.array(page.evaluate(pixels, f"{cells[s]} canvas"), np.int32).reshape(-1, 4)
-                        for s in ("a", "b")}  # both cells of each model
+            pictures = {s: np.concatenate([_ints(c) for c in page.evaluate(PIXELS, f"{cells[s]} canvas")])
+                        .reshape(-1, 4) for s in ("a", "b")}  # both cells of each model
             page.select_option("#cmap", "gray")
             page.fill("#opacity", "1")  # the maps alone
-            maps = [np.array(m) for s in ("a", "b") for m in page.evaluate(pixels, f"{cells[s]} canvas")]
+            maps = [_ints(m) for s in ("a", "b") for m in page.evaluate(PIXELS, f"{cells[s]} canvas")]
             preview = page.evaluate("""() => { const i = document.getElementById('preview'), c =
                 document.createElement('canvas'); c.width = i.naturalWidth; c.height = i.naturalHeight;
                 const x = c.getContext('2d'); x.drawImage(i, 0, 0);
-                return Array.from(x.getImageData(0, 0, c.width, c.height).data); }""")
+                return Array.from(x.getImageData(0, 0, c.width, c.height).data).join(); }""")
             shown_error = page.evaluate("""() => [document.getElementById('picture-error').hidden,
                 document.getElementById('status').className]""")
     finally:
@@ -1526,7 +1535,7 @@ def test_two_models_of_different_channels_side_by_side(tmp_path, gray_slot):
     for m in maps:  # each cell a map: the gray colormap over the whole range
         m = m.reshape(-1, 4)[:, :3]
         assert m.max() > 200 and m.min() < 60, (m.min(), m.max())
-    preview = np.array(preview).reshape(-1, 4)[:, :3]
+    preview = _ints(preview).reshape(-1, 4)[:, :3]
     assert ((preview[:, 0] == preview[:, 2]).all()) == (gray_slot == "a")  # the image panel is model a's picture
 
 
@@ -1544,8 +1553,6 @@ def test_three_models_side_by_side(tmp_path):
     c = attach_info(RenamedLayersNet(), dataclasses.replace(a.salience_info, name="other", default_layer=None))
     explorer = salience.explore(a, paths, compare=[b, c], show=False)
     errors: list[str] = []
-    pixels = """sel => [...document.querySelectorAll(sel)].map(c =>
-        Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data))"""
     try:
         with browser_page(explorer.url, errors, viewport={"width": 1600, "height": 1000}) as page:
             models = page.evaluate("document.getElementById('models').textContent")
@@ -1560,7 +1567,7 @@ def test_three_models_side_by_side(tmp_path):
             states = page.eval_on_selector_all("td.cell .state", "ss => ss.map(s => [s.className, s.textContent])")
             page.select_option("#cmap", "gray")
             page.fill("#opacity", "1")  # the maps alone
-            maps = {s: np.array(page.evaluate(pixels, f"td.cell[data-target^='{s}:'] canvas")[0]) for s in "abc"}
+            maps = {s: _ints(page.evaluate(PIXELS, f"td.cell[data-target^='{s}:'] canvas")[0]) for s in "abc"}
             status = page.get_attribute("#status", "class")
     finally:
         explorer.stop()

@@ -74,7 +74,9 @@ def _scorecam_reference(model, layer, x, classes, align_corners=True):
 
 def _ablationcam_reference(model, layer, x, classes):
     """The paper's Ablation-CAM, one row per channel and image, no skip: w_k = (S - S_k) / S, S_k the class
-    score with channel k of the layer's output set to 0 (row k of a batch of copies of the image)."""
+    score with channel k of the layer's output set to 0 (row k of a batch of copies of the image). ``classes``
+    (B,) gives maps (B, h, w); (B, T), T targets an image, gives (B, T, h, w) from the same passes (a class's
+    scores are columns of the same rows: the formula per target as with (B,) classes, at one target's cost)."""
     acts = _acts(model, layer, x)
     d = acts.shape[1]
     out = []
@@ -86,14 +88,14 @@ def _ablationcam_reference(model, layer, x, classes):
 
     with torch.no_grad():
         for b in range(x.shape[0]):
-            c = int(classes[b])
+            c = classes[b].reshape(-1)  # (T,)
             y = model(x[b:b + 1])[0, c]
             h = layer.register_forward_hook(zero)
             try:
-                w = (y - model(x[b:b + 1].expand(d, -1, -1, -1))[:, c]) / y
+                w = (y - model(x[b:b + 1].expand(d, -1, -1, -1))[:, c]) / y  # (d, T)
             finally:
                 h.remove()
-            out.append(torch.einsum("k,khw->hw", w, acts[b]).clamp(min=0))
+            out.append(torch.einsum("kt,khw->thw", w, acts[b]).clamp(min=0).reshape(*classes[b].shape, *acts.shape[2:]))
     return torch.stack(out)
 
 
@@ -187,29 +189,30 @@ def test_scorecam_and_ablationcam_on_a_resnet_with_dead_channels(resnet_dead):
             assert rows[0] == 2 + 4 + int(nonzero.sum())
     finally:
         h.remove()
+    # Ablation-CAM's weights (S - S_k) / S cancel nearly equal scores: float32 puts the formula itself up to 3e-4
+    # of the map's largest value from float64 on an AMD EPYC's AVX-512 kernels (session 44), so the bound is
+    # measured here, not typed: three times the float32 formula's own distance from float64 (each map compared
+    # is that far from the truth at most, the pair twice that, with room for kernels' orders), at least 1e-4, for
+    # each target on its own. Both targets' formula from the same passes (float32 and float64: each pass gives every
+    # class's score); the float32 formula measured is the reference itself: target 1's is compared with our map below.
+    offs, reference = _round_off(model, "layer3", x, t, _ablationcam_reference)
     for k in range(2):
-        # Ablation-CAM's weights (S - S_k) / S cancel nearly equal scores: float32 puts the formula itself up to 3e-4
-        # of the map's largest value from float64 on an AMD EPYC's AVX-512 kernels (session 44), so the bound is
-        # measured here, not typed: three times the float32 formula's own distance from float64 (each map compared
-        # is that far from the truth at most, the pair twice that, with room for kernels' orders), at least 1e-4.
-        # The float32 formula measured is the reference itself: target 1's is compared with our map below.
-        off, reference = _round_off(model, "layer3", x, t[:, k], _ablationcam_reference)
-        bound = max(1e-4, 3 * off)
+        bound = max(1e-4, 3 * offs[k])
         _close(score[:, k], _scorecam_peer(model, model.layer3, x, t[:, k]))
         _close(ablation[:, k], _ablationcam_peer(model, model.layer3, x, t[:, k]), rtol=bound)
     _close(score[:, 0], _scorecam_reference(model, model.layer3, x, t[:, 0]))
-    _close(ablation[:, 1], reference, rtol=bound)  # the formula for target 1, its bound measured above
+    _close(ablation[:, 1], reference[:, 1], rtol=bound)  # the formula for target 1, its bound measured above
 
 
-def _round_off(model, layer, x, classes, reference) -> tuple[float, torch.Tensor]:
+def _round_off(model, layer, x, classes, reference) -> tuple[list[float], torch.Tensor]:
     """How far float32 puts ``reference`` (a paper's formula written out) from the same formula in float64, on this
-    CPU, relative to each map's largest value: the float32 round-off the maps compared can carry; and the float32
-    maps ``reference`` gives (B, h, w)."""
+    CPU, relative to each map's largest value, for each target (``classes`` (B, T)): the float32 round-off the maps
+    of that target can carry (T numbers); and the float32 maps ``reference`` gives (B, T, h, w)."""
     m64 = copy.deepcopy(model).double()
     ours = reference(model, dict(model.named_modules())[layer], x, classes)
     truth = reference(m64, dict(m64.named_modules())[layer], x.double(), classes).float()
-    scale = truth.abs().flatten(1).amax(1).clamp_min(1e-12).view(-1, *[1] * (truth.dim() - 1))
-    return float(((ours - truth) / scale).abs().max()), ours
+    scale = truth.abs().flatten(2).amax(2).clamp_min(1e-12)[..., None, None]  # each map's (B, T, 1, 1)
+    return ((ours - truth) / scale).abs().flatten(2).amax(2).amax(0).tolist(), ours
 
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "explain_real_photos.py"
