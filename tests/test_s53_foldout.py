@@ -153,5 +153,5 @@ def test_a_type_it_cannot_rebuild_says_to_pick_by_key(monkeypatch):
             for _ in range(2):  # the first call may run the model itself
                 salience.vanilla(picked, x, 1)
     from salience._core.folding import FxPlainDict  # session 53's
-    with pytest.raises(TypeError, match=r"no key 0: .*output='scores'"):
+    with pytest.raises(KeyError, match=r"no key 0: .*output='scores'"):  # a KeyError (review: was TypeError)
         FxPlainDict([("scores", 1)], "_Scores")[0]

@@ -3,7 +3,8 @@
 Session 52 traced ``ConvNextForImageClassification`` as the call ``model(x)`` (:class:`_occlusion_local._Called`), but
 ``torch.fx`` makes any returned dict a plain one, so the trace gave ``{"logits": ...}`` for the model's
 ``ImageClassifierOutputWithNoAttention``: ``output=lambda o: o.logits`` and ``output=0`` failed on it, and the check on
-the clean images gave full passes. The trace now rebuilds the ``ModelOutput`` (:func:`_occlusion_local._as_given`).
+the clean images gave full passes. The trace now rebuilds the ``ModelOutput`` (session 53's
+``folding.ThisThreadTracer.create_arg``, for every trace; first ``_occlusion_local._as_given``, gone).
 Each ``output=`` form must take the region-limited path (the debug line, and fewer convolution multiply-adds than
 ``local=False``) with the map of Captum's ``Occlusion`` on the logits within ``1e-5 * (1 + max |logits|)``, the
 tolerance of tests/test_s52_hfconv.py (crops sum their convolutions in another order), and leave the model as it was.

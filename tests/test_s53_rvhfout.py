@@ -5,7 +5,8 @@ The change traced a forward of the images alone that builds a ``ModelOutput`` as
 (``body_5``). Under ``precision="bf16"`` with ``fold_batchnorm=True`` the split found on the model is moved onto the
 copy held in bf16 by the cut's name (``_occlusion_local.moved``): the name missed, so the split was found and checked
 a second time on the float32 folded copy and the passes ran that copy (docs/methods-perturbation.md says the run's
-bf16 copy). The forward's trace is now kept, its output rebuilt as the call's (``_occlusion_local._given_like``).
+bf16 copy). The forward's trace is now kept, its output rebuilt (first as the call's, ``_occlusion_local._given_like``;
+since foldout53 by ``folding.ThisThreadTracer.create_arg`` in every trace).
 Maps against ``local=False`` (both bf16 passes of the copy) within ``2**-7 * (1 + max |logits|)``: bf16 keeps 8
 significant bits, so one rounding is at most ``2**-8`` of a value, and the crops' and the full passes' roundings differ
 (seen: 0.0 on this model); the model left as it was.

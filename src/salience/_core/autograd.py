@@ -416,7 +416,9 @@ def _pick_output(out: Any, pick: Any) -> Tensor:
         else:
             value = out[pick]
     except (KeyError, IndexError, TypeError, AttributeError) as e:
-        detail = "" if isinstance(e, (KeyError, IndexError)) else f" ({type(e).__name__}: {e})"
+        # a bare KeyError / IndexError names the key alone; a subclass says more (folding.FxPlainDict's: pick by key)
+        kind = next(t for t in type(e).__mro__ if t.__module__ == "builtins").__name__
+        detail = "" if type(e) in (KeyError, IndexError) else f" ({kind}: {e})"
         raise SalienceError(f"{what} does not fit: the model returned {describe_output(out)}{detail}") from None
     if not isinstance(value, Tensor):
         raise SalienceError(

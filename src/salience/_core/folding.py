@@ -172,11 +172,26 @@ def _rebuilds(kind: type, keys: Any) -> str:
     if is_dataclass(kind):
         init = [f for f in fields(kind) if f.init]
         needed = {f.name for f in init if f.default is MISSING and f.default_factory is MISSING}
-        if needed <= set(keys) <= {f.name for f in init}:
+        if needed <= set(keys) <= {f.name for f in init} and _fields_give(kind, list(keys)):
             return "fields"
     if kind.__init__ in (dict.__init__, OrderedDict.__init__) and kind.__new__ in (dict.__new__, OrderedDict.__new__):
         return "items"
     return ""
+
+
+def _fields_give(kind: type, keys: list) -> bool:
+    """Whether ``kind`` called with ``keys`` as its fields gives back a dict of those keys, in that order, holding the
+    values given (a ``ModelOutput``, whose ``__post_init__`` fills its items in field order): a dataclass whose
+    constructor fills no items, or a ``ModelOutput`` a key was set on after it was made (``out.loss = ...``: last, out
+    of field order, so ``output=0`` picked another field), is not made again so (review of session 53). Tried once per
+    trace on empty tensors; a constructor that refuses them: not made so."""
+    probe = {k: torch.empty(0) for k in keys}
+    try:
+        made = kind(**probe)
+    except Exception:  # noqa: BLE001 - a user's constructor's own check: the type is given back as a plain dict
+        return False
+    got = list(dict.items(made)) if isinstance(made, dict) else []
+    return [k for k, _ in got] == keys and all(v is probe[k] for k, v in got)
 
 
 def _rebuilt(tracer: torch.fx.Tracer, a: dict) -> torch.fx.Node:
@@ -190,6 +205,14 @@ def _rebuilt(tracer: torch.fx.Tracer, a: dict) -> torch.fx.Node:
     if how == "items":
         return tracer.create_node("call_function", type(a), (items,), {})
     return tracer.create_node("call_function", FxPlainDict, (items, type(a).__qualname__), {})
+
+
+class _NoKey(KeyError):
+    """A key :class:`FxPlainDict` has not: a ``KeyError`` (a pick that falls back on one, ``except KeyError``, still
+    does; review of session 53: a ``TypeError``, which it did not catch) whose message is the hint itself."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class FxPlainDict(dict):
@@ -206,7 +229,7 @@ class FxPlainDict(dict):
     def _hint(self) -> str:
         first = next(iter(self), "logits")
         return (f"a torch.fx trace of the model (fold_batchnorm=True's folded copy, occlusion's region-limited passes) "
-                f"gives its {self.lost} back as a plain dict (a type it cannot rebuild): pick by key, "
+                f"gives its {self.lost} back as a plain dict (one it cannot make again): pick by key, "
                 f"output={first!r}")
 
     def __getattr__(self, name: str) -> Any:
@@ -215,7 +238,7 @@ class FxPlainDict(dict):
         raise AttributeError(f"no attribute {name!r}: {self._hint()}")
 
     def __missing__(self, key: Any) -> Any:
-        raise TypeError(f"no key {key!r}: {self._hint()}")
+        raise _NoKey(f"no key {key!r}: {self._hint()}")
 
     def __reduce__(self) -> tuple:
         return (FxPlainDict, (list(self.items()), self.lost))

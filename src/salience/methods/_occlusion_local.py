@@ -323,7 +323,7 @@ def _not_rebuilt(gm: Any) -> str:
     kinds = not_rebuilt(gm)
     if not kinds:
         return ""
-    return (f"; the trace gives the model's {', '.join(kinds)} back as a plain dict (a type it cannot rebuild: "
+    return (f"; the trace gives the model's {', '.join(kinds)} back as a plain dict (one it cannot make again: "
             "output= a key reads it)")
 
 
