@@ -155,3 +155,16 @@ def test_a_type_it_cannot_rebuild_says_to_pick_by_key(monkeypatch):
     from salience._core.folding import FxPlainDict  # session 53's
     with pytest.raises(KeyError, match=r"no key 0: .*output='scores'"):  # a KeyError (review: was TypeError)
         FxPlainDict([("scores", 1)], "_Scores")[0]
+
+
+def test_the_error_names_no_internal_class():
+    """The attribute pick's error on the folded copy says "a dict with keys", not the internal ``FxPlainDict``
+    (the lead's read of session 53: "the model returned a FxPlainDict with keys ['scores']")."""
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    picked = select_output(_Odd().eval(), lambda o: o.scores)
+    with _perf.performance(fold_batchnorm=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(SalienceError, match=r"returned a dict with keys \['scores'\]") as err:
+            for _ in range(2):  # the first call may run the model itself
+                salience.vanilla(picked, x, 1)
+    assert "FxPlainDict" not in str(err.value)

@@ -397,7 +397,8 @@ def describe_output(out: Any) -> str:
             keys = list(out.keys())
         except Exception:  # noqa: BLE001 - a keys() that is not a mapping's
             keys = []
-        return f"a {type(out).__name__} with keys {keys}"
+        name = getattr(type(out), "described_as", None) or type(out).__name__  # folding.FxPlainDict: "dict"
+        return f"a {name} with keys {keys}"
     if isinstance(out, (tuple, list)):
         kinds = ", ".join("tensor" if isinstance(v, Tensor) else type(v).__name__ for v in out[:8])
         return f"a {type(out).__name__} of length {len(out)} ({kinds}{', ...' if len(out) > 8 else ''})"

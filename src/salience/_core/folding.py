@@ -221,6 +221,7 @@ class FxPlainDict(dict):
     for (an ``output=`` pick by attribute or index: the model's own object had it). ``lost``: that type's name."""
 
     __slots__ = ("lost",)
+    described_as = "dict"  # in :func:`salience._core.autograd.describe_output`'s words (not this class's name)
 
     def __init__(self, items: Any = (), lost: str = "dict") -> None:
         super().__init__(items)
