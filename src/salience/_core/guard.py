@@ -550,7 +550,7 @@ def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True) -> Any
             if copy and v.flags.writeable and v.size:
                 found.append((k, v, None, _array_record(v)))
         elif isinstance(v, tensor) and not isinstance(v, nn.Parameter):
-            large = v.numel() * v.element_size() > _COPY_LIMIT
+            large = _large_tensor(v)
             try:  # an inference tensor (or a subclass without one) has no version counter
                 version = v._version
                 found.append((k, v, version, (_kept(v, version) if large else v.detach().clone()) if copy else None))
@@ -560,6 +560,14 @@ def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True) -> Any
                 if copy and v.is_inference():  # told by its values, a copy kept across calls over the limit
                     found.append((k, v, None, _kept_values(v) if large else v.clone()))
     return tuple(found) or _NO_TENSORS
+
+
+def _large_tensor(t: torch.Tensor) -> bool:
+    """Whether the tensor ``t`` gets the copy kept across calls (:func:`_kept`, :func:`_kept_values`): a strided one
+    over :data:`_COPY_LIMIT` bytes. A sparse one (or of another layout) is copied per call whatever its dense size,
+    which says nothing of its stored values: the kept copy's data pointer and samples have no kernel for it, and its
+    record was dropped, a write in place neither put back nor told (review of session 53; before it, told)."""
+    return t.layout is torch.strided and t.numel() * t.element_size() > _COPY_LIMIT
 
 
 def _array_record(v: Any) -> Any:
@@ -685,11 +693,13 @@ def _samples_same(t: torch.Tensor, values: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _sample_places(n: int, device: Any = None) -> torch.Tensor:
+def _sample_places(n: int, device: torch.device) -> torch.Tensor:
     """The flat indices (int64, on ``device``) of :data:`_KEPT_SAMPLES` places spread evenly over ``n`` values, the
     first and the last among them (every one where ``n`` is smaller): :func:`_samples_same`'s and :class:`_Sampled`'s.
     In integers: a float's linspace rounds an index past the end over 2 ** 24 values. Made once per size and device
-    (read only): 50 us each time, a third of a sampled check (session 53)."""
+    (read only): 50 us each time, a third of a sampled check (session 53). The device always named: the default one
+    (``torch.set_default_device("cuda")``, ``with torch.device("meta")``) made :class:`_Sampled`'s indices there, a
+    raw TypeError from ``.numpy()``, and the cache kept them for every later array of that size (review of session 53)."""
     k = min(n, _KEPT_SAMPLES)
     return torch.arange(k, device=device) * (n - 1) // max(k - 1, 1)
 
@@ -867,7 +877,7 @@ class _Sampled:
     def __init__(self, v: Any) -> None:
         import numpy
 
-        self.at = numpy.unravel_index(_sample_places(v.size).numpy(), v.shape) if v.ndim else ()
+        self.at = numpy.unravel_index(_sample_places(v.size, _CPU).numpy(), v.shape) if v.ndim else ()
         self.values = numpy.array(v[self.at])  # a plain array (a memmap's fancy index is one too, without its file)
 
     def same(self, v: Any) -> bool:
@@ -1305,6 +1315,8 @@ _kept_lock = threading.RLock()
 _local = threading.local()
 # the values of a kept copy compared with its tensor's at each call (:func:`_samples_same`)
 _KEPT_SAMPLES = 1024
+# the CPU, named (not the default device: :func:`_sample_places`)
+_CPU = torch.device("cpu")
 # the items compared at once by :func:`_same_bits` (256 KiB of 4-byte values), and the unsigned integers it views
 # values of each size as
 _CHUNK = 1 << 16
@@ -2348,7 +2360,7 @@ def _script_tensor(c: Any, name: str, m: nn.Module, assigned: bool, guard: bool)
         version = None
     if not guard and version is not None and held_values(m, name, t, version) is not None:
         return [c, name, t, version, None, assigned, m, version]
-    if t.numel() * t.element_size() <= _COPY_LIMIT:
+    if not _large_tensor(t):
         copy = t.detach().clone()
     else:
         copy = _kept(t, version) if version is not None else _kept_values(t)
