@@ -27,7 +27,8 @@ class Sparse(nn.Module):
         super().__init__()
         self.fc = nn.Linear(3, 2)
         at = torch.tensor([[0, 1, 2], [2, 0, 1]])
-        self.adj = torch.sparse_coo_tensor(at, torch.tensor([1.0, 2.0, 3.0]), (1000, 1000)).coalesce()
+        self.adj = torch.sparse_coo_tensor(at, torch.tensor([1.0, 2.0, 3.0]), (1000, 1000),
+                                           check_invariants=True).coalesce()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.adj.mul_(2.0)

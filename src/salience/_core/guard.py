@@ -104,11 +104,13 @@ before, nothing more was kept and every call copied anew, the copies of models n
 
 Session 53 (``tests/test_s53_guard.py``): a plain tensor attribute over 1 MiB written in place (``self.table.mul_(2)``;
 a tensor among a container's items, a TorchScript module's too) is put back from the copy kept across calls
-(:func:`_kept`); it stayed written, told by a warning. Its version counter, data pointer, shape, dtype and 1024 samples
-tell at each call's start whether the user wrote it since. A write through ``.data`` moves no version counter: a plain
-tensor in CPU memory whose counter did not move is compared with its copy at the call's end (:func:`_written_quietly`:
-whole up to 1 MiB, by the samples over it). A 100 MiB table not written costs the guard alone 0.1 to 0.4 ms more a call
-(two sampled reads; medians 1.20 -> 1.49 ms on resnet18, AMD EPYC, core 1, loaded); written, the copy back, 12 -> 26 ms
+(:func:`_kept`: its memory held while the tensor lives, all kept copies together at most 1 GiB); it stayed written, told
+by a warning. A sparse one is copied per call (its dense size says nothing of its values: review). Its version counter,
+data pointer, shape, dtype and 1024 samples tell at each call's start whether the user wrote it since. A write through
+``.data`` moves no version counter: a plain tensor in CPU memory whose counter did not move is compared with its copy at
+the call's end (:func:`_written_quietly`: whole up to 1 MiB, by the samples over it). A 100 MiB table not written costs
+the guard alone 0.1 to 0.4 ms more a call in 6 rounds of 7, 1.5 ms in the seventh, loaded (two sampled reads; medians
+1.20 -> 1.49 ms on resnet18, AMD EPYC, core 1, loaded); written, the copy back, 12 -> 26 ms
 (``benchmarks/guard-s53.md``). One over the kept copies' cap (1 GiB) is copied for each call, as an array is. The
 :class:`Found` of a perturbation call takes the large copies the guard's entry has just compared or taken
 (:func:`_trusted`): a large array or inference tensor is read whole three times a call, not four.
