@@ -104,11 +104,13 @@ before, nothing more was kept and every call copied anew, the copies of models n
 
 Session 53 (``tests/test_s53_guard.py``): a plain tensor attribute over 1 MiB written in place (``self.table.mul_(2)``;
 a tensor among a container's items, a TorchScript module's too) is put back from the copy kept across calls
-(:func:`_kept`); it stayed written, told by a warning. Its version counter, data pointer, shape, dtype and 1024 samples
-tell at each call's start whether the user wrote it since. A write through ``.data`` moves no version counter: a plain
-tensor in CPU memory whose counter did not move is compared with its copy at the call's end (:func:`_written_quietly`:
-whole up to 1 MiB, by the samples over it). A 100 MiB table not written costs the guard alone 0.1 to 0.4 ms more a call
-(two sampled reads; medians 1.20 -> 1.49 ms on resnet18, AMD EPYC, core 1, loaded); written, the copy back, 12 -> 26 ms
+(:func:`_kept`: its memory held while the tensor lives, all kept copies together at most 1 GiB); it stayed written, told
+by a warning. A sparse one is copied per call (its dense size says nothing of its values: review). Its version counter,
+data pointer, shape, dtype and 1024 samples tell at each call's start whether the user wrote it since. A write through
+``.data`` moves no version counter: a plain tensor in CPU memory whose counter did not move is compared with its copy at
+the call's end (:func:`_written_quietly`: whole up to 1 MiB, by the samples over it). A 100 MiB table not written costs
+the guard alone 0.1 to 0.4 ms more a call in 6 rounds of 7, 1.5 ms in the seventh, loaded (two sampled reads; medians
+1.20 -> 1.49 ms on resnet18, AMD EPYC, core 1, loaded); written, the copy back, 12 -> 26 ms
 (``benchmarks/guard-s53.md``). One over the kept copies' cap (1 GiB) is copied for each call, as an array is. The
 :class:`Found` of a perturbation call takes the large copies the guard's entry has just compared or taken
 (:func:`_trusted`): a large array or inference tensor is read whole three times a call, not four.
@@ -550,7 +552,7 @@ def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True) -> Any
             if copy and v.flags.writeable and v.size:
                 found.append((k, v, None, _array_record(v)))
         elif isinstance(v, tensor) and not isinstance(v, nn.Parameter):
-            large = v.numel() * v.element_size() > _COPY_LIMIT
+            large = _large_tensor(v)
             try:  # an inference tensor (or a subclass without one) has no version counter
                 version = v._version
                 found.append((k, v, version, (_kept(v, version) if large else v.detach().clone()) if copy else None))
@@ -560,6 +562,14 @@ def _tensor_records(attrs: dict, refuse: bool = False, copy: bool = True) -> Any
                 if copy and v.is_inference():  # told by its values, a copy kept across calls over the limit
                     found.append((k, v, None, _kept_values(v) if large else v.clone()))
     return tuple(found) or _NO_TENSORS
+
+
+def _large_tensor(t: torch.Tensor) -> bool:
+    """Whether the tensor ``t`` gets the copy kept across calls (:func:`_kept`, :func:`_kept_values`): a strided one
+    over :data:`_COPY_LIMIT` bytes. A sparse one (or of another layout) is copied per call whatever its dense size,
+    which says nothing of its stored values: the kept copy's data pointer and samples have no kernel for it, and its
+    record was dropped, a write in place neither put back nor told (review of session 53; before it, told)."""
+    return t.layout is torch.strided and t.numel() * t.element_size() > _COPY_LIMIT
 
 
 def _array_record(v: Any) -> Any:
@@ -685,11 +695,13 @@ def _samples_same(t: torch.Tensor, values: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _sample_places(n: int, device: Any = None) -> torch.Tensor:
+def _sample_places(n: int, device: torch.device) -> torch.Tensor:
     """The flat indices (int64, on ``device``) of :data:`_KEPT_SAMPLES` places spread evenly over ``n`` values, the
     first and the last among them (every one where ``n`` is smaller): :func:`_samples_same`'s and :class:`_Sampled`'s.
     In integers: a float's linspace rounds an index past the end over 2 ** 24 values. Made once per size and device
-    (read only): 50 us each time, a third of a sampled check (session 53)."""
+    (read only): 50 us each time, a third of a sampled check (session 53). The device always named: the default one
+    (``torch.set_default_device("cuda")``, ``with torch.device("meta")``) made :class:`_Sampled`'s indices there, a
+    raw TypeError from ``.numpy()``, and the cache kept them for every later array of that size (review of session 53)."""
     k = min(n, _KEPT_SAMPLES)
     return torch.arange(k, device=device) * (n - 1) // max(k - 1, 1)
 
@@ -867,7 +879,7 @@ class _Sampled:
     def __init__(self, v: Any) -> None:
         import numpy
 
-        self.at = numpy.unravel_index(_sample_places(v.size).numpy(), v.shape) if v.ndim else ()
+        self.at = numpy.unravel_index(_sample_places(v.size, _CPU).numpy(), v.shape) if v.ndim else ()
         self.values = numpy.array(v[self.at])  # a plain array (a memmap's fancy index is one too, without its file)
 
     def same(self, v: Any) -> bool:
@@ -1305,6 +1317,8 @@ _kept_lock = threading.RLock()
 _local = threading.local()
 # the values of a kept copy compared with its tensor's at each call (:func:`_samples_same`)
 _KEPT_SAMPLES = 1024
+# the CPU, named (not the default device: :func:`_sample_places`)
+_CPU = torch.device("cpu")
 # the items compared at once by :func:`_same_bits` (256 KiB of 4-byte values), and the unsigned integers it views
 # values of each size as
 _CHUNK = 1 << 16
@@ -2348,7 +2362,7 @@ def _script_tensor(c: Any, name: str, m: nn.Module, assigned: bool, guard: bool)
         version = None
     if not guard and version is not None and held_values(m, name, t, version) is not None:
         return [c, name, t, version, None, assigned, m, version]
-    if t.numel() * t.element_size() <= _COPY_LIMIT:
+    if not _large_tensor(t):
         copy = t.detach().clone()
     else:
         copy = _kept(t, version) if version is not None else _kept_values(t)
