@@ -20,6 +20,7 @@ from torch import nn
 
 import salience
 from salience._core import guard
+from salience.methods.integrated import CompletenessWarning
 
 N = 2 ** 19  # float32: 2 MiB, over the guard's 1 MiB copy limit
 
@@ -77,11 +78,16 @@ def _call(method: str, m: nn.Module, x: torch.Tensor) -> None:
 def test_a_large_tensor_attribute_written_in_place_comes_back(method, how):
     """The attribute is the same object and holds its values bit for bit after each call, and no warning says it stays
     written. Old code: written by ``mul_`` or an index, it stayed (a warning); through ``.data``, it stayed silently."""
-    m = Writes(how).eval()
+    with torch.random.fork_rng():  # the same weights whatever ran before in this process
+        torch.manual_seed(0)
+        m = Writes(how).eval()
     table = m.table
     x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        # integrated gradients' completeness check at steps=4 on random weights is not this test's (CI of session 53:
+        # a gap of 1.06 on unseeded weights raised here); only the guard's own warnings are errors
+        warnings.filterwarnings("ignore", category=CompletenessWarning)
         for _ in range(2):  # the second call from the copy kept across calls
             _call(method, m, x)
             assert m.table is table and torch.equal(_bits(table), _bits(_table()))
