@@ -1138,7 +1138,7 @@ def _put_back_containers(records: Any) -> tuple[Any, list]:
 
 def record_state(modules: Any, attributes: Any = None, containers: bool = False, buffers: bool = True,
                  copies: Any = None, own_dicts: bool = True, tensor_copies: bool = True,
-                 large_copies: bool = False, inference: bool = False, named: bool = False) -> Optional[list]:
+                 inference: bool = False, named: bool = False) -> Optional[list]:
     """A record of the state of ``modules`` (in order; each one's own state, not its children's): its buffers (each
     name in order, with its version counter and a copy of its values where ``copies(module)`` says so, default all),
     and where ``attributes(module)`` says so (default all) its plain attributes one level deep (a copy of its
@@ -1147,8 +1147,7 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
     without ``tensor_copies``), and with
     ``containers`` a copy of each list's, dict's, set's, deque's, defaultdict's, Counter's and OrderedDict's contents. A module with neither (no attributes asked, no buffer) has no record. ``None`` where such a tensor or a buffer is an
     inference tensor (no version counter to tell a write by), unless ``inference``: such a tensor attribute is then
-    recorded as the model guard records it, by its values. ``large_copies``: no effect since session 53 (every tensor
-    is copied whatever its size, as it asked; kept for its callers). With
+    recorded as the model guard records it, by its values. With
     ``named`` (and the attributes asked), its parameters and submodules by name too, as the model guard's own record
     (``self.w = nn.Parameter(...)``, a head swapped in a forward: both write nn.Module's own dicts in place, which the
     copy of the ``__dict__`` holds by identity; Ablation-CAM's split missed them, session 51). :func:`state_changes`

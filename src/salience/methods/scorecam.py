@@ -632,8 +632,7 @@ def _own_state(model: nn.Module) -> Optional[list]:
     modules = list(model.modules())
     if any(isinstance(m, torch.jit.ScriptModule) for m in modules):
         return None
-    return record_state(modules, attributes=user_module, containers=True, copies=user_module,
-                        large_copies=True, named=True)
+    return record_state(modules, attributes=user_module, containers=True, copies=user_module, named=True)
 
 
 def _clean_apart(model: nn.Module, x: Tensor, mod: nn.Module, strip_softmax: bool,
