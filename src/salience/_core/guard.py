@@ -601,8 +601,8 @@ def _kept(t: torch.Tensor, version: int) -> torch.Tensor:
     write lost); a write of a few values between them is not seen. The copy the model guard's entry just took or
     checked is not checked again by the :class:`Found` recorded right after it (:func:`_trusted`)."""
     key, ptr = id(t), t.data_ptr()
-    values = _trusted(key)
-    if values is not None and values.shape == t.shape and values.dtype == t.dtype:
+    values = _trusted(key, t)
+    if values is not None:
         return values
     entry = _KEPT.get(key)
     if entry is not None:
@@ -625,8 +625,8 @@ def _kept_values(v: Any) -> Any:
     guard's entry takes the copy that entry just compared or took (:func:`_trusted`): compared again, the same values
     read twice at each call's start (session 53)."""
     key = id(v)
-    values = _trusted(key)
-    if values is not None and values.shape == v.shape and values.dtype == v.dtype:
+    values = _trusted(key, v)
+    if values is not None:
         return values
     entry = _KEPT.get(key)
     if entry is not None:
@@ -646,13 +646,15 @@ def _marked(key: int, values: Any) -> Any:
     return values
 
 
-def _trusted(key: int) -> Any:
+def _trusted(key: int, now: Any) -> Any:
     """The copy of the object of id ``key`` that this thread's model guard took or compared while entering, where a
-    :class:`Found` recorded right after that entry asks (``_local.trusted``, set only then); else ``None``. Nothing ran
+    :class:`Found` recorded right after that entry asks (``_local.trusted``, set only then), where it still has the
+    shape and dtype of ``now`` (the tensor or array itself); else ``None``. Nothing ran
     between the two (``with model_guard(model), Found(model)``), so the values are those the entry saw; another guard's
     entry or exit in between drops the notes (:func:`_enter_guard`, :func:`_leave_guard`)."""
     trusted = getattr(_local, "trusted", None)
-    return trusted.get(key) if trusted else None
+    values = trusted.get(key) if trusted else None
+    return values if values is not None and values.shape == now.shape and values.dtype == now.dtype else None
 
 
 def _keep(t: Any, version: Optional[int], ptr: int, values: Any) -> Any:
