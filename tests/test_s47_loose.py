@@ -11,7 +11,9 @@ where said).
 from __future__ import annotations
 
 import enum
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -79,6 +81,20 @@ def _rise(model: nn.Module, fold: bool) -> torch.Tensor:
             return salience.rise(model, X, 1, masks=16, seed=0)
 
 
+def _dead(m: Settable, name: str) -> int:
+    """The address of ``m.<name>``, dropped and dead: a cycle holding it (a traceback, a frame of an earlier test
+    under pytest-xdist) is collected first, so its block is free before :func:`_same_id` looks for it; if anything
+    still holds it, that is said (salience keeping a user's attribute alive would be a leak)."""
+    ref = weakref.ref(getattr(m, name))
+    old = id(ref())
+    setattr(m, name, None)
+    gc.collect()
+    if ref() is not None:
+        holders = [type(r).__name__ for r in gc.get_referrers(ref())]
+        pytest.fail(f"the dropped {name} is still alive, held by {holders}")
+    return old
+
+
 def _same_id(old: int, make):
     """A new object from ``make()`` at the address ``old`` (a dead object's): the others made meanwhile are kept
     alive until then, so the allocator reaches the free block."""
@@ -92,13 +108,11 @@ def _same_id(old: int, make):
 
 
 def _new_function(m: Settable) -> None:
-    old, m.act = id(m.act), None
-    m.act = _same_id(old, lambda: _scaled(3.0))
+    m.act = _same_id(_dead(m, "act"), lambda: _scaled(3.0))
 
 
 def _new_tensor(m: Settable) -> None:
-    old, m.shift = id(m.shift), None
-    m.shift = _same_id(old, lambda: torch.tensor(0.7))
+    m.shift = _same_id(_dead(m, "shift"), lambda: torch.tensor(0.7))
 
 
 CHANGES = {
