@@ -68,8 +68,9 @@ def links(text: str) -> list[str]:
     return [*INLINE_LINK.findall(prose), *REFERENCE.findall(prose)]
 
 
-def broken(path: Path) -> list[str]:
-    """The relative links of ``path`` whose file or anchor does not exist, as ``target: why``."""
+def broken(path: Path, root: Path = ROOT) -> list[str]:
+    """The relative links of ``path`` whose file or anchor does not exist, as ``page: target: why`` (``page``
+    relative to ``root``)."""
     wrong = []
     for target in links(path.read_text(encoding="utf-8")):
         if re.match(r"^[a-z][\w+.-]*:", target, re.I) or target.startswith("//"):
@@ -77,9 +78,9 @@ def broken(path: Path) -> list[str]:
         file, _, anchor = target.partition("#")
         dest = (path.parent / file) if file else path
         if not dest.exists():
-            wrong.append(f"{path.relative_to(ROOT)}: {target}: no such file")
+            wrong.append(f"{path.relative_to(root)}: {target}: no such file")
         elif anchor and dest.suffix == ".md" and anchor not in file_anchors(dest.resolve()):
-            wrong.append(f"{path.relative_to(ROOT)}: {target}: no heading with that anchor")
+            wrong.append(f"{path.relative_to(root)}: {target}: no heading with that anchor")
     return wrong
 
 
@@ -107,13 +108,8 @@ def test_the_checker_finds_a_missing_file_and_a_missing_anchor(tmp_path):
     page.write_text("[ok](b.md#twice-1) [top](#top) [code `x`](b.md#here) `[no](c.md)`\n\n# Top\n\n"
                     "[gone](c.md) [bad](b.md#twice-2) ![img](pic.png) [web](https://x.org/#y)\n\n"
                     "```\n[in code](nowhere.md)\n```\n\n[ref]: b.md#nowhere\n", encoding="utf-8")
-    global ROOT
-    root, ROOT = ROOT, tmp_path
-    try:
-        assert broken(page) == ["a.md: c.md: no such file", "a.md: b.md#twice-2: no heading with that anchor",
-                                "a.md: pic.png: no such file", "a.md: b.md#nowhere: no heading with that anchor"]
-    finally:
-        ROOT = root
+    assert broken(page, tmp_path) == ["a.md: c.md: no such file", "a.md: b.md#twice-2: no heading with that anchor",
+                                      "a.md: pic.png: no such file", "a.md: b.md#nowhere: no heading with that anchor"]
 
 
 def test_every_relative_link_of_the_readme_and_the_docs_resolves():
