@@ -138,7 +138,7 @@ ROW = re.compile(r"^(.+?)\s+wall\s+([\d.]+) s\s+CPU\s+([\d.]+) s \(sys\s+([\d.]+
 STEPS = ("run, forked, no release", "run, forked, release", "run, workers=0")
 
 
-@pytest.mark.parametrize("doc", ["docs/datasets.md", "docs/performance.md"])
+@pytest.mark.parametrize("doc", ["docs/datasets.md", "docs/performance-log.md"])  # the measurement log
 def test_the_docs_rounds_2_and_3_of_the_committed_script_are_the_output_files(doc):
     """The paragraph on the committed script's rounds 2 and 3 (the output file's third part) gives, per step, the
     range of those two rounds' system s and faults (its first round, disturbed, left out as it says)."""
