@@ -48,7 +48,7 @@ def restore_mapping(now: dict, saved: dict) -> None:
 def copy_contents(v: Any) -> Any:
     """A copy of a list's, dict's or set's contents, or of ``collections``' ``deque`` (its ``maxlen`` too),
     ``defaultdict`` (its ``default_factory`` too), ``Counter`` or ``OrderedDict`` (a forward may change them in place;
-    ``self.recent.append(y)`` on a running window: session 49 "stdc"), of the same exact type (an OrderedDict's as a
+    ``self.recent.append(y)`` on a running window), of the same exact type (an OrderedDict's as a
     dict); else ``None`` (a subclass of one: a log of the user's, not copied)."""
     t = type(v)
     if t in _PLAIN_CONTAINERS:  # list, dict, set, Counter (Counter(v): dict.update, in C)
@@ -65,8 +65,8 @@ def same_contents(items: Any, v: Any, identity: bool = False) -> bool:
     container over :data:`CONTENTS_LIMIT` items, not copied): whether it still has that many. Compared in C, each
     item by identity first, as the attributes are (an item replaced by one equal to it, ``==``, stays; one whose
     ``==`` raises, a tensor's, is changed): item by item in Python (``operator.is_``, a generator) a module's record
-    and put-back with 1024 items cost 37 us more a call for a list, 100 for a dict, now 2.5 and 22 (AMD EPYC, core 0;
-    session 49 review, ``benchmarks/guard-containers-rvrecord-s49.txt``). ``identity``: each item by identity, no ``==``
+    and put-back with 1024 items would cost 37 us more a call for a list, 100 for a dict, against 2.5 and 22 (AMD EPYC,
+    core 0, ``benchmarks/guard-containers-rvrecord-s49.txt``). ``identity``: each item by identity, no ``==``
     called (:func:`state_changes`: the fx trace's record of its shadow may hold proxies)."""
     if type(items) is int:
         return len(v) == items
@@ -81,8 +81,8 @@ def same_contents(items: Any, v: Any, identity: bool = False) -> bool:
             return items == v  # by hash (an fx proxy cannot be in one)
         return len(items) == len(v) and all(map(operator.is_, items, v))  # a list, a deque
     try:
-        if isinstance(items, dict):  # its keys in order (an LRU cache's move_to_end, ``d[k] = d.pop(k)``: session 49
-            # review), by lists: in C, and a Counter's own == (Python, a key of 0 counted missing) not called
+        if isinstance(items, dict):  # its keys in order (an LRU cache's move_to_end, ``d[k] = d.pop(k)``),
+            # by lists: in C, and a Counter's own == (Python, a key of 0 counted missing) not called
             return len(items) == len(v) and list(items) == list(v) and list(items.values()) == list(v.values())
         return items == v  # a list's, set's, deque's: in C
     except Exception:  # noqa: BLE001 - an item's == raised (a tensor put in another's place): changed
@@ -91,8 +91,8 @@ def same_contents(items: Any, v: Any, identity: bool = False) -> bool:
 
 def _put_back_contents(v: Any, items: Any) -> None:
     """The container ``v`` holding ``items`` (:func:`copy_contents`) again, in place (the object stays the user's), an
-    item both have never missing meanwhile: ``clear()`` then refilling left it empty for that moment, and the user's
-    other thread reading it (its own forward) failed (session 49 review); a dict's order put back too
+    item both have never missing meanwhile: ``clear()`` then refilling would leave it empty for that moment, and the
+    user's other thread reading it (its own forward) would fail; a dict's order put back too
     (:func:`restore_mapping`); a deque's (its ``maxlen`` stays the object's) by adding the items at its right then
     dropping those before them, a defaultdict's ``default_factory`` too."""
     t = type(v)
@@ -119,8 +119,8 @@ def container_records(attrs: dict, every: bool = False, items: Optional[dict] = 
     (:func:`put_back_containers`), the contents stay. The names past nn.Module's own found in C first (most modules: a
     few numbers). ``items``: filled with the tensors among the items of the containers copied (not a set's), by the
     name ``"name[index]"`` / ``"name[key]"`` (:func:`_item_tensors`). A tuple (a namedtuple too) has no record of its
-    own (its items cannot change), but its items are looked into as a list's (session 52: ``self.pair[0].add_(1)``,
-    and a list in a tuple appended to, stayed), within the same item limit."""
+    own (its items cannot change), but its items are looked into as a list's (``self.pair[0].add_(1)``, a list in a
+    tuple appended to), within the same item limit."""
     found = []
     for k in attrs.keys() - _MODULE_KEYS:
         v = attrs[k]
@@ -140,7 +140,7 @@ def container_records(attrs: dict, every: bool = False, items: Optional[dict] = 
 def _item_tensors(k: str, v: Any, kinds: set, into: Optional[dict]) -> None:
     """The plain tensors among the items of the container ``v`` (the attribute ``k``; ``kinds``, its items' types) put in
     ``into`` by the names ``"k[index]"`` / ``"k[key]"``: a forward that writes one in place (``self.cache[0].add_(1)``)
-    keeps the object, which the container's copy compares by identity (session 51); recorded as the attributes' tensors
+    keeps the object, which the container's copy compares by identity; recorded as the attributes' tensors
     (:func:`tensor_records`: version counter and copy)."""
     arrays = array_types()
     if into is None or not any(issubclass(t, torch.Tensor) or t in arrays for t in kinds):
@@ -151,8 +151,8 @@ def _item_tensors(k: str, v: Any, kinds: set, into: Optional[dict]) -> None:
 
 def _inner_records(k: str, v: Any, every: bool, room: int, tensors: Optional[dict] = None) -> list:
     """The containers (:data:`_CONTAINERS`) among the items of the container ``v`` (the attribute ``k``; a dict's
-    values), one level more (a deque of a running window inside a dict, ``self.state["recent"].append(y)``: session 50;
-    its dict compared its items by identity, so a change inside one stayed), each ``(k, container, a copy of its
+    values), one level more (a deque of a running window inside a dict, ``self.state["recent"].append(y)``:
+    its dict compares its items by identity, so it cannot tell a change inside one), each ``(k, container, a copy of its
     contents)``, after its parent's record (put back after it: the parent gives the container back first). Unless
     ``every``, only where their items fit in ``room`` (:data:`CONTENTS_LIMIT` less the parent's), else none: one
     level as before. Looking at the items' types costs about 65 ns an item (67 us for 1024 on an AMD EPYC, core 0,
@@ -160,7 +160,7 @@ def _inner_records(k: str, v: Any, every: bool, room: int, tensors: Optional[dic
     items = v.values() if isinstance(v, dict) else v
     kinds = set(map(type, items))  # in C: most containers hold numbers, strings, tensors
     _item_tensors(k, v, kinds, tensors)
-    tuples = not all(map(_not_tuple, kinds))  # a tuple's tensors (``self.cache["kv"] = (k, v)``: session 52)
+    tuples = not all(map(_not_tuple, kinds))  # a tuple's tensors (``self.cache["kv"] = (k, v)``)
     if _CONTAINERS.isdisjoint(kinds) and not tuples:
         return []
     inner = [u for u in items if type(u) in _CONTAINERS]
@@ -199,8 +199,8 @@ _MODULE_KEYS = frozenset(nn.Module().__dict__)  # every attribute nn.Module.__in
 # the containers whose contents the records copy (:func:`copy_contents`), and the most items the model guard copies of one
 # (a shallow copy and a comparison in C: 1024 items cost a module's record and put-back about 2.5 us more a call for a
 # list, 8 for a set, 22 for a dict, its order compared too: AMD EPYC, core 0, benchmarks/guard-containers-rvrecord-s49.txt)
-# collections' deque, defaultdict and Counter too, by their exact types (session 49 "stdc": a forward's
-# ``self.recent.append(y)`` on a deque stayed, silently); a subclass of any is not copied (a log of the user's). A
+# collections' deque, defaultdict and Counter too, by their exact types (a forward's ``self.recent.append(y)`` on a
+# deque); a subclass of any is not copied (a log of the user's). A
 # deque of 1024 costs 14 us more a call unchanged (its == and copy; a list's 2.5), defaultdict and Counter as a dict's
 # (AMD EPYC, core 0, benchmarks/guard-containers-stdc-s49.txt)
 _PLAIN_CONTAINERS = frozenset({list, dict, set, Counter})

@@ -32,32 +32,32 @@ class Found:
     ``self.h = ...``, a counter, a tensor or a buffer it writes in place), put back before each of the call's
     passes (:meth:`before_pass`) and when the call's passes end (a context manager, also on an exception), so that
     every perturbed copy is scored by the model the user called, not by the
-    state the call's previous pass left (session 49: occlusion's window ``k`` saw window ``k - 1``'s pass's state; the
+    state the call's previous pass left (occlusion's window ``k`` would see window ``k - 1``'s pass's state: the
     model guard puts the user's state back only when the call ends).
 
     Recorded right after the call's :func:`~salience._core.guard.model_guard` is entered (eval mode set), by the
     guard's own record (:func:`~salience._core.guard.record_state`, put back by the guard's own
-    ``ModuleState.put_back``): the plain attributes (one level deep), parameters and submodules by name (session 50
-    review: a head swapped, a layer made on a first call) and buffers of the modules not from ``torch.nn``
+    ``ModuleState.put_back``): the plain attributes (one level deep), parameters and submodules by name (a head
+    swapped, a layer made on a first call) and buffers of the modules not from ``torch.nn``
     (whose layers in eval mode write nothing), as the model guard puts them back after a call: the contents of each
     list, dict, set, ``collections`` deque, defaultdict and Counter (exactly those types, ``self.hist.append(y)``;
     a subclass, a test's log of the passes, is not copied), each plain tensor among the attributes written in place,
     an inference tensor (no version counter: a
     forward under ``torch.inference_mode()``) by its values; here each copied whatever its size (the guard's
-    containers stop at 1024 items; as Ablation-CAM's split, session 48), so that no pass sees what a pass before left that the
-    call's end would undo (session 49 review). A copy over 1 MiB is kept across calls while its tensor holds its values
-    (:func:`kept_copy`, session 51: a constant lookup table of 100 MiB cost each SmoothGrad call its copy, 84 ms of an
-    88.5 ms call on an AMD EPYC (medians), 3.66 ms now, ``benchmarks/found-s51.md``; it holds that memory while the table lives). The
-    tensors among the containers' items, NumPy arrays and each tensor's storage as the model guard records them
-    (session 51). A buffer of a
+    containers stop at 1024 items; as Ablation-CAM's split), so that no pass sees what a pass before left that the
+    call's end would undo. A copy over 1 MiB is kept across calls while its tensor holds its values
+    (:func:`~salience._core.guard.values.kept_copy`: a new copy of a constant lookup table of 100 MiB would cost each
+    SmoothGrad call 84 ms of an 88.5 ms call on an AMD EPYC (medians), against 3.66 ms, ``benchmarks/found-s51.md``;
+    it holds that memory while the table lives). The tensors among the containers' items, NumPy arrays and each
+    tensor's storage as the model guard records them. A buffer of a
     ``torch.nn`` layer that the model's own code writes is put back from the guard's copy
     (:func:`~salience._core.guard.held_values`), or from a copy of the record's own where the guard's is not of the
     state found (a call nested in another's guard, SmoothGrad's chunks or the user's block, finds it written since:
-    the outer call's put-back is a write too; session 50 review: refused before). A TorchScript module's attributes
-    and buffers are read and put back through TorchScript (:class:`Scripted`, session 50; before, skipped).
+    the outer call's put-back is a write too). A TorchScript module's attributes and buffers are read and put back
+    through TorchScript (:class:`~salience._core.guard.scripted.Scripted`).
 
     Each pass the record is compared as whole lists in C (:meth:`_moved`: the modules' dicts with their copies, the
-    tensors' version counters, the containers with theirs, the buffers by name and identity; session 50), and only
+    tensors' version counters, the containers with theirs, the buffers by name and identity), and only
     the modules that differ are put back. Where nothing changed, per pass (AMD EPYC, core 1, one thread, load 4-6,
     medians of 5 interleaved rounds, ``benchmarks/found-s50.md``): a transformers ViT-S 0.036 -> 0.018 ms, timm's
     vit_small 0.039 -> 0.022, resnet50 0.025 -> 0.018, against a pass of 110 ms an image; 2000 modules of the user's
@@ -68,7 +68,7 @@ class Found:
         kinds: dict = {}  # each class's kind, told once a call (0.2 us a module: a third of the record's cost on timm)
         # one walk of the modules alone (the guard's quick one, fingerprint._modules: 0.07 ms on timm's vit_small,
         # model.modules() 0.15; modules_of walks the parameters too: 0.36 ms on a scripted resnet50, its wrappers'
-        # dicts slow, session 50 review): the model's own modules; torch.nn's layers holding buffers; TorchScript's (no
+        # dicts slow): the model's own modules; torch.nn's layers holding buffers; TorchScript's (no
         # plain dicts: read through TorchScript)
         for m in _modules(model):
             kind = kinds.get(type(m))
@@ -81,8 +81,8 @@ class Found:
             elif m._buffers:
                 layers.append(m)
         # its parameters and submodules by name too, as the model guard's (``self.w = nn.Parameter``, a submodule
-        # added on a first call or swapped: session 50 review)
-        # the large copies the guard's entry just took or compared, taken as they are (:func:`_trusted`), once
+        # added on a first call or swapped)
+        # the large copies the guard's entry just took or compared, taken as they are (values._trusted), once
         copy_notes.trusted, copy_notes.fresh = getattr(copy_notes, "fresh", None), None
         try:
             self.record = record_state(own, containers=True, inference=True, named=True) if own else []
@@ -109,16 +109,15 @@ class Found:
         self._flat()
 
     def _flat(self) -> None:
-        """The record's pieces as flat lists, each compared with its copy in C in one go each pass (session 50: a
-        Python loop over the modules, 2000 modules of the user's each with a list and a dict, cost 5 ms a pass; the
-        record's own :func:`state_changes` told a change as before). ``owners``: each piece's module, by its index
+        """The record's pieces as flat lists, each compared with its copy in C in one go each pass (a Python loop
+        over the modules, 2000 modules of the user's each with a list and a dict, would cost 5 ms a pass). ``owners``: each piece's module, by its index
         in the record, for the modules put back where one differs."""
         self.dicts, self.saved = [r.module.__dict__ for r in self.record], [r.attrs for r in self.record]
         # the dicts of parameters and submodules (the same objects in both: compared with copies of their own)
         self.owned = [r.attrs[k] for r in self.record for k in ("_parameters", "_modules")]
         self.owned_copies = [c for r in self.record for c in (r.params, r.children)]
         self.owned_owners = [i for i in range(len(self.record)) for _ in range(2)]
-        # each tensor's storage (``self.buf.data = t`` moves no version counter: session 51)
+        # each tensor's storage (``self.buf.data = t`` moves no version counter)
         self.stored = [(t, alias, i) for i, r in enumerate(self.record) for _, t, alias in r.storages]
         tensors, versions, seqs, seq_copies, maps, map_copies, counts, count_copies = ([] for _ in range(8))
         held, names, held_values, bufs, buf_versions, factories, slow = ([] for _ in range(7))
@@ -279,11 +278,10 @@ def _large_apart(record: list) -> list:
     """The NumPy arrays and inference tensors over :data:`COPY_LIMIT` bytes among the tensors of :class:`Found`'s
     ``record`` (no version counter: each comparison reads them whole), taken out of their modules' records, as
     :func:`tensor_records`' ``(name, value, None, copy)``: :meth:`Found.before_pass` compares them by samples
-    (:func:`samples_moved`) and :meth:`Found.__exit__` whole (review of session 52: compared whole before each
-    pass, a 100 MiB array made SmoothGrad of 8 chunks 39 -> 709 ms, occlusion 40 -> 822 ms, AMD EPYC, one core, loaded;
-    an informal run of one call each, not a benchmark under the lock; after: 147 and 160 ms). Three whole comparisons
-    a call: the guard's entry (Found takes the copy it compared: :func:`_trusted`, session 53; four before), Found's
-    end and the guard's exit."""
+    (:func:`~salience._core.guard.values.samples_moved`) and :meth:`Found.__exit__` whole (compared whole before each
+    pass, a 100 MiB array would make SmoothGrad of 8 chunks 709 ms instead of 147, occlusion 822 instead of 160: AMD
+    EPYC, one core, loaded, an informal run of one call each). Three whole comparisons a call: the guard's entry
+    (Found takes the copy it compared: ``values._trusted``), Found's end and the guard's exit."""
     large = []
     for r in record:
         if r.tensors and any(version is None and large_copy(copy) for _, _, version, copy in r.tensors):

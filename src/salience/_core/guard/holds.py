@@ -20,11 +20,11 @@ class Entry:
     ``runs`` (how many of them are run guards), ``baseline`` (its state as the first run guard established
     it, or ``None``) and ``captured`` (whether its own state, the record's other slots, was recorded: not
     yet, or never after an error while entering). The entry is the state record itself (a
-    :class:`ModuleState` or :class:`ParamState` made by :meth:`entry`), not a list holding one: a call held
-    two Python objects per module and parameter and a tensor per parameter, 1100 on a ViT-Ti (152 modules,
-    152 parameters), over the 700 that start a young garbage collection: one every call, each tenth moving the
-    objects alive then to the old generation, whose growth set off a full collection (0.13 to 0.4 s with
-    torchvision imported) every 2000 calls of attention rollout. 493 now (docs/performance.md, session 35)."""
+    :class:`ModuleState` or :class:`ParamState` made by :meth:`entry`), not a list holding one: that would make
+    a call hold two Python objects per module and parameter and a tensor per parameter, 1100 on a ViT-Ti (152 modules,
+    152 parameters) against 493, over the 700 that start a young garbage collection: one every call, each tenth moving
+    the objects alive then to the old generation, whose growth sets off a full collection (0.13 to 0.4 s with
+    torchvision imported) every 2000 calls of attention rollout (docs/performance.md)."""
 
     __slots__ = ("holders", "runs", "baseline", "captured")
 
@@ -60,7 +60,7 @@ class ParamState(Entry):
 
     def restore(self) -> None:
         param, data = self.param, self.data
-        try:  # the data first: data set by a forward in inference mode refuses requires_grad=True (session 51)
+        try:  # the data first: data set by a forward in inference mode refuses requires_grad=True
             same = param.is_set_to(data)  # the same storage, offset, sizes and strides (half the time of comparing them)
         except Exception:  # no kernel for meta and sparse tensors (nor some tensor subclasses): put the data back
             same = False

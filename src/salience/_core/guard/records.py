@@ -70,12 +70,12 @@ def tensor_records(attrs: dict, refuse: bool = False, copy: bool = True) -> Any:
     the version counter does, and the copy puts the values back. An inference tensor keeps no version counter: left
     out, or ``None`` returned where ``refuse`` (Ablation-CAM's split then runs its one pass). The types are looked at
     first, in C (most modules hold no tensor: 1 us a module). One over :data:`COPY_LIMIT` bytes gets the copy kept
-    across calls (:func:`kept_copy`; session 53: the guard took none, and a lookup table the forward wrote in place stayed
-    written, told by a warning; a new copy each call had cost 60 ms and 100 MiB for 100 MiB, session 48 review). No
+    across calls (:func:`kept_copy`: a lookup table the forward writes in place is put back; a new copy each call
+    would cost 60 ms and 100 MiB for 100 MiB). No
     copy (``None``) without ``copy`` (the fx trace's record of its shadow, thrown away after). Without ``refuse`` (the
     model guard), an inference tensor is recorded with the version ``None`` and a copy (kept across calls over the
-    limit: :func:`kept_values`, session 52): written in place (a forward under ``torch.inference_mode()``), it is put
-    back by its values (session 49); a writeable NumPy array too, by :func:`_array_record`'s copy (none without
+    limit: :func:`kept_values`): written in place (a forward under ``torch.inference_mode()``), it is put
+    back by its values; a writeable NumPy array too, by :func:`_array_record`'s copy (none without
     ``copy``)."""
     tensor = torch.Tensor
     kinds = set(map(type, attrs.values()))
@@ -108,7 +108,7 @@ def tensor_records(attrs: dict, refuse: bool = False, copy: bool = True) -> Any:
 def _array_record(v: Any) -> Any:
     """The copy a record holds of the writeable NumPy array ``v`` (an attribute, or a container's item), told and
     put back by its values (no version counter): a copy up to :data:`COPY_LIMIT` bytes, a copy kept across calls over
-    it (:func:`kept_values`, session 52: a 100 MiB table written in place stayed as written, silently); an object array
+    it (:func:`kept_values`: a 100 MiB table written in place is put back too); an object array
     a shallow copy up to :data:`CONTENTS_LIMIT` items (its items compared by identity); a ``numpy.memmap`` (a write
     to it writes the user's file; a copy of a file of any size would read it all each call) and a larger object array
     only sampled (:class:`Sampled`): told if changed, not put back."""
@@ -123,8 +123,8 @@ def storages_of(buffers: Any, tensors: Any) -> Any:
     """``(name, tensor, alias)`` of each buffer of ``buffers`` and plain tensor of ``tensors`` (the records of
     :class:`ModuleState`), ``alias`` a view of its storage as recorded (``detach()``: its storage, offset, sizes and
     strides), or :data:`NO_TENSORS`. A forward that swaps the storage under the object (``self.buf.data = t``, which
-    moves no version counter; ``self.buf.set_(t)``) kept the object, its name and perhaps its values: its new storage
-    stayed, silently (session 51). Taken for the modules whose dicts are recorded (about 1 us a tensor)."""
+    moves no version counter; ``self.buf.set_(t)``) keeps the object, its name and perhaps its values: only this
+    record tells that its storage changed. Taken for the modules whose dicts are recorded (about 1 us a tensor)."""
     found = [(k, b, b.detach()) for k, b, *_ in buffers if b is not None] if buffers else []
     if tensors:
         found += [(k, t, t.detach()) for k, t, version, _ in tensors if version is not None]

@@ -24,11 +24,11 @@ from salience._core.guard.values import KEPT, kept_again, kept_copy, kept_values
 
 class Scripted:
     """The state of a model's TorchScript modules (``torch.jit.script`` / ``trace``), which keep it in TorchScript's
-    attributes, not in a ``__dict__`` (session 50: :class:`Found` skipped them, so each perturbation pass saw the one
-    before's writes, and the call's end left them; the model guard puts back only their buffers). Read and written
+    attributes, not in a ``__dict__`` (without this record each perturbation pass would see the one before's writes,
+    and the call's end would leave them: the model guard's own record puts back only their buffers). Read and written
     through the module's ``_c`` (``getattr`` / ``setattr``; 0.2 us a read): each tensor attribute and buffer (by
     identity, version counter and a copy: a buffer's the model guard's own where it holds one of the same version,
-    :func:`held_values`, session 50 review; an inference tensor by its values), each list, dict or tuple (a read gives a
+    :func:`held_values`; an inference tensor by its values), each list, dict or tuple (a read gives a
     fresh copy of the whole, nested ones too: compared with ``==``, put back by ``setattr``, which gives the module a new
     list), and each other attribute (a number, a flag, a string, ``None``) that some method of the model assigns
     (``prim::SetAttr`` in its graphs; every one where a method calls Python, ``@torch.jit.ignore``); the parameters and submodules are the model guard's. What TorchScript keeps as an
@@ -38,7 +38,7 @@ class Scripted:
         plans = [script_plan(m) for m in modules]
         assigned = set().union(*(p[1] for p in plans))  # any module's method may assign another's (by name: safe side)
         # a method left to Python (``@torch.jit.ignore``: ``prim::PythonOp``) may assign any attribute of any module
-        # without a prim::SetAttr (``self.calls = self.calls + 1``: session 50 review): then every one is read
+        # without a prim::SetAttr (``self.calls = self.calls + 1``): then every one is read
         python = any(p[3] for p in plans)
         self.tensors, self.values = [], []
         for m, (names, _, objects, _, _) in zip(modules, plans):
@@ -102,9 +102,8 @@ def _script_tensor(c: Any, name: str, m: nn.Module, assigned: bool, guard: bool)
     """:class:`Scripted`'s record of the tensor attribute ``name`` of the TorchScript module ``m`` (``c``, its
     ``_c``): ``[c, name, tensor, version, copy, assigned, m, version]``. No copy of a buffer the model guard holds a
     copy of at this version (a BatchNorm's: 159 on resnet50; that copy, :func:`held_values`, not one more: 0.8 ms a
-    call); over :data:`COPY_LIMIT` bytes the copy kept across calls, as the model guard's other records (session 53:
-    the guard took none, and one written in place stayed written, told; TorchScript gives the same Python object at
-    each read while the module holds the tensor)."""
+    call); over :data:`COPY_LIMIT` bytes the copy kept across calls, as the model guard's other records (one written
+    in place is put back; TorchScript gives the same Python object at each read while the module holds the tensor)."""
     t = c.getattr(name)
     try:
         version = t._version

@@ -41,8 +41,7 @@ class ModuleState(Entry):
     module's docstring), the plain tensors among them (``tensors``) and, for a module not from torch.nn, its lists,
     dicts and sets with their contents (``contents``); :meth:`restore` puts them back.
 
-    The same class is one module's state in a :func:`record_state` record (session 49: it was a class of its own,
-    ``ModuleRecord``, of the same data): ``index`` (its place among the modules given), ``attrs`` as asked (nn.Module's
+    The same class is one module's state in a :func:`record_state` record: ``index`` (its place among the modules given), ``attrs`` as asked (nn.Module's
     own dicts left out where asked; ``None``: not recorded), ``buffers`` ``None`` where not recorded, no parameters or
     submodules compared (``params`` / ``children`` ``None``), and none of the guard's hold counts.
 
@@ -107,18 +106,18 @@ class ModuleState(Entry):
         """The attributes of a module not plain (:meth:`take`): a copy of its ``__dict__``, the tensors, containers,
         storages among them, its parameters and submodules by name, its hooks' keys, a TorchScript module's own."""
         # a TorchScript module keeps its attributes in TorchScript, not in its __dict__ (``self.calls += 1`` in a
-        # scripted forward stayed after a gradient method's call: session 51): read through TorchScript
+        # scripted forward would stay after a gradient method's call): read through TorchScript
         self.script = Scripted([module], guard=True) if isinstance(module, SCRIPT_MODULE) and (
             guard_names(module) or script_plan(module)[2]) else None
         self.attrs = attrs.copy()
         # the plain tensors among them, by version counter with a copy: one written in place keeps its identity
         self.tensors = tensor_records(self.attrs)
         # a module not from torch.nn: its lists, dicts, sets, deques (_CONTAINERS) with their contents (up to
-        # CONTENTS_LIMIT items; ``self.history.append(y)``, session 49); torch.nn's own layers with a hook keep none a forward fills
+        # CONTENTS_LIMIT items; ``self.history.append(y)``); torch.nn's own layers with a hook keep none a forward fills
         items: dict = {}
         self.contents = NO_TENSORS if not user_module(module) else \
             container_records(self.attrs, items=items)
-        if items:  # the tensors among the containers' items (``self.cache[0].add_(1)``: session 51)
+        if items:  # the tensors among the containers' items (``self.cache[0].add_(1)``)
             self.tensors += tensor_records(items)
         self.storages = storages_of(self.buffers, self.tensors)
         self.foreign = foreign_keys(attrs, self.since)
@@ -169,11 +168,11 @@ class ModuleState(Entry):
             # those written in place without a copy, read before the storages are set back (the set moves the
             # version counter: a large tensor whose storage alone was swapped, put back, was told lost; review)
             lost = not_put_back(self.tensors) if self.tensors else ()
-            if self.storages:  # a storage swapped under a tensor (``self.buf.data = t``, ``.set_(t)``: session 51)
+            if self.storages:  # a storage swapped under a tensor (``self.buf.data = t``, ``.set_(t)``)
                 put_back_storages(self.storages)
-            if self.tensors:  # a plain tensor written in place (session 48): its values, from the copy
+            if self.tensors:  # a plain tensor written in place: its values, from the copy
                 self.tensors = put_back_tensors(self.tensors)
-            if self.contents:  # a list, dict or set changed in place (session 49): its contents, from the copy
+            if self.contents:  # a list, dict or set changed in place: its contents, from the copy
                 self.contents, more = put_back_containers(self.contents)
                 lost = lost + more if lost else more
         if self.buffers:
@@ -181,7 +180,7 @@ class ModuleState(Entry):
         elif saved is not None and self.buffers is not None and saved.get("_buffers"):  # registered in the block (a
             restore_buffer_names(module, (), None)  # module without buffers; not a plain torch.nn layer: none; a
             # record_state record's None: not recorded)
-        if self.script is not None:  # a TorchScript module's attributes other than its buffers (session 51)
+        if self.script is not None:  # a TorchScript module's attributes other than its buffers
             self.script.put_back()
         if lost:  # last: a warning made an error raises (run once more)
             tell_not_put_back(module, lost)
@@ -232,7 +231,7 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
     recorded as the model guard records it, by its values. With
     ``named`` (and the attributes asked), its parameters and submodules by name too, as the model guard's own record
     (``self.w = nn.Parameter(...)``, a head swapped in a forward: both write nn.Module's own dicts in place, which the
-    copy of the ``__dict__`` holds by identity; Ablation-CAM's split missed them, session 51). :func:`state_changes`
+    copy of the ``__dict__`` holds by identity). :func:`state_changes`
     says what changed since, :func:`put_back_state` puts it back.
 
     Each module's record is a :class:`ModuleState`, the model guard's own class, made here without its hold counts
@@ -276,7 +275,7 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
                 return None
             quiet = d.get("_non_persistent_buffers_set")
             r.quiet = frozenset(quiet) if quiet else None
-        if tensor_copies:  # each tensor's storage (``self.buf.data = t``: session 51), the buffers' where copied
+        if tensor_copies:  # each tensor's storage (``self.buf.data = t``), the buffers' where copied
             r.storages = storages_of(r.buffers if buffers and (copies is None or copies(m)) else None, r.tensors)
         record.append(r)
     return record
@@ -379,7 +378,7 @@ def settled(module: nn.Module, t: torch.Tensor, version: int, values: torch.Tens
     """The plain tensor attribute ``t`` of ``module``, which the caller (:class:`Found`) recorded at ``version`` with the
     copy ``values`` and has put back from it, taken as put back by a guard holding ``module`` that recorded it at the
     same version with the same copy (the one kept across calls, :func:`kept_copy`) or none: the guard's exit copies it back
-    no more (a 100 MiB table: 100 MiB copied once more; session 53). A dataset run's baseline (:func:`run_guard`, put
+    no more (a 100 MiB table: 100 MiB not copied once more). A dataset run's baseline (:func:`run_guard`, put
     back after each call) too."""
     entry = registry.get(id(module))
     if entry is None or type(entry) is not ModuleState or not entry.captured:

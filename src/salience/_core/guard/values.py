@@ -35,22 +35,23 @@ def large_tensor(t: torch.Tensor) -> bool:
     """Whether the tensor ``t`` gets the copy kept across calls (:func:`kept_copy`, :func:`kept_values`): a strided one
     over :data:`COPY_LIMIT` bytes. A sparse one (or of another layout) is copied per call whatever its dense size,
     which says nothing of its stored values: the kept copy's data pointer and samples have no kernel for it, and its
-    record was dropped, a write in place neither put back nor told (review of session 53; before it, told)."""
+    record would be dropped, a write in place neither put back nor told."""
     return t.layout is torch.strided and t.numel() * t.element_size() > COPY_LIMIT
 
 
 def kept_copy(t: torch.Tensor, version: int) -> torch.Tensor:
     """A copy of the values of ``t`` (a plain tensor attribute over :data:`COPY_LIMIT` bytes, at ``version``), kept
-    across calls while ``t`` lives and holds them: the model guard (session 53), :class:`Found` and Ablation-CAM's split
-    copy every such tensor once a call (to put it back; a pass that writes it must still see the values found), and a 100 MiB constant lookup table cost each call of
-    SmoothGrad or integrated gradients 50 ms and 100 MiB (session 50: 55.5 against 5.1 ms a call; session 51). The copy
+    across calls while ``t`` lives and holds them: the model guard, :class:`Found` and Ablation-CAM's split each need
+    such a tensor's values once a call (to put it back; a pass that writes it must still see the values found), and a
+    new copy of a 100 MiB constant lookup table would cost each call of SmoothGrad or integrated gradients 50 ms and
+    100 MiB (55.5 against 5.1 ms a call). The copy
     is taken again where ``t``'s version counter, storage, shape or dtype moved since (the user wrote it between the
     calls); one put back from it is taken as holding it again (:func:`put_back_tensors`). Up to :data:`_KEEP_LIMIT`
     bytes in all, the least recently used dropped first past it (:func:`_keep`), dropped with ``t`` (a weak reference)
     or by :func:`forget_copies`.
     A write that moves no version counter (through ``.data``, a NumPy view of the tensor) between two calls is told
-    only where it changed one of :data:`_KEPT_SAMPLES` values spread evenly over the tensor (:func:`_samples_same`,
-    review of session 51: the copy stayed, and a pass that then wrote the tensor put the older values back, the user's
+    only where it changed one of :data:`_KEPT_SAMPLES` values spread evenly over the tensor (:func:`_samples_same`:
+    else the stale copy would stay, and a pass that then wrote the tensor would put the older values back, the user's
     write lost); a write of a few values between them is not seen. The copy the model guard's entry just took or
     checked is not checked again by the :class:`Found` recorded right after it (:func:`_trusted`)."""
     key, ptr = id(t), t.data_ptr()
@@ -69,14 +70,14 @@ def kept_copy(t: torch.Tensor, version: int) -> torch.Tensor:
 
 def kept_values(v: Any) -> Any:
     """A copy of the values of ``v`` (a NumPy array or an inference tensor over :data:`COPY_LIMIT` bytes: no version
-    counter), kept across calls while ``v`` lives and holds them (session 52: such an attribute written in place was
-    neither put back nor told). Without a version counter only a comparison of every value tells whether the user wrote
+    counter), kept across calls while ``v`` lives and holds them (so that such an attribute written in place is put
+    back). Without a version counter only a comparison of every value tells whether the user wrote
     ``v`` between two calls (``model.table[5] = 1``: a sampled check misses it, and the kept copy, stale, would undo
     that write at the next call's put-back): each reuse compares the whole (:func:`_same_bits`, bit for bit, in chunks
     of 256 KiB; about 10 ms for 100 MiB on an AMD EPYC core, against 39 ms for a new copy of it, which its memory's
     first writes make dear); a copy taken again where it differs. The :class:`Found` recorded right after the model
     guard's entry takes the copy that entry just compared or took (:func:`_trusted`): compared again, the same values
-    read twice at each call's start (session 53)."""
+    would be read twice at each call's start."""
     key = id(v)
     values = _trusted(key, v)
     if values is not None:
@@ -112,9 +113,9 @@ def _trusted(key: int, now: Any) -> Any:
 
 def _keep(t: Any, version: Optional[int], ptr: int, values: Any) -> Any:
     """``values``, a copy of ``t`` taken at ``version`` (``None``: compared by values), kept in :data:`KEPT` where it
-    fits in :data:`_KEEP_LIMIT` bytes with the others, the least recently used dropped first to make room (session 52:
-    past the cap each call copied anew the tensors of models long gone but not yet collected, in a reference cycle, or
-    no longer used); one larger than the cap, or of an object without weak references, not kept."""
+    fits in :data:`_KEEP_LIMIT` bytes with the others, the least recently used dropped first to make room (else,
+    past the cap, each call would copy anew while the copies of models no longer used, or gone but not yet collected
+    in a reference cycle, held the room); one larger than the cap, or of an object without weak references, not kept."""
     global _kept_bytes
     key, size = id(t), values.nbytes
     with _kept_lock:
@@ -154,9 +155,9 @@ def _sample_places(n: int, device: torch.device) -> torch.Tensor:
     """The flat indices (int64, on ``device``) of :data:`_KEPT_SAMPLES` places spread evenly over ``n`` values, the
     first and the last among them (every one where ``n`` is smaller): :func:`_samples_same`'s and :class:`Sampled`'s.
     In integers: a float's linspace rounds an index past the end over 2 ** 24 values. Made once per size and device
-    (read only): 50 us each time, a third of a sampled check (session 53). The device always named: the default one
-    (``torch.set_default_device("cuda")``, ``with torch.device("meta")``) made :class:`Sampled`'s indices there, a
-    raw TypeError from ``.numpy()``, and the cache kept them for every later array of that size (review of session 53)."""
+    (read only): 50 us each time, a third of a sampled check. The device always named: the default one
+    (``torch.set_default_device("cuda")``, ``with torch.device("meta")``) would make :class:`Sampled`'s indices there,
+    a raw TypeError from ``.numpy()``, and the cache would keep them for every later array of that size."""
     k = min(n, _KEPT_SAMPLES)
     return torch.arange(k, device=device) * (n - 1) // max(k - 1, 1)
 
@@ -204,7 +205,7 @@ def _tensor_moved(t: Any, version: Optional[int], copy: Any) -> bool:
 
 def written_quietly(t: torch.Tensor, copy: Any) -> bool:
     """Whether the plain tensor ``t``, its version counter unmoved, no longer holds the values of ``copy``: a write
-    through ``t.data`` (``self.table.data.mul_(2)``) or a NumPy view moves no counter, and stayed (session 53). Compared
+    through ``t.data`` (``self.table.data.mul_(2)``) or a NumPy view moves no counter. Compared
     whole up to :data:`COPY_LIMIT` bytes, over it at :data:`_KEPT_SAMPLES` places (:func:`_samples_same`: a write of a
     few values no sample reads stays); not where there is no copy, nor where the two cannot be compared, nor on a
     device (its answer would wait for the device: a synchronization per tensor and call)."""
@@ -231,7 +232,7 @@ def _same_bits(a: Any, b: Any) -> bool:
     """Whether ``a`` holds the values of its copy ``b`` (two NumPy arrays or two tensors of one shape and dtype): bit for
     bit where both lie in one contiguous block of CPU memory (a NaN equal to itself, -0.0 not 0.0), compared as unsigned
     integers in chunks of :data:`_CHUNK` items (a comparison of 100 MiB at once made a 25 MiB mask: 31 ms, against 10 in
-    chunks; ``torch.equal`` 58: AMD EPYC, one core, session 52); else by value, NaN equal to NaN
+    chunks; ``torch.equal`` 58: AMD EPYC, one core); else by value, NaN equal to NaN
     (:func:`_same_values`); an object array's items by identity."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
@@ -276,7 +277,7 @@ def _same_values(a: Any, b: Any) -> bool:
     import numpy
 
     # a structured dtype with an object field: field by field (its records, ``numpy.void``, are new objects at each
-    # read: compared by identity, such an array was changed at every call, review of session 52)
+    # read: compared by identity, such an array would be changed at every call)
     if a.dtype.names:
         return all(_same_values(a[n], b[n]) for n in a.dtype.names)
     if a.dtype.hasobject:
@@ -337,7 +338,7 @@ KEPT: dict = {}
 _KEEP_LIMIT = 1 << 30
 _kept_bytes = 0
 # re-entrant: a tensor that dies while its thread holds it (the garbage collector, run by any allocation inside it,
-# frees a model in a reference cycle) calls :func:`_forget`, which takes it again (review of session 51: a deadlock)
+# frees a model in a reference cycle) calls :func:`_forget`, which takes it again (a plain lock would deadlock)
 _kept_lock = threading.RLock()
 # per thread: the copies its model guard's entry took or compared (``marking``, while entering; ``fresh``, after it),
 # and those the :class:`Found` recorded right after it takes without comparing them again (``trusted``: :func:`_trusted`)
