@@ -60,7 +60,8 @@ room           what it holds                                                    
 from __future__ import annotations
 
 from salience._core.guard.containers import copy_contents
-from salience._core.guard.entry import check_python_model, model_guard, modules_of, parameters_of, run_guard, train_mode_op
+from salience._core.guard.entry import (
+    check_python_model, model_guard, modules_of, parameters_of, run_guard, train_mode_op)
 from salience._core.guard.found import Found
 from salience._core.guard.holds import ParamState, held_values
 from salience._core.guard.state import (
