@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -29,8 +31,14 @@ ROOMS = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
 PREFIX = "salience._core.guard"
 
 
+@functools.lru_cache(maxsize=None)
 def _tree(path: Path) -> ast.Module:
     return ast.parse(path.read_text(encoding="utf-8"))
+
+
+def _outside() -> list[Path]:
+    """The modules of salience outside the package that name it (the others cannot import from it)."""
+    return [p for p in SRC.rglob("*.py") if PACKAGE not in p.parents and "guard" in p.read_text(encoding="utf-8")]
 
 
 def _room_imports(path: Path) -> dict[str, set[str]]:
@@ -64,9 +72,7 @@ def _module_level_names(path: Path) -> set[str]:
 
 def test_the_package_exports_every_name_the_rest_of_salience_imports():
     imported = set()
-    for path in SRC.rglob("*.py"):
-        if PACKAGE in path.parents:
-            continue
+    for path in _outside():
         for node in ast.walk(_tree(path)):
             if isinstance(node, ast.ImportFrom) and node.module == PREFIX:
                 imported.update(a.name for a in node.names)
@@ -83,13 +89,16 @@ def test_the_package_exports_every_name_the_rest_of_salience_imports():
         [n for n in init.body if isinstance(n, ast.Assign) and [t.id for t in n.targets] == ["__all__"]]
 
 
-def _private_uses(path: Path, own: str) -> list[str]:
-    """The underscore-private names that ``path`` (the room ``own``, or ``""`` outside the package) takes from a room
+def _private_uses(path: Path, own: Optional[str]) -> list[str]:
+    """The underscore-private names that ``path`` (the room ``own``, or ``None`` outside the package) takes from a room
     of the package other than its own: imported by name, or read as ``room._name``."""
     tree = _tree(path)
     aliases = {}
     found = []
+    package = set()  # names bound to the package itself (``from salience._core import guard``)
     for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "salience._core":
+            package.update(a.asname or a.name for a in node.names if a.name == "guard")
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(PREFIX):
             room = node.module[len(PREFIX) + 1:]
             for a in node.names:
@@ -98,15 +107,22 @@ def _private_uses(path: Path, own: str) -> list[str]:
                 elif a.name.startswith("_") and room != own:
                     found.append(f"{node.module}.{a.name}")
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
-                and node.attr.startswith("_") and aliases[node.value.id] != own:
-            found.append(f"{aliases[node.value.id]}.{node.attr}")
+        if not isinstance(node, ast.Attribute) or not node.attr.startswith("_") or node.attr.startswith("__"):
+            continue
+        value = node.value
+        if isinstance(value, ast.Name) and value.id in aliases and aliases[value.id] != own:
+            found.append(f"{aliases[value.id]}.{node.attr}")
+        elif isinstance(value, ast.Name) and value.id in package:  # guard._x
+            found.append(f"guard.{node.attr}")
+        elif isinstance(value, ast.Attribute) and isinstance(value.value, ast.Name) and value.value.id in package \
+                and value.attr != own:  # guard.values._x
+            found.append(f"{value.attr}.{node.attr}")
     return found
 
 
 def test_no_room_takes_another_rooms_private_names():
     bad = {room: _private_uses(PACKAGE / f"{room}.py", room) for room in ROOMS + ["__init__"]}
-    bad.update({str(p.relative_to(SRC)): _private_uses(p, "") for p in SRC.rglob("*.py") if PACKAGE not in p.parents})
+    bad.update({str(p.relative_to(SRC)): _private_uses(p, None) for p in _outside()})
     assert not {k: v for k, v in bad.items() if v}
 
 
@@ -115,9 +131,14 @@ def test_the_rule_sees_both_forms_of_a_private_name(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("from salience._core.guard.values import _same_bits, kept_copy\n"
                      "from salience._core.guard import values\n"
-                     "values._KEEP_LIMIT\nvalues.KEPT\n")
-    assert _private_uses(probe, "state") == ["salience._core.guard.values._same_bits", "values._KEEP_LIMIT"]
-    assert _private_uses(probe, "values") == []
+                     "values._KEEP_LIMIT\nvalues.KEPT\n"
+                     "from salience._core import guard as g\ng.values._kept_lock\ng._held\ng.model_guard\n")
+    assert _private_uses(probe, "state") == ["salience._core.guard.values._same_bits", "values._KEEP_LIMIT",
+                                             "values._kept_lock", "guard._held"]
+    assert _private_uses(probe, "values") == ["guard._held"]
+    outside = tmp_path / "outside.py"  # a module outside the package: folding.py's import before
+    outside.write_text("from salience._core.guard import _MODULE_OWN, record_state\n")
+    assert _private_uses(outside, None) == ["salience._core.guard._MODULE_OWN"]
 
 
 def _docstring_table() -> dict[str, str]:
