@@ -5,6 +5,7 @@ import collections
 import copy
 import dis
 import gc
+import os
 import re
 import signal
 import sys
@@ -509,7 +510,7 @@ def test_ctrl_c_while_the_guard_records_the_model(small_cnn, monkeypatch):
     """Ctrl-C while the guard records the model's state (cloning a big model's buffers takes a while):
     nothing stays held, so the next call puts the model in eval mode and restores it as ever (a module
     left counted as held was never put in eval mode or restored again)."""
-    from salience._core import guard
+    from salience._core.guard import entry as guard, holds
 
     _train_mode_with_grads(small_cnn)
     before = model_snapshot(small_cnn)
@@ -529,7 +530,7 @@ def test_ctrl_c_while_the_guard_records_the_model(small_cnn, monkeypatch):
     from conftest import assert_same_snapshot
 
     assert_same_snapshot(before, model_snapshot(small_cnn))
-    assert not any(id(o) in guard._held for o in [*small_cnn.modules(), *small_cnn.parameters()])
+    assert not any(id(o) in holds.registry for o in [*small_cnn.modules(), *small_cnn.parameters()])
     with model_guard(small_cnn):
         assert not any(m.training for m in small_cnn.modules())
     assert_same_snapshot(before, model_snapshot(small_cnn))
@@ -898,7 +899,7 @@ def test_the_guard_walk_lists_the_modules_and_parameters_as_torch_does(small_cnn
     """The guard lists a model's modules and parameters in one walk of ``_modules`` / ``_parameters``:
     the same objects in the same order as ``modules()`` and ``parameters()``, with a module shared twice,
     a tied weight, a ``None`` submodule and parameter, and a TorchScript model."""
-    from salience._core.guard import _walk
+    from salience._core.guard.entry import _walk
 
     shared = nn.Linear(2, 2)
     tied = nn.Linear(2, 2)
@@ -918,7 +919,7 @@ def test_ctrl_c_at_each_call_while_guards_enter(small_cnn, monkeypatch, name):
     """Ctrl-C at the n-th call of each function the guards call on entering (for every n), in a run guard
     with nested calls: the model comes back as it was and nothing stays held. Before, a Ctrl-C at the
     call between run_guard's hold and its try (the compile-wrapper look-up) left the model held in eval mode."""
-    from salience._core import guard
+    from salience._core.guard import entry as guard, holds
 
     from conftest import assert_same_snapshot
 
@@ -943,7 +944,7 @@ def test_ctrl_c_at_each_call_while_guards_enter(small_cnn, monkeypatch, name):
             finished = False
         monkeypatch.setattr(guard, name, real)
         assert_same_snapshot(before, model_snapshot(small_cnn))
-        assert not guard._held and not guard._threads and not guard._guarding, (name, n)
+        assert not holds.registry and not guard._threads and not guard._guarding, (name, n)
         if finished:
             break
 
@@ -966,11 +967,11 @@ def test_ctrl_c_while_the_guard_puts_the_model_back(small_cnn, monkeypatch):
     """Ctrl-C at the n-th call of the tensor-attribute restore (for every n) while a guard, or a run
     guard's call, puts the model back: every other object is still put back, the model comes back whole.
     Before, the objects after the interrupted one stayed in eval mode, frozen, and no guard held them."""
-    from salience._core import guard
+    from salience._core.guard import entry as guard, holds, state
 
     from conftest import assert_same_snapshot
 
-    real = guard._restore_attributes
+    real = holds.restore_attributes
     _train_mode_with_grads(small_cnn)
     before, grad = model_snapshot(small_cnn), small_cnn.head.weight.grad
     for n in range(1, 40):
@@ -982,7 +983,8 @@ def test_ctrl_c_while_the_guard_puts_the_model_back(small_cnn, monkeypatch):
                 raise KeyboardInterrupt
             return real(*args)
 
-        monkeypatch.setattr(guard, "_restore_attributes", interrupted)
+        monkeypatch.setattr(holds, "restore_attributes", interrupted)
+        monkeypatch.setattr(state, "restore_attributes", interrupted)
         try:
             with guard.run_guard(small_cnn):
                 with model_guard(small_cnn):
@@ -992,9 +994,10 @@ def test_ctrl_c_while_the_guard_puts_the_model_back(small_cnn, monkeypatch):
             finished = True
         except KeyboardInterrupt:
             finished = False
-        monkeypatch.setattr(guard, "_restore_attributes", real)
+        monkeypatch.setattr(holds, "restore_attributes", real)
+        monkeypatch.setattr(state, "restore_attributes", real)
         assert_same_snapshot(before, model_snapshot(small_cnn))
-        assert not guard._held and not guard._threads and not guard._guarding, n
+        assert not holds.registry and not guard._threads and not guard._guarding, n
         if finished:
             break
 
@@ -1084,7 +1087,7 @@ def _own_state(model: nn.Module) -> list:
     """Each module's own attributes (by identity), buffers, parameters and submodules by name in order,
     non-persistent buffer names and the keys of its hook dicts, and those of torch's global hook dicts (which the
     guard leaves alone): what :func:`model_snapshot` does not see."""
-    from salience._core import guard
+    from salience._core.guard import hooks as guard
 
     return [(n, [(k, id(v)) for k, v in vars(m).items() if not k.startswith("_")],
              [(k, id(v)) for k, v in m._buffers.items()], [(k, id(v)) for k, v in m._parameters.items()],
@@ -1177,7 +1180,7 @@ def _in_scope(frame: types.FrameType, top: types.CodeType) -> bool:
         code = frame.f_code
         if code in (_LockOrFail.__enter__.__code__, _LockOrFail.__exit__.__code__):
             return False
-        if code.co_filename == guard.__file__:
+        if code.co_filename.startswith(os.path.dirname(guard.__file__) + os.sep):
             return code.co_name not in _PURE
         frame = frame.f_back
     return False
@@ -1273,7 +1276,8 @@ def test_ctrl_c_at_each_point_of_the_guards_bookkeeping(monkeypatch, request, sc
     1402 points failed: a Ctrl-C inside the hold counts' bookkeeping (``_release``, ``_leave``, ``_each``,
     part way through ``_hold``, between ``run_guard``'s hold and its ``try``) left counts behind, so the
     model stayed in eval mode, frozen, or a later guard found a stale holder and did not restore it."""
-    from salience._core import guard, layouts
+    from salience._core import layouts
+    from salience._core.guard import entry as guard, holds
 
     monkeypatch.setattr(guard, "_lock", _LockOrFail())
     model = _tiny_trained_model()
@@ -1295,7 +1299,7 @@ def test_ctrl_c_at_each_point_of_the_guards_bookkeeping(monkeypatch, request, sc
             assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, point
         assert_same_snapshot(before, model_snapshot(model))
         assert _own_state(model) == own, point
-        assert not guard._held and not guard._threads and not guard._guarding, point
+        assert not holds.registry and not guard._threads and not guard._guarding, point
         assert layouts._kept == {}, point  # the run's channels-last copies dropped too
         with model_guard(model):
             assert not model.training and not any(p.requires_grad for p in model.parameters())
@@ -1336,7 +1340,8 @@ def test_ctrl_c_with_a_users_handler_that_raises_another_exception(monkeypatch, 
     ``calmly`` (before the deferral) was done once more only for a ``KeyboardInterrupt``: with the user's
     exception the hold stayed, the model in eval mode with frozen parameters for good. Also with run guards that
     keep channels-last copies (session 42): none stays kept."""
-    from salience._core import guard, layouts
+    from salience._core import layouts
+    from salience._core.guard import entry as guard, holds
 
     monkeypatch.setattr(guard, "_lock", _LockOrFail())
     model = _tiny_trained_model()
@@ -1354,5 +1359,5 @@ def test_ctrl_c_with_a_users_handler_that_raises_another_exception(monkeypatch, 
                 assert sent and not finished, point
                 assert signal.getsignal(signal.SIGINT) is handler, point
             assert_same_snapshot(before, model_snapshot(model))
-            assert not guard._held and not guard._threads and not guard._guarding, point
+            assert not holds.registry and not guard._threads and not guard._guarding, point
             assert layouts._kept == {}, point

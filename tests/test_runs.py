@@ -2005,7 +2005,7 @@ class _CountingCNN(torch.nn.Module):
 
 def _guard_entries(monkeypatch):
     """Count the guards that saved the model and put it in eval mode (the full save / restore)."""
-    from salience._core import guard
+    from salience._core.guard import entry as guard
 
     entries = []
     real = guard._eval
@@ -2079,7 +2079,7 @@ def test_a_run_stopped_in_the_middle_gives_the_model_back_exactly(tmp_path, erro
     """Ctrl-C or an error at batch 3 of a run holding the model (train mode, a frozen parameter, a
     .grad): the model exactly as it was, and no guard holds any of it."""
     from conftest import SmallCNN, unchanged
-    from salience._core import guard
+    from salience._core.guard import holds
 
     model = SmallCNN().train()
     model.head.weight.requires_grad_(False)
@@ -2088,7 +2088,7 @@ def test_a_run_stopped_in_the_middle_gives_the_model_back_exactly(tmp_path, erro
         with pytest.raises(type(error)):
             salience.explain_dataset(model, _StopAt(8, 5, error), ["vanilla", "guided_backprop"], tmp_path / "r",
                                      batch_size=2, workers=0)
-    assert not any(id(o) in guard._held for o in (*model.modules(), *model.parameters()))
+    assert not any(id(o) in holds.registry for o in (*model.modules(), *model.parameters()))
 
 
 def test_the_ray_dataset_watcher_ends_when_no_held_run_can_end(monkeypatch):

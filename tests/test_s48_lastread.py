@@ -22,7 +22,7 @@ import test_s47_lastread
 from test_s47_split import _Net, _reference, _x
 
 folding = importlib.import_module("salience._core.folding")
-guard = importlib.import_module("salience._core.guard")
+guard = importlib.import_module("salience._core.guard.values")
 split_here = test_s47_lastread.split_here  # the fixture: the split allowed at any layer
 
 
@@ -31,7 +31,7 @@ class BigSeen(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.seen = torch.zeros(guard._COPY_LIMIT // 4 + 1024)
+        self.seen = torch.zeros(guard.COPY_LIMIT // 4 + 1024)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         out = h + self.seen[0]

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 import salience
 from salience._core import folding, guard
+from salience._core.guard import containers
 from test_s47_split import _Net, _x
 
 
@@ -113,11 +114,11 @@ def test_guard_tells_a_container_over_the_limit():
     """(a) A list over ``_CONTENTS_LIMIT`` items is not copied (its cost per call): a call that appends to it keeps
     the item, and a warning names it; a call that leaves it alone says nothing."""
     model = Containers()
-    model.hist.extend(range(guard._CONTENTS_LIMIT + 1))
+    model.hist.extend(range(containers.CONTENTS_LIMIT + 1))
     with pytest.warns(UserWarning, match=r"'hist' \(a list of 1026 items\)"):
         with salience.model_guard(model):
             model(torch.ones(2))
-    assert len(model.hist) == guard._CONTENTS_LIMIT + 2 and model.stats == {} and model.tags == set()
+    assert len(model.hist) == containers.CONTENTS_LIMIT + 2 and model.stats == {} and model.tags == set()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with salience.model_guard(model):

@@ -222,9 +222,9 @@ class Table(nn.Module):
 
 
 def _kept_copy(m: Table):
-    from salience._core import guard
+    from salience._core.guard import values as guard
 
-    entry = guard._KEPT.get(id(m.table))
+    entry = guard.KEPT.get(id(m.table))
     return None if entry is None else entry[3]
 
 
@@ -262,16 +262,16 @@ def test_a_kept_copy_goes_with_its_table():
     """The kept copy is dropped with the tensor it copies (a weak reference): no memory held for a model gone."""
     import gc
 
-    from salience._core import guard
+    from salience._core.guard import values as guard
 
     torch.manual_seed(0)
     m = Table().eval()
     salience.smoothgrad(m, torch.randn(1, 3, 8, 8), 1, samples=2)
     key = id(m.table)
-    assert key in guard._KEPT
+    assert key in guard.KEPT
     del m
     gc.collect()
-    assert key not in guard._KEPT
+    assert key not in guard.KEPT
 
 
 class Held(nn.Module):

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 import salience
-from salience._core import guard, perf
+from salience._core import perf
+from salience._core.guard import values as guard
 
 from test_s51_guard import Table
 
@@ -16,9 +17,9 @@ def test_clear_cache_drops_the_kept_copies():
     torch.manual_seed(0)
     m = Table().eval()
     salience.smoothgrad(m, torch.randn(1, 3, 8, 8), 1, samples=2)
-    assert id(m.table) in guard._KEPT
+    assert id(m.table) in guard.KEPT
     perf.clear_cache()
-    assert id(m.table) not in guard._KEPT and guard._kept_bytes == 0
+    assert id(m.table) not in guard.KEPT and guard._kept_bytes == 0
     m.seen.clear()
     salience.smoothgrad(m, torch.randn(1, 3, 8, 8), 1, samples=2)  # copied again, the passes as before
-    assert id(m.table) in guard._KEPT and set(m.seen) == {1.0}
+    assert id(m.table) in guard.KEPT and set(m.seen) == {1.0}

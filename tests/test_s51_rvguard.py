@@ -58,19 +58,19 @@ def test_a_write_without_a_version_between_calls_is_not_undone_by_the_kept_copy(
 def test_a_kept_copy_of_a_table_with_nans_is_reused():
     """A table with missing values (NaN) holds its kept copy across calls (NaN equal to NaN in the sampled check):
     no new copy a call."""
-    from salience._core import guard
+    from salience._core.guard import values as guard
 
     t = torch.full((300_000,), float("nan"))
-    first = guard._kept(t, t._version)
-    assert guard._kept(t, t._version) is first
+    first = guard.kept_copy(t, t._version)
+    assert guard.kept_copy(t, t._version) is first
     arr = np.asarray(t)  # a NumPy view of the tensor: a write through it is told
     arr[:] = 2.0
-    again = guard._kept(t, t._version)
+    again = guard.kept_copy(t, t._version)
     assert again is not first and torch.equal(again, t)
     guard._forget(id(t))
     t = torch.zeros(2 ** 24 + 3, dtype=torch.uint8)  # past float32's exact integers: the sampled places stay inside
-    first = guard._kept(t, t._version)
-    assert guard._kept(t, t._version) is first
+    first = guard.kept_copy(t, t._version)
+    assert guard.kept_copy(t, t._version) is first
     guard._forget(id(t))
 
 
@@ -78,12 +78,12 @@ def test_a_kept_tensor_dying_while_its_thread_holds_the_lock_does_not_hang():
     """The garbage collector may free a kept tensor at any allocation, inside ``_kept``'s lock too: its weak
     reference's callback takes the lock again in the same thread. The merge's plain Lock hung there for ever (the
     thread is a daemon: the test fails instead of hanging)."""
-    from salience._core import guard
+    from salience._core.guard import values as guard
 
     holder = [torch.zeros(300_000)]
-    guard._kept(holder[0], holder[0]._version)
+    guard.kept_copy(holder[0], holder[0]._version)
     key = id(holder[0])
-    assert key in guard._KEPT
+    assert key in guard.KEPT
     done = threading.Event()
 
     def drop() -> None:
@@ -96,7 +96,7 @@ def test_a_kept_tensor_dying_while_its_thread_holds_the_lock_does_not_hang():
     if hung:  # a plain Lock (any thread may release it): let the hung thread go, so the process can end
         guard._kept_lock.release()
     assert not hung, "the kept copies' lock deadlocked"
-    assert key not in guard._KEPT
+    assert key not in guard.KEPT
 
 
 class Swap(nn.Module):

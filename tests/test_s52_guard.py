@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import salience
-from salience._core import guard
+from salience._core.guard import values as guard
 
 N = 300_000  # float32: 1.1 MiB, over the guard's 1 MiB copy limit
 
@@ -91,15 +91,15 @@ def test_the_large_arrays_copy_is_kept_across_calls_and_a_users_write_between_ca
     m = Writes("array").eval()
     x = torch.randn(1, 3, 8, 8)
     salience.METHODS["vanilla"](m, x, 1)
-    first = guard._KEPT[id(m.big)][3]
+    first = guard.KEPT[id(m.big)][3]
     salience.METHODS["vanilla"](m, x, 1)
-    assert guard._KEPT[id(m.big)][3] is first
+    assert guard.KEPT[id(m.big)][3] is first
     m.big[12345] = -7.0  # the user's own write between calls: not one of the sampled places
     salience.METHODS["vanilla"](m, x, 1)
     want = _expected("array")
     want[12345] = -7.0
     assert np.array_equal(m.big, want)
-    assert guard._KEPT[id(m.big)][3] is not first
+    assert guard.KEPT[id(m.big)][3] is not first
 
 
 Pair = collections.namedtuple("Pair", "cache log")
@@ -189,15 +189,15 @@ def test_past_the_cap_the_least_recently_used_copies_are_dropped(monkeypatch):
     tables = [torch.zeros(N) for _ in range(4)]
     try:
         for t in tables[:3]:
-            guard._kept(t, t._version)
-        kept = guard._kept(tables[0], tables[0]._version)  # used again: the most recent
-        guard._kept(tables[3], tables[3]._version)
-        assert set(guard._KEPT) == {id(tables[0]), id(tables[2]), id(tables[3])}
-        assert guard._KEPT[id(tables[0])][3] is kept
+            guard.kept_copy(t, t._version)
+        kept = guard.kept_copy(tables[0], tables[0]._version)  # used again: the most recent
+        guard.kept_copy(tables[3], tables[3]._version)
+        assert set(guard.KEPT) == {id(tables[0]), id(tables[2]), id(tables[3])}
+        assert guard.KEPT[id(tables[0])][3] is kept
         assert guard._kept_bytes == 3 * N * 4
         arrays = [np.zeros(N, np.float32) for _ in range(2)]  # NumPy arrays share the cap
         for a in arrays:
-            guard._kept_values(a)
-        assert set(guard._KEPT) == {id(tables[3]), id(arrays[0]), id(arrays[1])}
+            guard.kept_values(a)
+        assert set(guard.KEPT) == {id(tables[3]), id(arrays[0]), id(arrays[1])}
     finally:
         guard.forget_copies()

@@ -17,6 +17,7 @@ from torch import nn
 
 import salience
 from salience._core import guard
+from salience._core.guard import values
 
 N = 300_000  # float32: 1.1 MiB, over the guard's 1 MiB copy limit
 
@@ -42,16 +43,16 @@ class Table(nn.Module):
 def _whole_comparisons(monkeypatch, run) -> int:
     """How many times ``run()`` compares the model's large table whole (:func:`guard._same_bits` on over 1 MiB)."""
     counts = [0]
-    real = guard._same_bits
+    real = values._same_bits
 
     def counting(a, b):
-        if a.nbytes > guard._COPY_LIMIT:
+        if a.nbytes > values.COPY_LIMIT:
             counts[0] += 1
         return real(a, b)
 
-    monkeypatch.setattr(guard, "_same_bits", counting)
+    monkeypatch.setattr(values, "_same_bits", counting)
     run()
-    monkeypatch.setattr(guard, "_same_bits", real)
+    monkeypatch.setattr(values, "_same_bits", real)
     return counts[0]
 
 

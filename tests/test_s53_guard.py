@@ -20,6 +20,7 @@ from torch import nn
 
 import salience
 from salience._core import guard
+from salience._core.guard import values
 from salience.methods.integrated import CompletenessWarning
 
 N = 2 ** 19  # float32: 2 MiB, over the guard's 1 MiB copy limit
@@ -112,13 +113,13 @@ def test_a_users_write_between_calls_stays_and_the_forwards_is_put_back(method):
     m = Writes("mul").eval()
     x = torch.randn(1, 3, 8, 8)
     _call(method, m, x)
-    first = guard._KEPT[id(m.table)][3]
+    first = values.KEPT[id(m.table)][3]
     m.table[12345] = -7.0
     want = _table()
     want[12345] = -7.0
     _call(method, m, x)
     assert torch.equal(_bits(m.table), _bits(want))
-    assert guard._KEPT[id(m.table)][3] is not first
+    assert values.KEPT[id(m.table)][3] is not first
     m.table.data[1:] += 1.0
     want[1:] += 1.0
     _call(method, m, x)
@@ -128,12 +129,12 @@ def test_a_users_write_between_calls_stays_and_the_forwards_is_put_back(method):
 def test_past_the_cap_the_table_is_copied_for_the_call_and_put_back(monkeypatch):
     """With a cap smaller than the table no copy is kept (as for a NumPy array past it): each call copies it, and the
     forward's write is put back. Old code: it stayed written."""
-    monkeypatch.setattr(guard, "_KEEP_LIMIT", N)  # 512 KiB: under the 2 MiB table
+    monkeypatch.setattr(values, "_KEEP_LIMIT", N)  # 512 KiB: under the 2 MiB table
     guard.forget_copies()
     m = Writes("mul").eval()
     for method in ("vanilla", "occlusion"):
         _call(method, m, torch.randn(1, 3, 8, 8))
-        assert id(m.table) not in guard._KEPT
+        assert id(m.table) not in values.KEPT
         assert torch.equal(_bits(m.table), _bits(_table()))
 
 
@@ -166,8 +167,8 @@ def test_a_large_array_read_not_written_is_compared_whole_three_times_a_call(mon
     m = Logs(write=False).eval()
     _occlusion(m)  # the kept copy made
     reads: list = []
-    same_bits = guard._same_bits
-    monkeypatch.setattr(guard, "_same_bits", lambda a, b: reads.append(a.nbytes) or same_bits(a, b))
+    same_bits = values._same_bits
+    monkeypatch.setattr(values, "_same_bits", lambda a, b: reads.append(a.nbytes) or same_bits(a, b))
     _occlusion(m)
     assert reads.count(4 * N) == 3
     assert set(m.seen) == {12345.0}

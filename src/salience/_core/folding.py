@@ -23,7 +23,7 @@ from torch import nn
 
 from salience._core.casts import drop_entry
 from salience._core.fingerprint import _HOOK_DICTS, _fold_key, _lock, own_hooks
-from salience._core.guard import _MODULE_OWN, _contents, record_state, state_changes
+from salience._core.guard import MODULE_OWN, copy_contents, record_state, state_changes
 from salience._core.tensors import copy_model
 from torch.fx._symbolic_trace import _orig_module_call  # nn.Module.__call__ as it was before fx patched it
 
@@ -413,7 +413,7 @@ def _constants(root: nn.Module, graph: torch.fx.Graph, was: dict) -> dict:
     refused for "reading the autocast" (before session 47)."""
     own = root.__dict__
     return {n.target: own[n.target] for n in graph.nodes
-            if n.op == "get_attr" and n.target in own and n.target not in was and n.target not in _MODULE_OWN}
+            if n.op == "get_attr" and n.target in own and n.target not in was and n.target not in MODULE_OWN}
 
 
 _MISSING = object()
@@ -524,7 +524,7 @@ def _note_writes(record: list, made: dict, written: Optional[set], after: dict) 
         if written is not None:
             written.add((i, k))
         cur = record[i].module.__dict__.get(k, _MISSING)
-        after[(i, k)] = c if (c := _contents(cur)) is not None else cur
+        after[(i, k)] = c if (c := copy_contents(cur)) is not None else cur
 
 
 def _has_proxy(v: Any) -> bool:
@@ -597,7 +597,7 @@ def _keep_read(clone: nn.Module, graph: str, after: dict, written: set, autocast
                 if v is _MISSING:
                     modules[i].__dict__.pop(k, None)
                 else:
-                    modules[i].__dict__[k] = c if (c := _contents(v)) is not None else v
+                    modules[i].__dict__[k] = c if (c := copy_contents(v)) is not None else v
             with _TRACING, under:
                 same = str(ThisThreadTracer(_shadow_map(clone, modules, source)).trace(root)) == graph  # the graph only
         except Exception:  # noqa: BLE001 - another state cannot be traced: the trace depends on it
@@ -742,7 +742,7 @@ def settings(model: nn.Module, skip: frozenset = frozenset()) -> tuple:
     model's mode (salience's passes run it so; the guard puts it back). About 0.41 ms on resnet50, 0.35 before the
     containers were read (one thread, AMD EPYC core 1; benchmarks/rvoctrace-s48.md)."""
     out: list = []
-    add, plain, called, held, own = out.append, _PLAIN, _CALLED, _HELD, _MODULE_OWN
+    add, plain, called, held, own = out.append, _PLAIN, _CALLED, _HELD, MODULE_OWN
     for i, m in enumerate(model.modules()):
         for k, v in m.__dict__.items():
             t = type(v)

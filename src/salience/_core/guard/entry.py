@@ -1,0 +1,582 @@
+"""The guards' entry and exit: :func:`model_guard` and :func:`run_guard`.
+
+A guard holds each module and parameter, counted (:data:`~salience._core.guard.holds.registry`): the first holder
+records its state, puts the model in eval mode (:func:`_eval`, which refuses a graph exported in train mode) and
+freezes its parameters; the last holder to leave puts the state back, and sweeps the hooks registered meanwhile
+(:func:`_unhook`). A thread's nested blocks on the same model share its hold (:data:`_threads`). A run guard
+records a baseline once per run, put back after each call. The bookkeeping runs with Ctrl-C deferred
+(:func:`~salience._core.calm.calmly`). Refused: inference tensors and uninitialized lazy parameters in the model;
+a BatchNorm without running statistics gets a hook that refuses a pass of several images.
+
+Limits: a Ctrl-C in ``contextlib``'s ``__enter__`` just after the hold leaves the generator suspended (the model is
+put back when it is collected); a SIGINT handler installed from C is replaced by Python's by the first guard in the
+main thread."""
+from __future__ import annotations
+
+import operator
+import sys
+import threading
+from contextlib import contextmanager
+from itertools import compress
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle as _Handle
+
+from salience._core import layouts
+from salience._core.calm import calmly
+from salience._core.errors import SalienceError
+from salience._core.fingerprint import _modules
+from salience._core.guard.containers import MISSING
+from salience._core.guard.holds import ParamState, registry
+from salience._core.guard.hooks import ATTRS_OF, HOOKS_OF, drop_hooks
+from salience._core.guard.records import EMPTY
+from salience._core.guard.state import ModuleState
+from salience._core.guard.values import copy_notes
+from salience._core.tensors import autocast_off
+
+
+def _capture(obj: Any, wrapper: Optional[type], into: Any = None) -> "ModuleState | ParamState":
+    """The state of a module or a parameter (``wrapper``: torch.compile's ``OptimizedModule``, or ``None``
+    where dynamo was never imported), recorded in ``into`` (its entry in ``registry``) if given."""
+    if into is not None:
+        into.take(obj, wrapper)
+        return into
+    return ModuleState(obj, wrapper) if isinstance(obj, nn.Module) else ParamState(obj)
+
+
+def _compiled_wrapper_class() -> Optional[type]:
+    """torch.compile's wrapper class (``OptimizedModule``). Dynamo is not imported for it: where it was
+    never imported, there is no wrapper (``None``)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return None if eval_frame is None else eval_frame.OptimizedModule
+
+
+_M = nn.Module
+
+
+def _walk(model: nn.Module) -> tuple[list, list]:
+    """``list(model.modules())`` and ``list(model.parameters())``: the same objects in the same order, from
+    one walk of the modules' ``_modules`` (:func:`~salience._core.fingerprint._modules`, which
+    :func:`~salience._core.fingerprint.structure` walks too) and their ``_parameters`` (the generators cost 0.38 ms
+    on resnet50), unless a class changes how modules or parameters are listed."""
+    if not isinstance(model, nn.Module):
+        raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
+    root, attrs = type(model), model.__dict__
+    if root.parameters is not _M.parameters or root.named_parameters is not _M.named_parameters or \
+            root._named_members is not _M._named_members or "parameters" in attrs:
+        return list(model.modules()), list(model.parameters())
+    modules = _modules(model)
+    if type(modules) is not list:  # a class lists its modules itself: the generators, both
+        return list(modules), list(model.parameters())
+    params: list = []
+    seen_params: set = set()  # ids: Tensor.__hash__ is id() in Python, 0.2 us a call
+    for m in modules:
+        if m._parameters:
+            for p in m._parameters.values():
+                if p is not None and id(p) not in seen_params:
+                    seen_params.add(id(p))
+                    params.append(p)
+    return modules, params
+
+
+def modules_of(model: nn.Module) -> list[nn.Module]:
+    """``list(model.modules())`` from the one quick walk (:func:`_walk`): what per-call checks iterate over (the
+    generators cost about 1 ms a call on a ViT-B of 150 modules)."""
+    return _walk(model)[0]
+
+
+def parameters_of(model: nn.Module) -> list[torch.Tensor]:
+    """``list(model.parameters())`` (each once) from the same quick walk: for per-call sums over the weights
+    (:func:`salience._core.engine.weight_bytes`; the generator walked the modules building their dotted names)."""
+    return _walk(model)[1]
+
+
+_lock = threading.Lock()
+# thread id -> its open model_guard blocks: the passes the guard's own hooks (the one-image BatchNorm check) act on
+_guarding: dict[int, int] = {}
+# (thread id, id(model)) -> that thread's hold of the model: [the key, the objects held, how many of the thread's
+# open model_guard blocks share it]. The thread's first model_guard on the model holds its modules and
+# parameters; a guard nested in it (SmoothGrad around vanilla, a method inside evaluate's guard) that finds the
+# same ones only counts itself here (0.45 -> 0.12 ms on resnet50): the outer block holds them until it leaves.
+_threads: dict[tuple[int, int], list] = {}
+# ids of the modules a hold left while a model_guard still held them, the hook counter moved in its block: their
+# hooks are swept when they are put back, whatever the hold putting them back saw (see _unhook)
+_stale: set[int] = set()
+
+
+def _hold(objects: list, held: list, new: list) -> None:
+    """Count one more holder of each of ``objects``, each appended to ``held`` as soon as it is counted
+    (so that an interruption part way releases exactly those), and to ``new`` if no guard held it."""
+    for obj in objects:
+        entry = registry.get(id(obj))
+        if entry is None:
+            registry[id(obj)] = (ModuleState if isinstance(obj, _M) else ParamState).entry()
+            new.append(obj)
+        else:
+            entry.holders += 1
+        held.append(obj)
+
+
+def _release(objects: list, run: bool = False, start: int = -1) -> None:
+    """One holder fewer of each of ``objects`` (``run``: a run guard): the state of each that no guard
+    holds any more is put back; one that only run guards hold now gets its baseline back. ``start``: the
+    hold's :data:`_Handle.next_id` when it began (-1: unknown); where a hook was registered since (or a hold
+    left one to sweep, ``_stale``), the hooks registered since on what is put back are removed (:func:`_unhook`)."""
+    until = _Handle.next_id  # the key the next hook registered anywhere gets
+    moved = until != start  # the common case: no hook registered anywhere since, one attribute read
+    last: tuple[list, list] = ([], [])
+    back: tuple[list, list] = ([], [])
+    for obj in objects:
+        entry = registry[id(obj)]
+        entry.holders -= 1
+        if run:
+            entry.runs -= 1
+            if entry.runs == 0:
+                entry.baseline = None
+        if entry.holders == 0:
+            del registry[id(obj)]
+            if entry.captured:  # not: its capture did not happen (an error while entering)
+                last[type(entry) is ParamState].append(entry)
+        elif entry.holders == entry.runs and entry.baseline is not None:
+            back[type(entry.baseline) is ParamState].append(entry.baseline)
+    # modules first (compiled forwards, modes, buffers), then parameters; each put back even if one raises
+    error = _each(last[0] + last[1], False)
+    error = _each(back[0] + back[1], True) or error
+    if moved or _stale:
+        try:  # some objects still held by a model_guard (or not captured, an error while entering): noted, see _unhook
+            kept = len(last[0]) + len(last[1]) + len(back[0]) + len(back[1]) < len(objects)
+            _unhook(objects if kept else (), last[0] + back[0], moved, until)
+        except BaseException as e:
+            error = error or e
+    if error is not None:
+        raise error
+
+
+def _each(states: list, put_back: bool) -> Optional[BaseException]:
+    """Each of ``states`` restored (or put back), all of them even if one raises (a buffer the block resized,
+    a ``KeyboardInterrupt`` raised by code: a Ctrl-C waits for the end, see :func:`calmly`): the one that raised is run once more (a restore may
+    run twice) and the others still run; returns the first error. Before, the objects after it stayed in
+    eval mode, frozen, for good (no guard held them any more)."""
+    error = None
+    for state in states:
+        try:
+            state.put_back() if put_back else state.restore()
+        except BaseException as e:
+            error = error or e
+            try:
+                state.put_back() if put_back else state.restore()
+            except BaseException:
+                pass
+    return error
+
+
+def _unhook(objects: Any, states: list, moved: bool, until: int) -> None:
+    """The hooks registered since each of ``states`` was recorded and before ``until`` (the counter when the hold
+    left) removed from its module (the :class:`ModuleState` records put back: their last holder left, or their
+    baseline put back), all but salience's own (:func:`_own_hook`). Then ``objects`` (a hold's, left; empty where all
+    were put back) that a model_guard still holds are noted in ``_stale`` if the counter ``moved`` in the hold's
+    block: what their forward registered then is swept by the hold that puts them back, which may have begun after
+    it."""
+    if _stale:
+        for state in states:
+            _stale.discard(id(state.module))
+    try:  # the modules with a hook of any kind, found in C (0.2 us a module; a Python loop over the dicts cost 0.65)
+        hooked = list(compress(states, map(any, map(HOOKS_OF, map(ATTRS_OF, states)))))
+    except Exception:  # a module made without nn.Module.__init__ (a dict missing)
+        hooked = states
+    for state in hooked:
+        drop_hooks(state.module.__dict__, state.since, until, state.foreign)
+    for obj in objects:
+        entry = registry.get(id(obj))
+        if entry is None:
+            _stale.discard(id(obj))  # released without a state put back (an error while entering)
+        elif moved and type(entry) is ModuleState and entry.holders > entry.runs:
+            _stale.add(id(obj))
+
+
+@contextmanager
+def model_guard(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode with frozen parameters (its ``torch.compile`` wrappers running their
+    original modules eagerly) for the block, then restore it.
+
+    Restores every module's train/eval flag, every parameter's ``requires_grad``, ``.grad`` and
+    data (storage and strides: a channels-last run is undone), any buffer written in place, registered,
+    replaced, deleted or filled (a ``None`` slot), the modules' plain attributes (one level; see the module's
+    docstring for torch.nn's own layers and the limits), and each parameter's and buffer's Python attributes
+    (those ``torch.compile`` sets on the tensors it traces are removed), and takes off the hooks registered in the
+    block on the model's modules (salience's own excepted; torch's global module hooks, the process's, stay), also
+    if the block raises. A caller's ``torch.autocast`` is off in the block (this thread's): the passes run in the
+    precision of salience's ``precision=`` option (fp32 unless asked), which enters its own autocast inside.
+
+    The guard holds each module and parameter, not the model: nested calls (SmoothGrad around
+    vanilla), threads explaining the same model, and threads explaining two models that share
+    modules (two heads on one backbone) share one saved state per module and parameter, put back
+    when the last guard holding it leaves. Holding the model only, a thread that entered while
+    another held the shared backbone recorded the other's eval mode and frozen flags as the
+    user's and put them back last: the backbone stayed in eval mode, its parameters frozen.
+    """
+    me = threading.get_ident()
+    hold: list = []  # this block's hold, once held and counted (see _enter_guard)
+    try:  # inside: a Ctrl-C as calmly ends still releases what was held
+        calmly(_enter_guard, model, me, hold)
+        with autocast_off():
+            yield model
+    finally:
+        try:  # a Ctrl-C before calmly deferred it (at its call) left all to do: done once more (see run_guard)
+            calmly(_leave_guard, me, hold)
+        except BaseException:  # not only KeyboardInterrupt: the user's SIGINT handler may raise anything (sys.exit)
+            calmly(_leave_guard, me, hold)
+            raise
+
+
+def _enter_guard(model: nn.Module, me: int, box: list) -> None:
+    """A model_guard block of thread ``me`` entered: counted in ``_guarding`` and ``model`` held
+    (:func:`_enter_thread`); the hold is appended to ``box`` once both are done, and not at all on an error."""
+    with _lock:
+        _guarding[me] = _guarding.get(me, 0) + 1
+    copy_notes.fresh, copy_notes.marking = None, {}  # the copies this entry takes or compares, for a Found right after it
+    try:
+        _enter_thread(model, me, box)
+    except BaseException:
+        if not box:
+            with _lock:
+                _unguard(me)
+        raise
+    finally:
+        copy_notes.fresh, copy_notes.marking = copy_notes.marking if box else None, None
+
+
+def _leave_guard(me: int, box: list) -> None:
+    """The model_guard block whose hold is in ``box`` left (nothing if ``box`` is empty: it was not
+    entered, or this ran already)."""
+    copy_notes.fresh = None  # a Found after this exit compares the values itself (:func:`_trusted`)
+    if box:
+        with _lock:
+            _unguard(me)
+            _leave(box.pop())
+
+
+def _unguard(me: int) -> None:
+    """One open model_guard block of thread ``me`` fewer (under the lock)."""
+    _guarding[me] -= 1
+    if not _guarding[me]:
+        del _guarding[me]
+
+
+def _enter_thread(model: nn.Module, me: int, box: list) -> None:
+    """Hold ``model`` for a model_guard block of thread ``me``: the thread's open hold of it counts one more
+    block if it holds the same modules and parameters (the model's tree did not change since), else
+    :func:`_enter`. The hold is appended to ``box``."""
+    modules, params = _walk(model)
+    objects = modules + params
+    key = (me, id(model))
+    with _lock:
+        hold = _threads.get(key)
+        if hold is not None and len(hold[1]) == len(objects) and all(map(operator.is_, hold[1], objects)):
+            hold[2] += 1
+            box.append(hold)
+            return
+    _enter(model, modules, params, box, key)
+
+
+def _leave(hold: list) -> None:
+    """One block fewer sharing ``hold`` (under the lock); the last releases its objects."""
+    hold[2] -= 1
+    if hold[2] == 0:
+        if _threads.get(hold[0]) is hold:
+            del _threads[hold[0]]
+        _release(hold[1], start=hold[3])
+
+
+def _enter(model: nn.Module, modules: list, params: list, box: list, key: Optional[tuple[int, int]]) -> None:
+    """Hold ``model``'s ``modules`` and ``params`` (each one no guard held: its state recorded, then the
+    model put in eval mode with frozen parameters); the hold, ``[key, objects, 1, start]`` (``start``: see
+    :func:`_release`), is appended to
+    ``box``, and registered as the thread's hold of the model under ``key`` if it has none (``None``: a run
+    guard's, which nested blocks do not share)."""
+    objects = modules + params
+    held: list = []
+    start = _Handle.next_id  # see _unhook
+    with _lock:
+        try:  # also an error part way: what was counted is released (a state not yet captured is None)
+            new: list = []
+            _hold(objects, held, new)
+            if new:
+                _refuse_inference_tensors(model, new)
+                wrapper = _compiled_wrapper_class()
+                for o in new:  # a module or parameter no guard held: recorded, then the model put in eval mode
+                    _capture(o, wrapper, registry[id(o)])
+                if wrapper is not None:
+                    for o in new:
+                        registry[id(o)].run_eagerly()
+                _eval(model, modules)
+                _refuse_mixed_batches(model, new)
+                for p in params:
+                    if p.requires_grad:
+                        p.requires_grad_(False)
+            hold = [key, objects, 1, start]
+            box.append(hold)  # from here on the caller releases it
+            if key is not None and key not in _threads:
+                _threads[key] = hold
+        except BaseException:
+            if not box:
+                _release(held)
+            raise
+
+
+def _refuse_inference_tensors(model: nn.Module, new: list) -> None:
+    """A model made (or loaded) under ``torch.inference_mode()`` holds inference tensors, which keep
+    no version counter and cannot be saved for a backward pass: every method failed with torch's
+    raw RuntimeError ("Inference tensors do not track version counter"). A lazy module's uninitialized
+    parameters (torch's raw ValueError before) are refused too. Checked on the modules and
+    parameters no guard held yet (``new``): inside a call, a forward run under inference mode may
+    replace a buffer with an inference tensor, which the outer guard puts back at its end.
+
+    Only ``new``'s own tensors are looked at (a module's direct parameters and buffers), and nothing
+    when all is held already: walking every named parameter and buffer of the model under the lock
+    cost each call 0.66 ms on resnet50 even then (each guard of a dataset run's calls, +50%)."""
+    lazy = nn.parameter.UninitializedTensorMixin
+    for o in new:
+        for tensors in (o._parameters.values(), o._buffers.values()) if isinstance(o, nn.Module) else ((o,),):
+            for t in tensors:  # is_inference() after the lazy check: an uninitialized parameter raises there
+                if t is not None and (isinstance(t, lazy) or t.is_inference()):
+                    _refuse_tensor(model, t, isinstance(t, lazy))
+
+
+def _refuse_tensor(model: nn.Module, t: torch.Tensor, lazy: bool) -> None:
+    """The refusal of ``model``'s tensor ``t`` (an uninitialized lazy parameter, or an inference tensor), by name."""
+    name = next((n for n, u in list(model.named_parameters(remove_duplicate=False)) +
+                 list(model.named_buffers(remove_duplicate=False)) if u is t), "?")
+    owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    if lazy:
+        raise SalienceError(
+            f"the model's {name!r} ({type(owner).__name__}) is not initialized yet: a lazy module takes its "
+            "shapes from its first forward pass, which would change the model. Run one pass first, "
+            "model(x) under torch.no_grad() with an input of the shape you will explain, then explain it")
+    raise SalienceError(
+        f"the model's {name!r} is an inference tensor: the model was built or loaded (or a forward pass "
+        "stored it) under torch.inference_mode(), and such tensors can be neither tracked nor differentiated. Build or "
+        "load the model outside inference_mode (torch.no_grad() is fine), or explain a copy made "
+        "outside it: copy.deepcopy(model)")
+
+
+@contextmanager
+def run_guard(model: nn.Module) -> Iterator[nn.Module]:
+    """:func:`model_guard` for a whole dataset run: the model is saved and put in eval mode with frozen
+    parameters once, and restored exactly once at the end (also on an exception or Ctrl-C).
+
+    Every guard entered in the block (each method's call, batch after batch) only counts itself; when it
+    leaves and only run guards hold a module or parameter, that object gets back its *baseline*, its
+    state as this guard established it (recorded here, after eval mode and the frozen flags): what
+    differs is put back (a buffer written in place is copied back, a flag, a mode, a parameter's data
+    or strides, a ``.grad``, a tensor attribute), so each call starts as it would under a guard of its
+    own. Guards of other threads share it as they share any guard's (counted per module and
+    parameter); the baseline is put back only when no guard but run guards holds the object, never
+    under another thread's running pass.
+
+    A model the guard refuses (a graph exported in train mode) is not held: each call's guard refuses
+    it, as without a run guard (a dataset run records the error per method).
+
+    The block also keeps the channels-last copies of the model's 4-D weights for the run
+    (:func:`salience._core.layouts.open_copies`: each call's channels-last pass copies a weight once a run, not once a
+    call), dropped when it ends, by an exception or a Ctrl-C too: one entry point for a run over a model, which both
+    dataset engines use."""
+    box: list = []  # the run's hold, once held with its run counts raised
+    copies: list = []  # the run's kept channels-last copies (layouts), once registered
+    try:
+        calmly(_enter_run, model, box, copies)
+        yield model
+    finally:
+        # Inline, not a helper: a Ctrl-C at a helper's start (before its try) would leave the hold. One
+        # arriving before calmly deferred it (at calmly's own start) left everything to do: done once more.
+        # Any exception, not only KeyboardInterrupt: the user's SIGINT handler may raise anything (sys.exit);
+        # an error of the exit itself left box empty (popped first), and the second call does nothing.
+        try:
+            calmly(_leave_run, box, copies)
+        except BaseException:
+            calmly(_leave_run, box, copies)
+            raise
+
+
+def _enter_run(model: nn.Module, box: list, copies: list) -> None:
+    """Keep the run's channels-last copies (``copies``, :func:`salience._core.layouts.open_copies`), hold ``model``
+    for a run guard and raise its objects' run counts (each one's baseline recorded by the first run guard); the hold
+    is appended to ``box`` when all is done, and not at all on an error or a refused model."""
+    layouts.open_copies(model, copies)
+    try:
+        modules, params = _walk(model)
+        _enter(model, modules, params, box, None)
+    except SalienceError:
+        return
+    except BaseException:
+        if box:
+            with _lock:
+                _release(box.pop()[1])
+        raise
+    objects = box[0][1]
+    counted: list = []
+    with _lock:
+        try:  # also an error part way: the run counts raised are lowered, the holds released
+            wrapper = _compiled_wrapper_class()
+            for o in objects:
+                entry = registry[id(o)]
+                if entry.baseline is None:
+                    entry.baseline = _capture(o, wrapper)
+                    if type(entry) is ModuleState and entry.attrs is None:
+                        # the state recorded copied no dict (a torch.nn layer without hooks): nor does the baseline,
+                        # which saw another thread's call mid-way (its instance forward, attention._NativeMHA) and put
+                        # it back after each call, for good (the final restore had no dict to put back)
+                        entry.baseline.attrs = None
+                entry.runs += 1
+                counted.append(o)
+        except BaseException:
+            for o in counted:
+                entry = registry[id(o)]
+                entry.runs -= 1
+                if entry.runs == 0:
+                    entry.baseline = None
+            box.clear()
+            _release(objects)
+            raise
+
+
+def _leave_run(box: list, copies: list) -> None:
+    """The run guard whose hold is in ``box`` and copies in ``copies`` left (nothing of either that is empty: the
+    model was refused, the copies shared with another run's, or this ran already)."""
+    layouts.close_copies(copies)
+    if box:
+        with _lock:
+            hold = box.pop()
+            _release(hold[1], run=True, start=hold[3])
+
+
+def _eval(model: nn.Module, modules: Optional[list] = None) -> None:
+    """``model.eval()``, and a refusal of a graph that keeps train mode whatever the flags say
+    (``modules``: ``list(model.modules())``).
+
+    ``torch.export``'s ``ExportedProgram.module()`` refuses ``eval()`` (a raw NotImplementedError):
+    its graph is fixed in the mode it was exported in, so only the flags are set. A graph exported
+    in train mode (that flat module, or ``torch.export.unflatten`` of it, whose ``eval()`` succeeds)
+    would compute BatchNorm with the batch's statistics, mixing the images, and draw Dropout.
+
+    Where no class (nor instance) changes how ``train`` / ``eval`` switch the modules, the flags that are
+    on are turned off directly, nothing done if none is (``eval()`` cost 0.54 ms on resnet50 in eval mode),
+    and only modules that may have a ``graph`` are asked for it (a missing attribute costs a raised
+    AttributeError in ``nn.Module.__getattr__``: 0.23 ms)."""
+    if modules is None:
+        modules = list(model.modules())
+    kinds: dict[type, tuple[bool, bool]] = {}
+    plain = type(model).eval is _M.eval and "eval" not in model.__dict__
+    training = False
+    graphs = []
+    for m in modules:
+        kind = kinds.get(type(m))
+        if kind is None:
+            kind = kinds[type(m)] = _kind(type(m))
+        attrs = m.__dict__
+        if not kind[0] or "train" in attrs:
+            plain = False
+        if m.training:
+            training = True
+        if kind[1] or "graph" in attrs:
+            graphs.append(m)
+    if not plain:
+        try:
+            model.eval()
+        except NotImplementedError:
+            for m in modules:
+                m.training = False
+    elif training:
+        for m in modules:
+            if m.training:
+                m.training = False
+    for m in graphs:
+        graph = getattr(m, "graph", None)  # torch.fx.GraphModule, torch.export.unflatten's modules
+        op = train_mode_op(graph) if isinstance(graph, torch.fx.Graph) else None
+        if op is not None:
+            name = next((n for n, u in model.named_modules() if u is m), "?")
+            where = "the model's graph" if name == "" else f"the graph of its submodule {name!r}"
+            raise SalienceError(
+                f"{where} was exported in train mode ({op} with training on), and an exported graph keeps "
+                "that mode: BatchNorm would mix the images of a batch and Dropout draw at random. Export it "
+                "after model.eval()")
+
+
+def _kind(cls: type) -> tuple[bool, bool]:
+    """Whether ``cls``'s ``train`` switches its modules as nn.Module's does (no override of ``train``,
+    ``children``, ``named_children``, ``__setattr__``), and whether an instance may have a ``graph`` other
+    than in its ``__dict__`` (a class attribute or property, a custom ``__getattr__``)."""
+    switches = cls.train is _M.train and cls.children is _M.children and \
+        cls.named_children is _M.named_children and cls.__setattr__ is _M.__setattr__
+    graph = getattr(cls, "graph", None) is not None or cls.__getattr__ is not _M.__getattr__ or \
+        cls.__getattribute__ is not _M.__getattribute__
+    return switches, graph
+
+
+def _refuse_mixed_batches(model: nn.Module, new: list) -> None:
+    """A BatchNorm without running statistics (``track_running_stats=False``) normalizes by the
+    statistics of the batch it is given, in eval mode too: the images of a pass (a batch, or the
+    noisy copies / masked images a method runs together) changed each other's maps, silently. Such
+    a layer (among ``new``, the modules no guard held) gets a forward pre-hook for the block that
+    refuses a pass of more than one image."""
+    names: Optional[dict[int, str]] = None
+    for m in new:
+        # the buffer read from the module's dict (``m.running_mean`` went through nn.Module.__getattr__: 15 us a call
+        # on resnet18's 20 layers), the attribute where it is no buffer there (a subclass's property)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and _running_mean(m) is None:
+            if names is None:
+                names = {id(u): n for n, u in model.named_modules()}
+            state = registry[id(m)]
+            if not state.handles:
+                state.handles = []
+            state.handles.append(m.register_forward_pre_hook(_one_image_per_pass(names.get(id(m), "?"))))
+
+
+def _running_mean(m: nn.Module) -> Any:
+    """``m.running_mean``, read from the module's buffers (through nn.Module.__getattr__ it cost 15 us a call on
+    resnet18's 20 layers), or as the attribute where it is no buffer there (a subclass's property)."""
+    found = m.__dict__.get("_buffers", EMPTY).get("running_mean", MISSING)
+    return m.running_mean if found is MISSING else found
+
+
+def _one_image_per_pass(name: str) -> Any:
+    def hook(module: nn.Module, args: tuple) -> None:
+        # only the passes of a thread inside a guard (salience's): the user's own batch in another thread is theirs
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.dim() > 1 and x.shape[0] > 1 and threading.get_ident() in _guarding:
+            raise SalienceError(
+                f"the model's BatchNorm {name!r} has no running statistics (track_running_stats=False): even in "
+                f"eval mode it normalizes by the statistics of the batch it is given, so the {x.shape[0]} images "
+                "of this pass would change each other's maps. Explain one image at a time (x[i:i + 1]) and pass "
+                "chunk=1 to the methods that run several copies of it per pass (SmoothGrad, Integrated "
+                "Gradients, occlusion, RISE, Score-CAM, Ablation-CAM); or give the layer running statistics")
+    return hook
+
+
+def train_mode_op(graph: Any) -> Optional[str]:
+    """The first operation of a ``torch.fx`` graph (``torch.export``'s ATen graph) that runs BatchNorm
+    or Dropout in train mode (its ``training`` argument fixed to ``True``), or ``None``."""
+    for node in graph.nodes:
+        name = str(node.target) if node.op == "call_function" else ""
+        if ("batch_norm" in name and len(node.args) > 5 and node.args[5] is True) or \
+                ("dropout" in name and len(node.args) > 2 and node.args[2] is True):
+            return name
+    return None
+
+
+def check_python_model(model: nn.Module, method: str, why: str) -> None:
+    """Refuse what is no ``nn.Module``, and a model with TorchScript in it: an interception mode
+    (backprop rules, attention capture) cannot see inside compiled graphs. ``why`` ends the message
+    (what the method would miss there)."""
+    script = torch.jit.ScriptModule
+    if not any(isinstance(m, script) for m in modules_of(model)):  # raises the SalienceError for no nn.Module
+        return
+    for name, m in model.named_modules():  # the name for the message
+        if isinstance(m, script):
+            where = "the model is" if name == "" else f"its submodule {name!r} is"
+            raise SalienceError(
+                f"{method} cannot be applied to TorchScript: {where} a torch.jit.ScriptModule, {why}. "
+                "Pass the original Python nn.Module instead"
+            )
