@@ -124,7 +124,7 @@ def pieces(old_src: str) -> str:
                 ("guard enter + leave", None, None, "1x (SmoothGrad's)"),
                 ("guard nested in another", None, None, "1x (the inner vanilla's)"),
                 ("guard._refuse_mixed_batches", lambda m: old_guard._refuse_mixed_batches(m, mods),
-                 lambda m: guard._refuse_mixed_batches(m, mods), "1x (inside enter)"),
+                 lambda m: guard.entry._refuse_mixed_batches(m, mods), "1x (inside enter)"),
                 ("guard.modules_of (quick walk)", old_guard.modules_of, guard.modules_of, "4x (2 guards, 2 check_input)"),
                 ("autograd.check_input", None, lambda m: autograd.check_input(x, m), "2x")]
         for label, fo, fn, per in rows:

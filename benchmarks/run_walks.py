@@ -34,7 +34,7 @@ def guarded() -> None:
         pass
 
 
-timed("guard._walk (modules, parameters)", lambda: guard._walk(model))
+timed("guard._walk (modules, parameters)", lambda: guard.entry._walk(model))
 timed("structure()", lambda: fingerprint.structure(model))
 timed("_compute_dtype", lambda: autograd._compute_dtype(model))
 timed("_is_convolutional", lambda: perf._is_convolutional(model))
