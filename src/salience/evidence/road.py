@@ -175,9 +175,8 @@ def linear_imputation(x: Tensor, removed: Tensor, *, noise: float = 0.0, seed: i
     if rem.all(axis=(1, 2)).any():
         raise SalienceError("linear imputation needs at least one kept pixel per image; remove less")
     xs = x.detach().to("cpu", torch.float64).numpy()
-    out = torch.from_numpy(xs.copy())  # an empty batch stays empty (np.stack refuses an empty list)
-    for i in range(xs.shape[0]):
-        out[i] = torch.from_numpy(_impute_one(xs[i], rem[i]))
+    imputed = [_impute_one(xs[i], rem[i]) for i in range(xs.shape[0])]
+    out = torch.from_numpy(np.stack(imputed) if imputed else xs.copy())  # np.stack refuses an empty list
     if noise > 0:
         if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
             s = check_seed(seed)
