@@ -32,6 +32,31 @@ ROOT = Path(__file__).resolve().parents[1]
 new = importlib.import_module("salience.evidence.road")
 
 
+NOTES = """## What else was tried (exploratory runs, one image 3 x 224 x 224; not kept)
+
+* **Connected components, isolated pixels in closed form.** SuperLU never mixes the blocks of a block-diagonal
+  matrix: an isolated removed pixel is a 1 x 1 pivot without fill, so splitting saves only bookkeeping. The time
+  goes where one component holds almost everything (the bump map at every fraction, the random map from about
+  0.5 on, past the 8-neighbour site-percolation threshold ~0.41); at the random map's 0.1, where 0.9**8 = 43 % of
+  the removed pixels are isolated, the whole old solve is ~6 ms per image (table above), mostly the matrix build.
+* **Conjugate gradients.** Jacobi-preconditioned CG, 3 right-hand sides, bump map at 0.9: rtol 1e-10 gave only
+  1.4e-9 relative error (misses 1e-9); rtol 1e-13 gave 1e-12 in 4.7 s, against 0.37 s for spsolve and 0.14 s for
+  the new path. ILU-preconditioned CG (`spilu`, drop_tol 1e-3): the incomplete factorization alone had not finished
+  after minutes on the loaded machine; abandoned.
+* **Images in a thread pool.** 4 factorizations (0.9) in a 2-thread pool: 0.59 s against 0.55 s one after the other:
+  scipy's SuperLU holds the GIL, nothing to gain.
+* **One factorization for the nested removed sets.** Fraction k-1's matrix is the leading block of fraction k's
+  only if the unknowns are numbered in removal order; that order has no locality (rings of the bump, a random order
+  for a random map): the fill at 0.9 grows 13x and the factorization from 0.14 s to 12.5 s (last table), more than
+  the 9 separate nested-dissection factorizations together. LeRF removes another nested sequence.
+* **SuperLU's MMD_AT_PLUS_A ordering.** Less fill than COLAMD, at times less than nested dissection (random map at
+  0.5: 0.26 M against 0.66 M), but its ordering time makes it slower than nested dissection at every fraction of
+  both maps (e.g. random 0.5: 73 ms against 49 ms; bump 0.9: 484 ms against 235 ms; COLAMD 83 and 730 ms).
+* **Nested dissection of the removed set's bounding box** instead of the whole image: 3 to 11 % less fill for an
+  off-centre bump at 0.1 to 0.5, but one ranking per bounding-box size (a new one at each fraction); not kept.
+"""
+
+
 def old_module() -> dict:
     src = subprocess.run(["git", "show", f"{OLD_COMMIT}:src/salience/evidence/road.py"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
@@ -166,8 +191,9 @@ def write(args: argparse.Namespace, load0: tuple, p1: list[str], p2: list[str], 
         f"other work; load average (1, 5, 15 min) {tuple(round(v, 2) for v in load0)} before the rounds, "
         f"{tuple(round(v, 2) for v in load1)} when written.", "",
         f"## linear_imputation, {args.images} images per call (float64)", "", *p1, "",
-        f"## road(...) end to end, resnet18 (random weights) at {args.size}, MoRF + LeRF, model time included", "", *p2, "",
-        "## Orderings tried, one image at fraction 0.9 (one run)", "", *p3, ""])
+        f"## road(...) end to end, resnet18 (random weights) at {args.size}, MoRF + LeRF, model time included", "",
+        *p2, "",
+        "## Orderings tried, one image at fraction 0.9 (one run)", "", *p3, "", NOTES])
     tmp = Path(args.out + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, args.out)
