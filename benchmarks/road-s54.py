@@ -116,23 +116,27 @@ def part2(old: dict, x: torch.Tensor, rounds: int) -> list[str]:
     m = maps(x.shape[-1])["random"].expand(x.shape[0], -1, -1) + 0.5 * maps(x.shape[-1])["bump"]
     new_impute = new._impute_one
     times: dict[str, list[float]] = {"old": [], "new": []}
+    cpu: dict[str, list[float]] = {"old": [], "new": []}  # this process's CPU time: less sensitive to other work
     results = {}
     for r in range(rounds):
         for which in (("old", "new") if r % 2 == 0 else ("new", "old")):
             new._impute_one = old["_impute_one"] if which == "old" else new_impute
             try:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 results[which] = torch.stack([new.road(model, x, m, order=o, batch_size=32) for o in ("morf", "lerf")])
                 times[which].append(time.perf_counter() - t0)
+                cpu[which].append(time.process_time() - c0)
             finally:
                 new._impute_one = new_impute
-            print(which, times[which][-1], flush=True)
+            print(which, times[which][-1], cpu[which][-1], flush=True)
     diff = float((results["old"] - results["new"]).abs().max())
+    rows = [f"| {k} {label} | {fmt_spread(v[k], 2)} | {', '.join(f'{t:.2f}' for t in v[k])} |"
+            for label, v in (("wall", times), ("CPU", cpu)) for k in ("old", "new")]
+    verdict = [f"{label}: median speed-up {np.median(v['old']) / np.median(v['new']):.2f}x, every round faster: "
+               f"{'yes' if all(a < b for a, b in zip(v['new'], v['old'])) else 'NO'}"
+               for label, v in (("wall", times), ("CPU", cpu))]
     return [f"| path | road MoRF + LeRF, {x.shape[0]} images, s (min / med / max) | per round |", "|---|---|---|",
-            *(f"| {k} | {fmt_spread(v, 2)} | {', '.join(f'{t:.2f}' for t in v)} |" for k, v in times.items()),
-            "", f"Median speed-up {np.median(times['old']) / np.median(times['new']):.2f}x; every round faster: "
-            f"{'yes' if all(a < b for a, b in zip(times['new'], times['old'])) else 'NO'}; largest difference of the "
-            f"scores old vs new {diff:.1e} (float32 model)."]
+            *rows, "", f"{'; '.join(verdict)}; largest difference of the scores old vs new {diff:.1e} (float32 model)."]
 
 
 def part3(x: torch.Tensor) -> list[str]:
@@ -165,6 +169,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "road-s54.md"))
+    ap.add_argument("--parts", default="123", help="which parts to run, e.g. 2 for road() end to end only")
     args = ap.parse_args()
     torch.set_num_threads(1)
     old = old_module()
@@ -172,21 +177,25 @@ def main() -> None:
     for fn in (old["linear_imputation"], new.linear_imputation):  # the first call imports scipy, fills the cache
         fn(x[:1].double(), removed_at(maps(args.size)["bump"], 0.1, 1))
     load0 = os.getloadavg()
-    p1 = part1(old, x.double(), args.rounds)  # float64 in and out: the difference of the solutions shows
-    write(args, load0, p1, ["(not run yet)"], ["(not run yet)"])
-    p2 = part2(old, x, args.rounds)
-    write(args, load0, p1, p2, ["(not run yet)"])
-    p3 = part3(x)
+    skipped = ["(not run)"]
+    # float64 in and out: the difference of the solutions shows
+    p1 = part1(old, x.double(), args.rounds) if "1" in args.parts else skipped
+    write(args, load0, p1, skipped, skipped)
+    p2 = part2(old, x, args.rounds) if "2" in args.parts else skipped
+    write(args, load0, p1, p2, skipped)
+    p3 = part3(x) if "3" in args.parts else skipped
     print(write(args, load0, p1, p2, p3))
 
 
 def write(args: argparse.Namespace, load0: tuple, p1: list[str], p2: list[str], p3: list[str]) -> str:
     """The results file (atomically), after each part; its text."""
     load1 = os.getloadavg()
+    out_flag = "" if Path(args.out).name == "road-s54.md" else f" --out benchmarks/{Path(args.out).name}"
     text = "\n".join([
         "# ROAD's linear imputation: spsolve (main before session 54) vs nested-dissection SuperLU", "",
         f"Command: `flock /tmp/bench.lock taskset -c 1 env PYTHONPATH=$PWD/src /work/main/.venv/bin/python "
-        f"benchmarks/road-s54.py --rounds {args.rounds}`; {args.images} images 3 x {args.size} x {args.size}, "
+        f"benchmarks/road-s54.py --rounds {args.rounds} --parts {args.parts}{out_flag}`; {args.images} images "
+        f"3 x {args.size} x {args.size}, "
         f"one thread, old and new alternating. CPU: {cpu_name()} (no AVX512), {os.cpu_count()} cores shared with "
         f"other work; load average (1, 5, 15 min) {tuple(round(v, 2) for v in load0)} before the rounds, "
         f"{tuple(round(v, 2) for v in load1)} when written.", "",
