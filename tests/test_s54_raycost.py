@@ -1,9 +1,9 @@
-"""A CPU run on Ray does not pay Ray's start-up per run (session 54): it explains in Ray tasks, in the
-worker processes Ray keeps for this process's job, which a second run reuses with torch, salience and
-its decoder imported; an actor pool started for each run (a process, ``import torch``, the model) cost
-about 4.5 s a run on one core (benchmarks/ray-run-cost-s54.md). The module runs on the cluster
-salience starts (``ray_engine.cluster``, entered by the fixture as a run does: its last run shuts it
-down), and its shutdown is checked to leave none of its processes."""
+"""A CPU run on a Ray cluster the caller keeps (their ``ray.init()``: a notebook, a service) does not pay Ray's
+start-up per run (session 54): it explains in Ray tasks, in the worker processes Ray keeps for this
+process's job, which a second run reuses with torch, salience and its decoder imported; an actor pool
+started for each run (a process, ``import torch``, the model) cost about 4.5 s a run on one core
+(benchmarks/ray-run-cost-s54.md). The module's cluster is started and stopped here (2 CPUs), and its
+shutdown is checked to leave none of its processes, the workers kept between runs included."""
 from __future__ import annotations
 
 import os
@@ -18,39 +18,33 @@ import salience
 ray = pytest.importorskip("ray", reason="the ray extra (pip install salience[ray]) is not installed")
 pytest.importorskip("ray.data")
 
-from salience.runs import ray_engine  # noqa: E402
+from test_runs_ray import _alive  # noqa: E402 - whether a process runs (read in /proc)
 
 KW = dict(shard_size=2, batch_size=2, workers=0, map_dtype="float32", top=1)
 METHODS = ["vanilla", "gradcam"]
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    """The local cluster salience starts for a run (``ray_engine.cluster``, held for the module's runs,
-    which join it), and on leaving it: none of its processes (its GCS, its raylet, the workers that
+    """A local cluster of 2 CPUs started here (the caller's: salience uses it and leaves it running), and
+    once stopped (``ray.shutdown()``): none of its processes (its GCS, its raylet, the workers that
     explained) left running within 10 s. Yields the set the tests add their workers' pids to."""
     if ray.is_initialized():
         pytest.skip("a Ray cluster is already joined in this process")
     workers: set = set()
-    with ray_engine.cluster(ray):
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
         node = ray._private.worker._global_node
-        ours = {p.process.pid for procs in node.all_processes.values() for p in procs} | workers
+        ours = {p.process.pid for procs in node.all_processes.values() for p in procs}
         yield workers
         ours |= workers
-        assert ours and all(_alive(p) for p in ours - workers)
+        assert ours and all(_alive(p) for p in ours), ours
+    finally:
+        ray.shutdown()
     until = time.monotonic() + 10
     while [p for p in ours if _alive(p)] and time.monotonic() < until:
         time.sleep(0.1)
-    assert not ray.is_initialized() and not [p for p in ours if _alive(p)], ours
+    assert not [p for p in ours if _alive(p)], ours
 
 
 def _model(log: Path):

@@ -2,23 +2,24 @@
 
 The pending images (those in no committed shard) become a ``ray.data`` dataset of
 ``(index, path)`` rows; ``map_batches`` tasks decode and resize them (the run's dataset, so the
-same preprocessing as the local engine); a second ``map_batches`` explains them: on the CPU in Ray
-tasks (:func:`explain`), each worker process holding one model per run (:class:`Explain`, made by
-its first task of the run, let go at the run's end), on GPUs in a pool of :class:`Explain` actors
-(``num_gpus`` each) started for the run. Each batch of ``shard_size`` images is one shard, written
+same preprocessing as the local engine); a second ``map_batches`` explains them: on the CPU of a
+cluster the caller keeps, in Ray tasks (:func:`explain`), each worker process holding one model per
+run (:class:`Explain`, made by its first task of the run, let go at the run's end); else (GPUs, or
+the cluster salience starts for the run) in a pool of :class:`Explain` actors (``num_gpus`` each)
+started for the run. Each batch of ``shard_size`` images is one shard, written
 by its task or actor into the same store layout (a shared folder or mount on a cluster); the driver
 merges the index at the end. A stopped run resumes the same way as a local one: only images that no
 committed shard holds are read again.
 
 What a run costs beside its batches (session 54, ``benchmarks/ray-run-cost-s54.md``): Ray keeps the
-worker processes of a driver's job between its tasks, so a CPU run after the first in one process
-finds them with torch, salience and Ray Data's code imported, and starts no process; an actor pool
-started for each run (a new process per actor, importing torch and salience, loading the model) cost
-about 4.5 s a run on one core. GPU runs keep the actors: Ray pins a GPU worker process's GPU, and
-would not reuse it safely for another task's GPU. The cluster itself is kept between runs only when
-the caller started it (``ray.init()`` once: a notebook, a service); the one salience starts for a
-run is shut down when its last run ends (:func:`cluster`), so that no Ray process outlives the runs
-that needed it.
+worker processes of a driver's job between its tasks, so on a cluster the caller keeps
+(``ray.init()`` once: a notebook, a service) a CPU run after the first finds them with torch,
+salience and Ray Data's code imported and starts no process, where an actor pool started for each
+run (a new process per actor, importing torch and salience, loading the model) cost about 4.5 s a
+run on one core. A run on the cluster salience starts for it (shut down when its last run ends:
+:func:`cluster`, so that no Ray process outlives the runs that needed it) has nothing to reuse, and
+keeps the actor pool, which starts one process where the first tasks may start two; so do GPU runs
+(Ray pins a GPU worker process's GPU, and would not reuse it safely for another task's).
 
 Ray's own output (its log lines, Ray Data's progress bars and execution notes, the core worker's
 messages) is kept off the terminal while a run goes (:func:`quiet`): the command shows salience's
@@ -478,7 +479,8 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
     """Explain the run's pending images on Ray (a cluster at ``address``, ``RAY_ADDRESS``, the one
     this process joined, or a new local one: :func:`cluster`, which shuts down what salience started
     once the last run of this process on it ends). Actors of ``num_gpus`` each explain on CUDA when
-    ``num_gpus`` > 0, else Ray tasks on the CPU (:func:`_explaining`), at most ``actors`` at once; they
+    ``num_gpus`` > 0, else on the CPU (Ray tasks where the cluster outlives the run: :func:`_explaining`),
+    at most ``actors`` at once; they
     commit shards only while the run ``writer`` (from :func:`salience.runs.lock.run_lock`) holds the
     folder. Safe to call from several threads at once."""
     ray = _ray()
@@ -706,7 +708,8 @@ def _explain(ray: Any, run: Any, num_gpus: float, actors: Optional[int], png: bo
                         batch_size=batch, batch_format="numpy", num_cpus=1)
     args = (shipped(ray, run, weights), plan, str(run.store.folder), batch, png, weights, bool(num_gpus),
             performance, writer)
-    ds = _explaining(ray, ds, args, size, num_gpus, _actors(ray, num_gpus, actors), writer, run_id)
+    tasks = not num_gpus and not _CLUSTER["ours"]  # CPU, on a cluster kept after the run (the caller's)
+    ds = _explaining(ray, ds, args, size, tasks, num_gpus, _actors(ray, num_gpus, actors), writer, run_id)
     with progress(len(pending), "explain (ray)", enabled=show, unit="img") as bar:
         try:
             for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -719,17 +722,21 @@ def _explain(ray: Any, run: Any, num_gpus: float, actors: Optional[int], png: bo
             _reraise([payload])
 
 
-def _explaining(ray: Any, ds: Any, args: tuple, size: int, num_gpus: float, pool: int, writer: Optional[Writer],
-                run_id: str) -> Any:
+def _explaining(ray: Any, ds: Any, args: tuple, size: int, tasks: bool, num_gpus: float, pool: int,
+                writer: Optional[Writer], run_id: str) -> Any:
     """``ds`` (decoded batches) explained in batches of ``size`` (a shard each) by ``pool`` workers at
-    once: on GPUs, a pool of :class:`Explain` actors of ``num_gpus`` each, started for the run (Ray
-    would not safely reuse a GPU worker process: it pins the process's GPU); on the CPU, Ray tasks
-    (:func:`explain`) in Ray's pooled worker processes, which later runs of this process reuse with
-    torch and salience imported. An actor pool's start (a process, ``import torch``, the model) cost
-    each run about 4.5 s on one core (benchmarks/ray-run-cost-s54.md); the tasks' start costs about
-    0.2 s. The actors' arguments ``args`` go once into the object store for the tasks, which build
-    one :class:`Explain` per worker process and run (:func:`_held`)."""
-    if num_gpus:
+    once: with ``tasks`` (a CPU run on a cluster that outlives it: the caller's), Ray tasks
+    (:func:`explain`) in Ray's pooled worker processes, which the process's later runs reuse with
+    torch and salience imported; else a pool of :class:`Explain` actors (``num_gpus`` each) started
+    for the run. An actor pool's start (a process, ``import torch``, the model) cost each run about
+    4.5 s on one core (benchmarks/ray-run-cost-s54.md), the tasks' about 0.2 s once their processes
+    are warm; but a first run's tasks may land in two fresh processes that both import torch (2.8 s
+    more than one actor on one core), which a run on a cluster of its own (salience's, shut down at
+    its end) would pay every time. GPU runs keep actors: Ray pins a GPU worker process's GPU, and
+    would not safely reuse it for another task's. The actors' arguments ``args`` go once into the
+    object store for the tasks, which build one :class:`Explain` per worker process and run
+    (:func:`_held`)."""
+    if not tasks:
         return ds.map_batches(Explain, fn_constructor_args=args, batch_size=size, batch_format="numpy",
                               **_pool(ray, pool), num_gpus=num_gpus, num_cpus=1)
     return ds.map_batches(explain, fn_kwargs={"args": ray.put(args), "writer": writer, "run_id": run_id},
