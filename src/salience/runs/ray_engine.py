@@ -5,20 +5,21 @@ The pending images (those in no committed shard) become a ``ray.data`` dataset o
 same preprocessing as the local engine); a second ``map_batches`` explains them: on the CPU of a
 cluster the caller keeps, in Ray tasks (:func:`explain`), each worker process holding one model per
 run (:class:`Explain`, made by its first task of the run, let go at the run's end); else (GPUs, or
-the cluster salience starts for the run) in a pool of :class:`Explain` actors (``num_gpus`` each)
-started for the run. Each batch of ``shard_size`` images is one shard, written
-by its task or actor into the same store layout (a shared folder or mount on a cluster); the driver
-merges the index at the end. A stopped run resumes the same way as a local one: only images that no
-committed shard holds are read again.
+a cluster salience joins for the run: starts, or joins at ``address``, and leaves at its end) in a
+pool of :class:`Explain` actors (``num_gpus`` each) started for the run. Each batch of
+``shard_size`` images is one shard, written by its task or actor into the same store layout (a
+shared folder or mount on a cluster); the driver merges the index at the end. A stopped run
+resumes the same way as a local one: only images that no committed shard holds are read again.
 
 What a run costs beside its batches (session 54, ``benchmarks/ray-run-cost-s54.md``): Ray keeps the
 worker processes of a driver's job between its tasks, so on a cluster the caller keeps
 (``ray.init()`` once: a notebook, a service) a CPU run after the first finds them with torch,
 salience and Ray Data's code imported and starts no process, where an actor pool started for each
 run (a new process per actor, importing torch and salience, loading the model) cost about 4.5 s a
-run on one core. A run on the cluster salience starts for it (shut down when its last run ends:
-:func:`cluster`, so that no Ray process outlives the runs that needed it) has nothing to reuse, and
-keeps the actor pool, which starts one process where the first tasks may start two; so do GPU runs
+run on one core. A run on a cluster salience joins for it (a local one it starts and shuts down when
+its last run ends, so that no Ray process outlives the runs that needed it, or one at ``address``,
+which it leaves: a job's worker processes end with its driver's connection; :func:`cluster`) has
+nothing to reuse, and keeps the actor pool, which starts one process where the first tasks may start two; so do GPU runs
 (Ray pins a GPU worker process's GPU, and would not reuse it safely for another task's).
 
 Ray's own output (its log lines, Ray Data's progress bars and execution notes, the core worker's
@@ -71,8 +72,8 @@ def _ray() -> Any:
 
 _HELD: dict[str, tuple[Any, Optional[Writer]]] = {}
 """What the runs under way hold in this Ray worker process, by key, with each run's :class:`Writer`
-(and its id in ``_RUN_OF``): the datasets (:func:`_dataset`: fetched and unpickled once per process and run, not once per
-decoding task) and, on CPU, the model each worker explains with (:func:`explain`: loaded once per
+(and its id in ``_RUN_OF``): the datasets (:func:`_dataset`: fetched and unpickled once per process
+and run, not once per decoding task) and, on CPU, the model each worker explains with (:func:`explain`: loaded once per
 process and run, not once per batch); let go when their run ends (:func:`_let_go`)."""
 _RUN_OF: dict[str, str] = {}
 _HELD_LOCK = threading.Lock()
@@ -708,7 +709,7 @@ def _explain(ray: Any, run: Any, num_gpus: float, actors: Optional[int], png: bo
                         batch_size=batch, batch_format="numpy", num_cpus=1)
     args = (shipped(ray, run, weights), plan, str(run.store.folder), batch, png, weights, bool(num_gpus),
             performance, writer)
-    tasks = not num_gpus and not _CLUSTER["ours"]  # CPU, on a cluster kept after the run (the caller's)
+    tasks = not num_gpus and not _CLUSTER["ours"]  # CPU, on a cluster this process stays joined to (the caller's)
     ds = _explaining(ray, ds, args, size, tasks, num_gpus, _actors(ray, num_gpus, actors), writer, run_id)
     with progress(len(pending), "explain (ray)", enabled=show, unit="img") as bar:
         try:
