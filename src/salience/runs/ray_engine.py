@@ -739,7 +739,7 @@ def _explaining(ray: Any, ds: Any, args: tuple, size: int, tasks: bool, num_gpus
     (:func:`_held`)."""
     if not tasks:
         return ds.map_batches(Explain, fn_constructor_args=args, batch_size=size, batch_format="numpy",
-                              **_pool(ray, pool), num_gpus=num_gpus, num_cpus=1)
+                              **_pool(ray, pool), num_gpus=num_gpus or None, num_cpus=1)
     return ds.map_batches(explain, fn_kwargs={"args": ray.put(args), "writer": writer, "run_id": run_id},
                           batch_size=size, batch_format="numpy", **_pool(ray, pool, tasks=True), num_cpus=1)
 
