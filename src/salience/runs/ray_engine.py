@@ -2,11 +2,25 @@
 
 The pending images (those in no committed shard) become a ``ray.data`` dataset of
 ``(index, path)`` rows; ``map_batches`` tasks decode and resize them (the run's dataset, so the
-same preprocessing as the local engine); a second ``map_batches`` runs on a pool of actors that
-each hold one model (``num_gpus`` per actor, CPU actors otherwise). Each actor batch of
-``shard_size`` images is one shard, written by the actor into the same store layout (a shared
-folder or mount on a cluster); the driver merges the index at the end. A stopped run resumes the
-same way as a local one: only images that no committed shard holds are read again.
+same preprocessing as the local engine); a second ``map_batches`` explains them: on the CPU of a
+cluster the caller keeps, in Ray tasks (:func:`explain`), each worker process holding one model per
+run (:class:`Explain`, made by its first task of the run, let go at the run's end); else (GPUs, or
+a cluster salience joins for the run: starts, or joins at ``address``, and leaves at its end) in a
+pool of :class:`Explain` actors (``num_gpus`` each) started for the run. Each batch of
+``shard_size`` images is one shard, written by its task or actor into the same store layout (a
+shared folder or mount on a cluster); the driver merges the index at the end. A stopped run
+resumes the same way as a local one: only images that no committed shard holds are read again.
+
+What a run costs beside its batches (session 54, ``benchmarks/ray-run-cost-s54.md``): Ray keeps the
+worker processes of a driver's job between its tasks, so on a cluster the caller keeps
+(``ray.init()`` once: a notebook, a service) a CPU run after the first finds them with torch,
+salience and Ray Data's code imported and starts no process, where an actor pool started for each
+run (a new process per actor, importing torch and salience, loading the model) cost about 4.5 s a
+run on one core. A run on a cluster salience joins for it (a local one it starts and shuts down when
+its last run ends, so that no Ray process outlives the runs that needed it, or one at ``address``,
+which it leaves: a job's worker processes end with its driver's connection; :func:`cluster`) has
+nothing to reuse, and keeps the actor pool, which starts one process where the first tasks may start two; so do GPU runs
+(Ray pins a GPU worker process's GPU, and would not reuse it safely for another task's).
 
 Ray's own output (its log lines, Ray Data's progress bars and execution notes, the core worker's
 messages) is kept off the terminal while a run goes (:func:`quiet`): the command shows salience's
@@ -30,6 +44,7 @@ import re
 import socket
 import threading
 import time
+import uuid
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
@@ -56,35 +71,43 @@ def _ray() -> Any:
 
 
 _HELD: dict[str, tuple[Any, Optional[Writer]]] = {}
-"""The datasets of the runs under way in this Ray worker process, by their object's id, with each
-run's :class:`Writer` (:func:`_dataset`): fetched and unpickled once per process and run, not once per
-decoding task, and let go when their run ends (:func:`_let_go`)."""
+"""What the runs under way hold in this Ray worker process, by key, with each run's :class:`Writer`
+(and its id in ``_RUN_OF``): the datasets (:func:`_dataset`: fetched and unpickled once per process
+and run, not once per decoding task) and, on CPU, the model each worker explains with (:func:`explain`: loaded once per
+process and run, not once per batch); let go when their run ends (:func:`_let_go`)."""
+_RUN_OF: dict[str, str] = {}
 _HELD_LOCK = threading.Lock()
 RELEASE_EVERY = 1.0
-"""Seconds between two looks, in a worker process holding a dataset, at whether its run has ended."""
+"""Seconds between two looks, in a worker process holding a run's dataset or model, at whether its run has ended."""
 _watching = False
 
 
-def _dataset(dataset: Any, writer: Optional[Writer] = None) -> Any:
+def _dataset(dataset: Any, writer: Optional[Writer] = None, run_id: Optional[str] = None) -> Any:
     """``dataset``, or the object a reference to it (``ray.put`` by the driver: a user's dataset, sent
-    once into the object store) names, read once in this process for the run ``writer`` and held
-    while that run holds its folder (:func:`salience.runs.lock.run_going`): a thread of this process
-    lets it go within :data:`RELEASE_EVERY` seconds of the run's end, done or failed, so two runs at
-    once keep a copy each and none outlives its run. A run whose folder cannot lock (``writer``
-    ``None``) gives no such sign: its copy is kept until another run's comes."""
-    global _watching
+    once into the object store) names, read once in this process for the run ``writer`` (``run_id``)
+    and held while that run holds its folder (:func:`_held`)."""
     ray = _ray()
     if not isinstance(dataset, ray.ObjectRef):
         return dataset
-    key = dataset.hex()
+    return _held(dataset.hex(), lambda: ray.get(dataset), writer, run_id)
+
+
+def _held(key: str, make: Callable[[], Any], writer: Optional[Writer], run_id: Optional[str]) -> Any:
+    """The value held under ``key`` in this process, else ``make()``'s, held for the run ``writer``
+    (``run_id``) while that run holds its folder (:func:`salience.runs.lock.run_going`): a thread of
+    this process lets it go within :data:`RELEASE_EVERY` seconds of the run's end, done or failed, so
+    two runs at once keep a copy each and none outlives its run. A run whose folder cannot lock
+    (``writer`` ``None``) gives no such sign: what it holds is kept until another run's comes."""
+    global _watching
     with _HELD_LOCK:
         held = _HELD.get(key)
     if held is not None:
         return held[0]
-    value = ray.get(dataset)
+    value = make()
     with _HELD_LOCK:
-        _let_go(keep=key)
+        _let_go(keep=run_id or key)
         _HELD[key] = (value, writer)
+        _RUN_OF[key] = run_id or key
         if not _watching:
             _watching = True
             threading.Thread(target=_watch, name="salience-datasets", daemon=True).start()
@@ -92,16 +115,17 @@ def _dataset(dataset: Any, writer: Optional[Writer] = None) -> Any:
 
 
 def _let_go(keep: Optional[str] = None) -> None:
-    """Drop the held datasets whose run has ended, and (when a new one, ``keep``, comes) those of runs
-    that give no sign of their end. Called holding ``_HELD_LOCK``."""
+    """Drop what runs that ended hold, and (when a new run's value comes: its run ``keep``) what runs
+    that give no sign of their end hold. Called holding ``_HELD_LOCK``."""
     for key, (_, writer) in list(_HELD.items()):
-        if key != keep and (not run_going(writer) if writer is not None else keep is not None):
+        if _RUN_OF.get(key, key) != keep and (not run_going(writer) if writer is not None else keep is not None):
             del _HELD[key]
+            _RUN_OF.pop(key, None)
 
 
 def _watch() -> None:
-    """This worker process's thread: every :data:`RELEASE_EVERY` seconds, lets go of the datasets of
-    the runs that ended; ends when it holds none of a run that can end (those of runs whose folder
+    """This worker process's thread: every :data:`RELEASE_EVERY` seconds, lets go of what the runs
+    that ended held; ends when it holds nothing of a run that can end (those of runs whose folder
     cannot lock wait for the next run's, which starts it again: it polled for them, every second, for
     the life of the process)."""
     global _watching
@@ -136,11 +160,13 @@ def _read(dataset: Any, batch: dict[str, np.ndarray], j: int, at: int) -> Item:
 
 
 def decode(batch: dict[str, np.ndarray], dataset: Any, plan: Optional[job.Plan] = None,
-           begun_in: Optional[str] = None, writer: Optional[Writer] = None) -> dict[str, np.ndarray]:
+           begun_in: Optional[str] = None, writer: Optional[Writer] = None,
+           run_id: Optional[str] = None) -> dict[str, np.ndarray]:
     """Ray task: a batch of ``index`` rows -> decoded inputs (the run's dataset, as the local engine).
     The rows carry what the task needs of each of their images (:func:`_rows`: its path, its file and
     mask, its given and begun labels); ``dataset`` is a decoder without the run's paths, or a reference
-    to the user's dataset (:func:`_dataset`: held in this process while the run ``writer`` goes on).
+    to the user's dataset (:func:`_dataset`: held in this process while the run ``writer``, ``run_id``,
+    goes on).
     An image the run refuses (a user's item that is no image tensor; one whose shape is not the run's
     first image's, ``plan.first_input``; one whose item carries another label than the ``begun``
     column, the label the run in ``begun_in`` was begun with: :func:`job.begun_label_refusal`) or whose
@@ -149,7 +175,7 @@ def decode(batch: dict[str, np.ndarray], dataset: Any, plan: Optional[job.Plan] 
     would raise its ``RayTaskError`` with the traceback as text, or numpy's "all input arrays must have
     the same shape")."""
     indices = [int(i) for i in batch["index"]]
-    dataset = _dataset(dataset, writer)
+    dataset = _dataset(dataset, writer, run_id)
     if plan is not None and "path" in batch:
         plan = _some(plan, batch)
     raised = ""
@@ -230,7 +256,11 @@ def _reraise(column: Any) -> None:
 
 
 class Explain:
-    """Ray actor: holds one model; explains a batch of decoded images and writes it as one shard."""
+    """Holds one model; explains a batch of decoded images and writes it as one shard: a Ray actor (GPU
+    runs), or held by a worker process for a run's tasks (CPU runs: :func:`explain`, ``where`` then
+    names them in the errors it sends back)."""
+
+    where = "Ray actor"
 
     def __init__(self, model: Any, plan: job.Plan, folder: str, batch: int, png: bool, weights: Optional[str],
                  gpu: bool, performance: Optional[_perf.Performance] = None, writer: Optional[Writer] = None):
@@ -255,9 +285,9 @@ class Explain:
             return self._explain(batch, n)
         except SalienceError as e:  # the shape check, a model refusing its input: the driver raises it
             return {"index": np.asarray(indices, dtype=np.int64), "shard": np.asarray([""] * n),
-                    "raised": np.asarray([_raised(e, "Ray actor")] * n, dtype=object)}
+                    "raised": np.asarray([_raised(e, self.where)] * n, dtype=object)}
         except Exception as e:  # noqa: BLE001 - the model's own error (a RuntimeError): raised at once, carried
-            raise Carried(_raised(e, "Ray actor", by="the model")) from None
+            raise Carried(_raised(e, self.where, by="the model")) from None
 
     def _explain(self, batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
         """Explain the batch and commit it as one shard."""
@@ -352,16 +382,17 @@ def _rows(pending: list[int], plan: job.Plan,
     return rows, shipped_plan, folder, dataset
 
 
-def _pool(ray: Any, size: int) -> dict[str, Any]:
-    """``map_batches``'s argument for a pool of ``size`` actors: ``compute=ActorPoolStrategy(size=)``
-    from Ray 2.51 (which logs a deprecation warning for ``concurrency=`` at every run), else
-    ``concurrency=`` (Ray 2.9 to 2.50 log one for ``compute=``)."""
+def _pool(ray: Any, size: int, tasks: bool = False) -> dict[str, Any]:
+    """``map_batches``'s argument for a pool of ``size`` actors (``tasks``: at most ``size`` tasks at
+    once): ``compute=ActorPoolStrategy(size=)`` (``TaskPoolStrategy``) from Ray 2.51 (which logs a
+    deprecation warning for ``concurrency=`` at every run), else ``concurrency=`` (Ray 2.9 to 2.50 log
+    one for ``compute=``)."""
     try:
         version = tuple(int(p) for p in ray.__version__.split(".")[:2])
     except ValueError:  # a development build ("3.0.0.dev0" parses; anything else is taken as new)
         version = (99, 0)
     if version >= (2, 51):
-        return {"compute": ray.data.ActorPoolStrategy(size=size)}
+        return {"compute": (ray.data.TaskPoolStrategy if tasks else ray.data.ActorPoolStrategy)(size=size)}
     return {"concurrency": size}
 
 
@@ -433,6 +464,8 @@ def _quieten(ctx: Any) -> Callable[[], None]:
 
 
 def _actors(ray: Any, num_gpus: float, actors: Optional[int]) -> int:
+    """The pool's size: ``actors``, else as many actors as the cluster's GPUs take, else (CPU tasks)
+    half its CPUs."""
     if actors is not None:
         return actors
     res = ray.cluster_resources()
@@ -446,9 +479,11 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
         performance: Optional[_perf.Performance] = None, writer: Optional[Writer] = None) -> None:
     """Explain the run's pending images on Ray (a cluster at ``address``, ``RAY_ADDRESS``, the one
     this process joined, or a new local one: :func:`cluster`, which shuts down what salience started
-    once the last run of this process on it ends). The actors run on CUDA when ``num_gpus`` > 0, else
-    on the CPU; they commit shards only while the run ``writer`` (from
-    :func:`salience.runs.lock.run_lock`) holds the folder. Safe to call from several threads at once."""
+    once the last run of this process on it ends). Actors of ``num_gpus`` each explain on CUDA when
+    ``num_gpus`` > 0, else on the CPU (Ray tasks where the cluster outlives the run: :func:`_explaining`),
+    at most ``actors`` at once; they
+    commit shards only while the run ``writer`` (from :func:`salience.runs.lock.run_lock`) holds the
+    folder. Safe to call from several threads at once."""
     ray = _ray()
     with quiet(ray), cluster(ray, address, num_gpus):
         _explain(ray, run, num_gpus, actors, png, weights, performance, writer, show)
@@ -655,7 +690,7 @@ def _check_gpus(ray: Any, num_gpus: float) -> None:
 def _explain(ray: Any, run: Any, num_gpus: float, actors: Optional[int], png: bool, weights: Optional[str],
              performance: Optional[_perf.Performance], writer: Optional[Writer], show: bool) -> None:
     """:func:`run`'s work on the cluster joined: the pending images through the decoding tasks and the
-    actors, the progress bar, a model's error raised as it was."""
+    explaining tasks (CPU) or actors (GPU), the progress bar, a model's error raised as it was."""
     from salience.runs.dataset import resolve_batch
 
     done = run.store.done()
@@ -667,14 +702,15 @@ def _explain(ray: Any, run: Any, num_gpus: float, actors: Optional[int], png: bo
         run.plan.first_input = (pending[0], tuple(read_once(run.dataset, pending[0]).x.shape))
     size = int(run.store.manifest["command"]["shard_size"])
     rows, plan, begun_in, dataset = _rows(pending, run.plan, run.dataset)
+    run_id = uuid.uuid4().hex  # what this run's tasks hold in a worker process is let go by its end
     ds = ray.data.from_items(rows)
     ds = ds.map_batches(decode, fn_kwargs={"dataset": dataset, "plan": plan, "begun_in": begun_in,
-                                           "writer": writer}, batch_size=batch, batch_format="numpy", num_cpus=1)
+                                           "writer": writer, "run_id": run_id},
+                        batch_size=batch, batch_format="numpy", num_cpus=1)
     args = (shipped(ray, run, weights), plan, str(run.store.folder), batch, png, weights, bool(num_gpus),
             performance, writer)
-    ds = ds.map_batches(Explain, fn_constructor_args=args,
-                        batch_size=size, batch_format="numpy", **_pool(ray, _actors(ray, num_gpus, actors)),
-                        num_gpus=num_gpus or None, num_cpus=1)
+    tasks = not num_gpus and not _CLUSTER["ours"]  # CPU, on a cluster this process stays joined to (the caller's)
+    ds = _explaining(ray, ds, args, size, tasks, num_gpus, _actors(ray, num_gpus, actors), writer, run_id)
     with progress(len(pending), "explain (ray)", enabled=show, unit="img") as bar:
         try:
             for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -687,4 +723,45 @@ def _explain(ray: Any, run: Any, num_gpus: float, actors: Optional[int], png: bo
             _reraise([payload])
 
 
-__all__ = ["run", "cluster", "decode", "Explain", "shipped", "quiet", "RAY_LOGS"]
+def _explaining(ray: Any, ds: Any, args: tuple, size: int, tasks: bool, num_gpus: float, pool: int,
+                writer: Optional[Writer], run_id: str) -> Any:
+    """``ds`` (decoded batches) explained in batches of ``size`` (a shard each) by ``pool`` workers at
+    once: with ``tasks`` (a CPU run on a cluster that outlives it: the caller's), Ray tasks
+    (:func:`explain`) in Ray's pooled worker processes, which the process's later runs reuse with
+    torch and salience imported; else a pool of :class:`Explain` actors (``num_gpus`` each) started
+    for the run. An actor pool's start (a process, ``import torch``, the model) cost each run about
+    4.5 s on one core (benchmarks/ray-run-cost-s54.md), the tasks' about 0.2 s once their processes
+    are warm; but a first run's tasks may land in two fresh processes that both import torch (2.8 s
+    more than one actor on one core), which a run on a cluster of its own (salience's, shut down at
+    its end) would pay every time. GPU runs keep actors: Ray pins a GPU worker process's GPU, and
+    would not safely reuse it for another task's. The actors' arguments ``args`` go once into the
+    object store for the tasks, which build one :class:`Explain` per worker process and run
+    (:func:`_held`)."""
+    if not tasks:
+        return ds.map_batches(Explain, fn_constructor_args=args, batch_size=size, batch_format="numpy",
+                              **_pool(ray, pool), num_gpus=num_gpus or None, num_cpus=1)
+    return ds.map_batches(explain, fn_kwargs={"args": ray.put(args), "writer": writer, "run_id": run_id},
+                          batch_size=size, batch_format="numpy", **_pool(ray, pool, tasks=True), num_cpus=1)
+
+
+def explain(batch: dict[str, np.ndarray], args: Any, writer: Optional[Writer] = None,
+            run_id: Optional[str] = None) -> dict[str, np.ndarray]:
+    """Ray task of a CPU run: ``batch`` (decoded images, a shard's worth) explained and committed by
+    the :class:`Explain` this worker process holds for the run ``run_id`` (made from ``args``, a
+    reference to its constructor's arguments, by the process's first task of the run: the model
+    fetched or loaded once per process and run, as an actor did once per run; let go by the run's
+    end: :func:`_held`)."""
+    ray = _ray()
+    key = "explain:" + (args.hex() if isinstance(args, ray.ObjectRef) else str(run_id))
+    return _held(key, lambda: _explainer(ray.get(args) if isinstance(args, ray.ObjectRef) else args), writer,
+                 run_id)(batch)
+
+
+def _explainer(args: tuple) -> Explain:
+    """The :class:`Explain` of a CPU run's tasks in this process, its errors said to come from a Ray task."""
+    made = Explain(*args)
+    made.where = "Ray task explaining images"
+    return made
+
+
+__all__ = ["run", "cluster", "decode", "explain", "Explain", "shipped", "quiet", "RAY_LOGS"]
