@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from salience.cli import common, explain_cmd, explain_many, main
+from salience.cli import common, explain_cmd, explain_many
+import test_s53_cliaudit
 
 
 class _Tiny(nn.Module):
@@ -61,16 +62,8 @@ def files(tmp_path_factory) -> types.SimpleNamespace:
                                  two=d / "two", one_output=_traced(1, d / "one.ts"), three=_traced(3, d / "three.ts"))
 
 
-def _run(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return rc, out, err
-
-
-def _never(*args, **kwargs):
-    raise AssertionError("reached: the command should have stopped before")
+_run = test_s53_cliaudit._run  # main(argv) in this process: (exit code, stdout, stderr), no traceback
+_never = test_s53_cliaudit._never  # a stand-in for what the command must not reach
 
 
 # --------------------------------------------------------------------------------- 1. --top on one output

@@ -39,6 +39,10 @@ regression model ...: leave mode out``), each by the flag that gives it. :func:`
 passes with a value of the user's (not the function's default) is said as its flag in a refusal (:func:`_flags`),
 as a run of image files says it; the messages' wording is not searched for phrases."""
 
+_DEFAULTS = {k: inspect.signature(explain_dataset).parameters[k].default for k in KEYWORD_FLAGS}
+"""The default of each keyword of :data:`KEYWORD_FLAGS` in :func:`salience.explain_dataset`'s signature: a keyword
+passed with it is not the user's."""
+
 _DATASET_FLAGS = ("dataset", "labels_csv", "masks", "metrics", "png", "overwrite", "engine", "num_gpus", "workers",
                   "actors", "address", "shard_size", "map_dtype")
 
@@ -157,6 +161,5 @@ def _flags(keywords: dict[str, Any]) -> dict[str, str]:
     the flag of each keyword of :data:`KEYWORD_FLAGS` passed with another value than the function's default (a
     refusal is of a value the user gave; the word ``mode`` in a message about another thing, a model's train mode,
     is left alone when ``--mode`` was not given)."""
-    defaults = inspect.signature(explain_dataset).parameters
-    passed = {k: flag for k, flag in KEYWORD_FLAGS.items() if keywords[k] != defaults[k].default}
+    passed = {k: flag for k, flag in KEYWORD_FLAGS.items() if keywords[k] != _DEFAULTS[k]}
     return {**FLAGS, **passed}  # FLAGS first: "mode=MODE" is "--mode MODE" before the bare "mode" is looked for

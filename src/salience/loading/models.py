@@ -448,17 +448,23 @@ def _load_file(path: Path, trust_pickle: bool) -> nn.Module:
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, nn.Module):
         return obj  # only reachable with trust_pickle=True
+    raise _not_a_model(path, obj)
+
+
+def _not_a_model(path: Path, obj: Any) -> SalienceError:
+    """Why what ``torch.load`` read from the model file ``path``, ``obj``, is no model: a state dict (its
+    architecture wanted too), another dict, or another object."""
     if isinstance(obj, dict) and _holds_weights(obj):
-        raise SalienceError(
+        return SalienceError(
             f"{path}: holds a state dict (weights only); give its architecture too, e.g. "
             f"model torchvision:resnet50 with weights={path}, or save the model as TorchScript"
         )
     if isinstance(obj, dict):  # "holds a state dict (weights only)" was said of a dict of anything
         keys = ", ".join(repr(k) for k in list(obj)[:4]) + (", ..." if len(obj) > 4 else "")
-        raise SalienceError(f"{path}: holds a dict ({keys or 'empty'}) that is no model and no state dict (parameter "
-                            "name -> tensor); expected TorchScript (torch.jit.save) or a state dict, as weights= "
-                            "beside its architecture")
-    raise SalienceError(
+        return SalienceError(f"{path}: holds a dict ({keys or 'empty'}) that is no model and no state dict (parameter "
+                             "name -> tensor); expected TorchScript (torch.jit.save) or a state dict, as weights= "
+                             "beside its architecture")
+    return SalienceError(
         f"{path}: holds a {type(obj).__name__}, not a model; expected TorchScript (torch.jit.save) "
         "or a state dict, as weights= beside its architecture"
     )
