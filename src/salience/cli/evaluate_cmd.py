@@ -86,7 +86,8 @@ def _method_options(args: argparse.Namespace, model: nn.Module, methods: Optiona
     if not given:
         return methods, {}
     with flag_errors(FLAGS, args):
-        x = evaluate.evaluation_input(model, args.images, n=args.n, skip_unreadable=args.skip_unreadable)
+        skip = getattr(args, "skip_unreadable", False)  # a Namespace made by a caller may lack it
+        x = evaluate.evaluation_input(model, args.images, n=args.n, skip_unreadable=skip)
     if methods is None:
         methods = default_choice(model, x, given)
         _check_applicable(methods, given)
