@@ -14,7 +14,7 @@ OVER_FOR_THREE = ["--method", "smoothgrad", "--smooth-method", "smoothgrad", "--
 
 
 class _OneOutput(nn.Module):
-    """A model with one output and no class names: ``--top K`` explains it as one target (a score)."""
+    """A model with one output and no class names: ``--top 1`` explains it as its one target (a score)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -25,10 +25,13 @@ class _OneOutput(nn.Module):
         return self.fc(self.conv(x).mean((2, 3)))
 
 
-def test_one_output_model_with_top_k_is_checked_as_the_one_target_it_is_explained_as(tmp_path, pic, capsys,
-                                                                                      monkeypatch):
-    """8,000 x 50 = 400,000 passes for one target is legal; ``--top 3`` on a one-output model explains one target
-    (explain_cmd._choose_targets), so the up-front check must not count three (1,200,000) and refuse the run."""
+def test_one_output_model_with_top_k_is_refused_and_top_1_is_checked_as_the_one_target(tmp_path, pic, capsys,
+                                                                                       monkeypatch):
+    """A decision (the lead's, session 54), not a finding: ``--top 3`` on a one-output model was explained as its one
+    target, silently (while a dataset run refused it); now it is refused, exit 2, naming the one output and what to
+    do, after the prediction pass (which tells the outputs' count) and before any map. The up-front check still
+    counts the one target (8,000 x 50 = 400,000 passes is legal; three would be 1,200,000), so the refusal is of
+    ``--top``, not of ``--samples``. ``--top 1`` is the one target: accepted, and reaches the maps with it."""
     torch.jit.trace(_OneOutput().eval(), torch.rand(1, 3, 64, 64)).save(str(tmp_path / "m.pt"))
     seen = []
 
@@ -37,10 +40,17 @@ def test_one_output_model_with_top_k_is_checked_as_the_one_target_it_is_explaine
         return {}, []
 
     monkeypatch.setattr(explain_cmd, "_compute_maps", stub)
-    rc = main([str(a) for a in ["explain", pic, "-m", tmp_path / "m.pt", "--size", "64", "-o", tmp_path / "o",
-                                *OVER_FOR_THREE, "--top", "3"]])
+    command = [str(a) for a in ["explain", pic, "-m", tmp_path / "m.pt", "--size", "64", "-o", tmp_path / "o",
+                                *OVER_FOR_THREE]]
+    rc = main(command + ["--top", "3"])
     err = capsys.readouterr().err
-    assert "--samples" not in err, err
+    assert rc == 2 and seen == [], (rc, seen, err)
+    assert err.startswith("salience: error: --top 3 ranks classes, but ") and "has one output" in err, err
+    assert err.endswith("has one output (output 0): it is the one target there is; leave --top out (or give "
+                        "--target 0)\n") and err.count("\n") == 1, err
+    rc = main(command + ["--top", "1"])
+    err = capsys.readouterr().err
+    assert "--samples" not in err and "--top" not in err, err
     assert seen == [(1, 1)], (seen, err)  # reached the maps, with the one target
     assert rc == 2  # the stub computed no map
 

@@ -53,7 +53,9 @@ def with_flags(message: str, flags: Mapping[str, str], given: Sequence[str] = ()
     one (``layout=``, ``/data/masks=v2``, a path the user gave, ``--out=``) or a quoted value
     (``'target=3'``, a CSV cell) is left as it is; so is each of ``given`` (what the user typed) that holds
     a keyword, wherever the message repeats it (a file ``weights=x.pt``, a folder ``out=run``, at a word's start
-    too), unless it is a keyword alone (``out=``: which one the message means cannot be told)."""
+    too), unless it is a keyword alone (``out=``: which one the message means cannot be told). A key that ends in a
+    letter or digit (a bare keyword, ``top``; ``overwrite=True``) is one only as a whole word: not the start of a
+    longer one (``topology``, ``model`` for ``mode``, ``top-level``)."""
     kept = sorted({v for v in given if v not in flags and any(k in v for k in flags)}, key=len, reverse=True)
     for i, v in enumerate(kept):
         message = message.replace(v, f"\0{i}\0")
@@ -61,7 +63,8 @@ def with_flags(message: str, flags: Mapping[str, str], given: Sequence[str] = ()
         def said(m: re.Match) -> str:
             value = m.group(1)
             return flag + (" " if value and value not in ",;:)]}'\"" else "")
-        message = re.sub(rf"(?<![^\s(\[]){re.escape(word)}(?=(\S?))", said, message)
+        end = r"(?![\w=-])" if word[-1:].isalnum() else ""
+        message = re.sub(rf"(?<![^\s(\[]){re.escape(word)}{end}(?=(\S?))", said, message)
     for i, v in enumerate(kept):
         message = message.replace(f"\0{i}\0", v)
     return message

@@ -45,12 +45,16 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--probability", choices=("softmax", "sigmoid"), default="softmax",
                    help="how deletion, insertion and ROAD score the class: softmax over the classes (default), or "
                         "each class's own sigmoid (a multilabel model)")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="leave out the --images that cannot be read (each named on stderr; the report says N of M "
+                        "images, results.json's skipped lists them; exit 1); default: refuse the evaluation")
     p.add_argument("--out", "-o", default="salience-eval", metavar="DIR")
     _options.add_method_args(p)
     p.set_defaults(func=run)
 
 
-FLAGS = {"images=": "--images", "masks=": "--masks", "out_dir=": "--out", **METHOD_FLAGS}
+FLAGS = {"images=": "--images", "masks=": "--masks", "out_dir=": "--out", "skip_unreadable=True": "--skip-unreadable",
+         **METHOD_FLAGS}
 """The keywords of :func:`salience.evidence.evaluate.run_evaluation` that its errors name, as this command's flags."""
 
 
@@ -82,7 +86,8 @@ def _method_options(args: argparse.Namespace, model: nn.Module, methods: Optiona
     if not given:
         return methods, {}
     with flag_errors(FLAGS, args):
-        x = evaluate.evaluation_input(model, args.images, n=args.n)
+        skip = getattr(args, "skip_unreadable", False)  # a Namespace made by a caller may lack it
+        x = evaluate.evaluation_input(model, args.images, n=args.n, skip_unreadable=skip)
     if methods is None:
         methods = default_choice(model, x, given)
         _check_applicable(methods, given)
@@ -110,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         warn(f"warning: {STEPS_NOTE}")
     kwargs: dict[str, Any] = {"n": args.n, "steps": steps, "randomization_images": args.randomization_images,
                               "progress": sys.stderr.isatty(), "probability": args.probability,
-                              "method_options": options}
+                              "method_options": options, "skip_unreadable": args.skip_unreadable}
     if args.images is not None:
         kwargs["images"] = args.images
     if args.masks is not None:
@@ -126,10 +131,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"evaluation written to {args.out}")
     print(f"report: {Path(report).resolve()}")
     results = json.loads((Path(report).parent / "results.json").read_text())
+    for left_out in results.get("skipped", []):  # --skip-unreadable: each image left out, with why
+        path, why = left_out["image"], left_out["error"]
+        warn(f"skipped {why if why.startswith(path) else f'{path}: {why}'}")
     for text in results.get("warnings", []):  # flat maps (method, oracle, baseline): numbers of nothing
         warn(f"warning: {text}")
     rows = results["rows"]
     failed = [(r["name"], r["error"]) for r in rows if r.get("error")]
     for name, message in failed:  # in the report's table too; said here as explain says it
         warn(f"method {name} failed: {message.removeprefix('SalienceError: ')}")
-    return EXIT_PARTIAL if failed else EXIT_OK
+    return EXIT_PARTIAL if failed or results.get("skipped") else EXIT_OK

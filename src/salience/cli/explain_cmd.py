@@ -29,6 +29,7 @@ from salience.loading import DEFAULT_MAX_PIXELS, load_images, unnormalize
 from salience.loading.images import preprocessing_record
 from salience.render import viz
 from salience.runs.job import call_method
+from salience.runs.store import is_run_folder
 
 Maps = dict[str, list[Tensor]]
 """Per method name: a tensor ``(N, ...)`` of every image's map for each of the R targets."""
@@ -86,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
     if explain_many.wants_dataset(args):
         return explain_many.run(args)
     check_no_file_in_way(args.out)  # said now: the folder was made only after every map was computed
+    if is_run_folder(args.out):  # its figures were written among the run's files (the lead's decision, session 54)
+        raise SalienceError(f"--out {args.out} is a dataset run's folder (salience explain DIR --out made it); the "
+                            "figures of image files go to a folder of their own: choose another --out")
     args.batch_size = args.batch if args.batch is not None else 16
     request = _check_args(args)
     model = load_model_arg(args)
@@ -193,6 +197,8 @@ class Chosen:
 def _choose_targets(args: argparse.Namespace, info: ModelInfo, out: Tensor) -> Chosen:
     """The targets that ``--target``, ``--top`` and ``--mode`` ask for, given the model's outputs ``(N, K)``."""
     n, k = out.shape
+    if k == 1 and args.top is not None and args.top > 1:  # was explained as the one target, silently (the lead's
+        raise SalienceError(_one_output_top(args.top, info))  # decision, session 54: refused, as a dataset run does)
     if info.task == "regression" or k == 1:  # one output is a score, not a choice of classes (as dataset runs)
         idx = parse_class(args.target, info, k) if args.target is not None else 0
         return Chosen(torch.full((n, 1), idx, dtype=torch.long), [f"{safe_name(info.class_name(idx))}-{args.mode}"],
@@ -207,6 +213,15 @@ def _choose_targets(args: argparse.Namespace, info: ModelInfo, out: Tensor) -> C
         raise SalienceError(f"--top {args.top} is more than the model's {k} classes; use --top {k} or less")
     classes = out.topk(min(args.top or 1, k), dim=1).indices.cpu()
     return Chosen(classes, [f"top{j + 1}" for j in range(classes.shape[1])])
+
+
+def _one_output_top(top: int, info: ModelInfo) -> str:
+    """The refusal of ``--top K`` (K > 1) on a model with one output: its one output (named where the model names
+    it) is the one target there is; ``--top 1`` is that target and stays accepted."""
+    name = info.class_name(0)
+    output = "output 0" + (f", {name}" if name != "0" else "")
+    return (f"--top {top} ranks classes, but {info.name} has one output ({output}): it is the one target there is; "
+            "leave --top out (or give --target 0)")
 
 
 # --------------------------------------------------------------------------------- maps

@@ -7,7 +7,7 @@ list) or an option of dataset runs is given (``--dataset``, ``--labels-csv``, ``
 from __future__ import annotations
 
 import argparse
-import re
+import inspect
 import sys
 from typing import Any
 
@@ -32,11 +32,16 @@ FLAGS = {"labels=": "--labels-csv", "masks=": "--masks", "out=": "--out", "overw
          'map_dtype="float32"': "--map-dtype float32", **METHOD_FLAGS}
 """The keywords of :func:`salience.explain_dataset` that its errors name, as this command's flags."""
 
-_BARE_KEYWORDS = re.compile(r"(?<!\S)(top|mode)(?= \d+ is more than| \d+ or less| ranks classes| '\w+' is for| out\b)")
-"""The keywords :func:`salience.explain_dataset`'s refusals of ``top`` and ``mode`` name without an ``=`` (``top 9 is
-more than the model's 5 classes; use top 5 or less``, ``top ranks classes, but ...``, ``mode 'decrease' is for a
-regression model ...: leave mode out``), which :data:`FLAGS` cannot match: said as the flags ``--top`` and ``--mode``,
-as a run of image files says them."""
+KEYWORD_FLAGS = {"top": "--top", "mode": "--mode"}
+"""The keywords of :func:`salience.explain_dataset` whose refusals name them bare, without an ``=`` (``top must be an
+int >= 1, got 0``, ``top 9 is more than the model's 5 classes; use top 5 or less``, ``mode 'decrease' is for a
+regression model ...: leave mode out``), each by the flag that gives it. :func:`_explain` passes them: each one it
+passes with a value of the user's (not the function's default) is said as its flag in a refusal (:func:`_flags`),
+as a run of image files says it; the messages' wording is not searched for phrases."""
+
+_DEFAULTS = {k: inspect.signature(explain_dataset).parameters[k].default for k in KEYWORD_FLAGS}
+"""The default of each keyword of :data:`KEYWORD_FLAGS` in :func:`salience.explain_dataset`'s signature: a keyword
+passed with it is not the user's."""
 
 _DATASET_FLAGS = ("dataset", "labels_csv", "masks", "metrics", "png", "overwrite", "engine", "num_gpus", "workers",
                   "actors", "address", "shard_size", "map_dtype")
@@ -113,11 +118,7 @@ def run(args: argparse.Namespace) -> int:
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     if info.input_size is None:  # the command's inputs are image files: said with its flag, not Python's keyword
         raise needs_one_size(info.name, "give --size H,W")
-    try:
-        with flag_errors(FLAGS, args):
-            run_ = _explain(args, model, fns, target, show, taken)
-    except SalienceError as e:
-        raise SalienceError(_BARE_KEYWORDS.sub(r"--\1", str(e))) from None
+    run_ = _explain(args, model, fns, target, show, taken)
     _warn_constant(run_.table, methods)
     errors = run_.failed()  # the image's own error, or a method's or its metrics' (METHOD.error, METHOD.metrics_error)
     print(f"explained {len(run_) - errors} of {len(run_)} image(s) into {args.out}/ (index.parquet, index.html)"
@@ -139,9 +140,10 @@ def _said_columns(run: Any) -> str:
 
 
 def _explain(args: argparse.Namespace, model: Any, fns: dict, target: Any, show: bool, taken: dict) -> Any:
-    """The dataset run the arguments describe (:func:`salience.explain_dataset`)."""
-    return explain_dataset(
-        model, list(args.images), fns, args.out, target=target, top=args.top, mode=args.mode, labels=args.labels_csv,
+    """The dataset run the arguments describe (:func:`salience.explain_dataset`), its refusals said with the
+    command's flags (:func:`_flags`)."""
+    keywords = dict(
+        target=target, top=args.top, mode=args.mode, labels=args.labels_csv,
         masks=args.masks, metrics=_metrics(args.metrics, args.masks is not None),
         batch_size=args.batch, workers=args.workers, shard_size=args.shard_size or 256, png=bool(args.png),
         overwrite=bool(args.overwrite), engine=args.engine or "local", num_gpus=args.num_gpus or 0,
@@ -150,3 +152,14 @@ def _explain(args: argparse.Namespace, model: Any, fns: dict, target: Any, show:
         model_spec=args.model, memory_format=getattr(args, "memory_format", None),
         compile=getattr(args, "compile", None), precision=getattr(args, "precision", None),
         fold_batchnorm=getattr(args, "fold_batchnorm", None))
+    with flag_errors(_flags(keywords), args):
+        return explain_dataset(model, list(args.images), fns, args.out, **keywords)
+
+
+def _flags(keywords: dict[str, Any]) -> dict[str, str]:
+    """What a refusal of :func:`salience.explain_dataset` called with ``keywords`` says as flags: :data:`FLAGS`, and
+    the flag of each keyword of :data:`KEYWORD_FLAGS` passed with another value than the function's default (a
+    refusal is of a value the user gave; the word ``mode`` in a message about another thing, a model's train mode,
+    is left alone when ``--mode`` was not given)."""
+    passed = {k: flag for k, flag in KEYWORD_FLAGS.items() if keywords[k] != _DEFAULTS[k]}
+    return {**FLAGS, **passed}  # FLAGS first: "mode=MODE" is "--mode MODE" before the bare "mode" is looked for

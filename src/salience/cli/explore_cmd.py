@@ -5,13 +5,14 @@ import argparse
 import os
 import sys
 import webbrowser
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from salience._core.errors import SalienceError
 from salience._core.tensors import check_int
 from salience.cli.common import (EXIT_INTERRUPTED, EXIT_OK, MODEL_FLAGS, add_model_args, error, flag_errors,
-                                 model_specs_help, output_arg)
-from salience.loading import DEFAULT_MAX_PIXELS
+                                 model_specs_help, output_arg, warn)
+from salience.loading import DEFAULT_MAX_PIXELS, load_image
 
 
 def add_parser(sub: Any) -> None:
@@ -61,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
     if len(weights) > 1 and len(weights) != len(args.compare):
         raise SalienceError(f"--compare-weights given {len(weights)} times for {len(args.compare)} --compare models: "
                             "give it once (for all of them) or once per --compare, in the same order")
+    images = shown_inputs(args.images, args.max_pixels)
     with flag_errors(MODEL_FLAGS, args):  # the models' loading errors (load_model's keywords) said with the flags
-        explorer = start(args.model, args.images, compare=args.compare, host=args.host, port=args.port,
+        explorer = start(args.model, images, compare=args.compare, host=args.host, port=args.port,
                          max_pixels=args.max_pixels, load=_load_options(args), background=False,
                          compare_load=None if not weights else [{"weights": w} for w in weights]
                          if len(weights) > 1 else {"weights": weights[0]},
@@ -83,3 +85,43 @@ def run(args: argparse.Namespace) -> int:
             os._exit(EXIT_INTERRUPTED)
         raise
     return EXIT_OK
+
+
+def shown_inputs(inputs: Sequence[str], max_pixels: int) -> list[str]:
+    """The ``inputs`` the page can show, in order; each one left out is said on stderr, a line each (the input and
+    why), before the model loads: the page started without a word of them (the lead's decision, session 54). An
+    image file named is read as the page would read it (:func:`salience.loading.load_image`, once); a folder is
+    left out when it holds no image file (the images inside are listed, not read: a folder may hold thousands); a
+    run folder is kept. A :class:`SalienceError` (exit 2) when inputs were named and none is left."""
+    kept = []
+    for given in inputs:
+        why = _left_out(given, max_pixels)
+        if why is None:
+            kept.append(given)
+        else:
+            warn(f"left out {why if why.startswith(given) else f'{given}: {why}'}")
+    if inputs and not kept:
+        raise SalienceError(f"none of the {len(inputs)} input(s) can be shown (each said above); give image files, "
+                            "folders of them or a run folder")
+    return kept
+
+
+def _left_out(given: str, max_pixels: int) -> Optional[str]:
+    """Why the page cannot show the input ``given`` (a file's own error names it first), or ``None``."""
+    from salience.explore.images import IMAGE_SUFFIXES
+    from salience.explore.runs import is_run
+
+    path = Path(given)
+    if is_run(path):
+        return None
+    if path.is_dir():
+        if any(f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES for f in path.iterdir()):
+            return None
+        return f"a folder without image files ({', '.join(IMAGE_SUFFIXES)})"
+    if not path.exists():
+        return "no such file or folder; check the path"
+    try:
+        load_image(path, max_pixels=max_pixels)
+    except SalienceError as e:
+        return str(e)
+    return None

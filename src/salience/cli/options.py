@@ -21,14 +21,16 @@ import inspect
 import re
 from typing import Any, Callable, Optional, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from salience._core.errors import SalienceError, suggest
 from salience._core.info import ModelInfo
 from salience.methods import METHODS
+from salience.cli.common import with_flags
 from salience.methods.options import (CHOICES, NOT_FLAGS, MethodOption, accepted, bind, check_applicable,  # noqa: F401
-                                      check_values, keyword_parameters, method_options, option_error,
+                                      keyword_parameters, method_options, option_error,
                                       read_value, show_default, wraps_methods)
+from salience.methods.options import check_values as _check_values
 from salience.methods.options import check_layer as _check_layer
 from salience.methods.options import INNER_METHOD, signature_of
 
@@ -83,6 +85,23 @@ def check_layer(model: nn.Module, given: dict[str, Any]) -> None:
         raise SalienceError(str(e).replace(PYTHON_LAYER_HINT, hint)) from None
 
 
+COMMAND_WORDS = {"None/'black' (zeros), 'blur', a number or a tensor": "black (zeros), blur or a number (a pixel "
+                 "value, e.g. 0.5)", "a number, 'blur' or a tensor": "a number (a pixel value, e.g. 0.5) or blur"}
+"""The values the methods' refusals of a ``baseline`` name as Python gives them (``None``, a quoted name, a tensor:
+no command-line value), as ``--baseline`` takes them (integrated gradients' and occlusion's words)."""
+
+
+def check_values(model: nn.Module, x: Tensor, methods: Sequence[str], given: dict[str, Any], targets: int = 1,
+                 said: str = "") -> None:
+    """:func:`salience.methods.options.check_values` (each method's checks of the given values, before any work;
+    ``x`` ``(1, C, H, W)``), its refusal in the command line's words (:data:`COMMAND_WORDS`): ``--baseline white``
+    said ``expected None/'black' (zeros), 'blur', a number or a tensor``."""
+    try:
+        _check_values(model, x, methods, given, targets, said)
+    except SalienceError as e:
+        raise SalienceError(with_flags(str(e), COMMAND_WORDS)) from None
+
+
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
     """The method options given on the command line, by keyword, read into their values."""
     given: dict[str, Any] = {}
@@ -98,8 +117,8 @@ def top_targets(top: Optional[int], info: ModelInfo, labels: Optional[Sequence[s
     """How many targets ``--top K`` makes the methods explain at once, and the flag that says it
     (:func:`check_values`' ``targets``, ``said``): K, or the model's classes where it names fewer (``--labels``,
     else ``info``'s names; one output is one target). Without ``--top``: one, ``""``. Names unknown: K, or
-    ``unnamed`` where given (a file run, whose one-output model is explained as one target whatever K: it checks
-    the real count again once its prediction pass tells the outputs)."""
+    ``unnamed`` where given (a file run: it checks the real count again once its prediction pass tells the outputs,
+    and refuses K > 1 on a one-output model there)."""
     if top is None:
         return 1, ""
     names = labels if labels is not None else info.class_names

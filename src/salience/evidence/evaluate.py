@@ -498,18 +498,28 @@ def _pictures(files: Sequence[Path], info: ModelInfo) -> Tensor:
 
     As :func:`salience.loading.load_images` does: resized and cropped as ``info`` says, and, for
     a model of any size, every image brought to the first image's size. Any unreadable file is an
-    error naming it.
+    error naming it (:func:`_readable_pictures` leaves them out instead).
     """
+    pics, skipped = _readable_pictures(files, info)
+    if skipped:
+        raise SalienceError(f"{len(skipped)} of {len(files)} images could not be read; the first: {skipped[0][1]}; or "
+                            "leave the unreadable images out with skip_unreadable=True")
+    return pics
+
+
+def _readable_pictures(files: Sequence[Path], info: ModelInfo) -> tuple[Optional[Tensor], list[tuple[Path, str]]]:
+    """The readable ones of ``files`` as :func:`_pictures` makes them, ``(N, 3, h, w)`` (``None`` when none is),
+    and ``(file, why)`` of each unreadable one, in order."""
     pics: list[Tensor] = []
-    errors: list[str] = []
+    skipped: list[tuple[Path, str]] = []
     for path in files:
         try:
             img = resize_crop(load_image(path), info)
         except SalienceError as e:
-            errors.append(str(e))
+            skipped.append((path, str(e)))
             continue
         except MemoryError:
-            errors.append(f"{path}: out of memory while decoding")
+            skipped.append((path, f"{path}: out of memory while decoding"))
             continue
         if pics and img.shape[-2:] != pics[0].shape[-2:]:
             img = keep_flat(img[None], F.interpolate(img[None], size=tuple(pics[0].shape[-2:]), mode="bilinear",
@@ -517,9 +527,7 @@ def _pictures(files: Sequence[Path], info: ModelInfo) -> Tensor:
         pics.append(img)
         if len(pics) == 1:  # the size known: all of them held at once, refused before the others are decoded
             check_images(len(files), img.shape[-2:], f"images (of {files[0].parent})")
-    if errors:
-        raise SalienceError(f"{len(errors)} of {len(files)} images could not be read; the first: {errors[0]}")
-    return torch.stack(pics)
+    return (torch.stack(pics) if pics else None), skipped
 
 
 def _mask(path: Path, info: ModelInfo, size: tuple[int, int]) -> Tensor:
@@ -540,44 +548,75 @@ def _folder_inputs(model: nn.Module, images: PathLike, masks: Optional[PathLike]
     return _folder_inputs_and_files(model, images, masks, n)[:4]
 
 
-def _folder_inputs_and_files(model: nn.Module, images: PathLike, masks: Optional[PathLike], n: int
-                             ) -> tuple[Tensor, Tensor, Optional[Tensor], str, Optional[list[Path]]]:
+def _folder_inputs_and_files(model: nn.Module, images: PathLike, masks: Optional[PathLike], n: int,
+                             skip_unreadable: bool = False
+                             ) -> tuple[Tensor, Tensor, Optional[Tensor], str, Optional[list[Path]],
+                                        list[tuple[Path, str]]]:
     """The first ``n`` image files of ``images`` (sorted by name) as the model's input
     ``(N, C, h, w)``, the same images in ``[0, 1]`` for pictures ``(N, 3, h, w)``, their masks
-    ``(N, h, w)`` bool (``None`` without ``masks``), a one-line description and the mask files
-    (image i's mask read from the i-th; ``None`` without ``masks``).
+    ``(N, h, w)`` bool (``None`` without ``masks``), a one-line description, the mask files
+    (image i's mask read from the i-th; ``None`` without ``masks``) and ``(file, why)`` of each image left out.
 
     A mask is the file in ``masks`` with the image's stem (``cat.jpg`` <-> ``cat.png``), resized
     and cropped like the image, and set where its brightest channel is at least half the mask's
     maximum (so white-on-black, 0/1 label images and coloured label images all work; a mask with transparency
     where its alpha is at least half its largest, :func:`~salience.loading.images.mask_values`). Any image
     without a mask, or any unreadable file, is an error: an evaluation that silently drops images
-    is not the evaluation the user asked for. Each file is decoded once.
+    is not the evaluation the user asked for. With ``skip_unreadable`` an unreadable image is left out (with its
+    mask; every image file still needs one), said in the description (``3 of 4 images``) and in the list returned;
+    none readable is still an error. Each file is decoded once.
     """
     info = model_info(model)
     folder = Path(images)
     files = _image_files(folder, n)
     mask_files = _mask_files(Path(masks), files, folder) if masks is not None else None
-    raw = _pictures(files, info)
+    if not skip_unreadable:
+        raw, skipped = _pictures(files, info), []
+    else:
+        raw, skipped = _readable_pictures(files, info)
+        if raw is None:
+            raise SalienceError(f"none of the {len(files)} images in {folder} could be read; the first: "
+                                f"{skipped[0][1]}")
+    left_out = {p for p, _ in skipped}
+    kept = [i for i, p in enumerate(files) if p not in left_out]
+    mask_files = [mask_files[i] for i in kept] if mask_files is not None else None
     x = normalize_input(raw, info)
     size = (int(raw.shape[-2]), int(raw.shape[-1]))
     m = torch.stack([_mask(p, info, size) for p in mask_files]) if mask_files is not None else None
-    return x, raw, m, f"{len(files)} images from {folder}" + (f" with masks from {masks}" if masks else ""), mask_files
+    count = f"{len(kept)} of {len(files)} images" if skipped else f"{len(files)} images"
+    source = f"{count} from {folder}" + (f" with masks from {masks}" if masks else "") + (
+        f" ({len(skipped)} unreadable, left out: {_names([p for p, _ in skipped])})" if skipped else "")
+    return x, raw, m, source, mask_files, skipped
 
 
 def evaluation_input(model: nn.Module, images: Optional[PathLike] = None, *, n: int = 64,
-                     seed: int = 10_000) -> Tensor:
-    """The first image :func:`run_evaluation` evaluates (with the same ``images``, ``n`` and
-    ``seed``), as the model's input ``(1, C, H, W)`` on its device: for checking options on it
-    before the run (``salience evaluate`` does)."""
+                     seed: int = 10_000, skip_unreadable: bool = False) -> Tensor:
+    """The first image :func:`run_evaluation` evaluates (with the same ``images``, ``n``, ``seed`` and
+    ``skip_unreadable``: the first readable one of the first ``n``), as the model's input ``(1, C, H, W)`` on its
+    device: for checking options on it before the run (``salience evaluate`` does)."""
     if images is None:
         check_int(n, "n", minimum=1)
         size = _demo_size(model)
         check_images(n, (size, size), "held-out shapes images")  # the run's refusal, before it: image 0 is drawn alone
         x = _demo_inputs(model, 1, seed)[0]
-    else:
+    elif not skip_unreadable:
         x = _folder_inputs(model, images, None, 1)[0]
+    else:
+        x = _first_readable(model, Path(images), n)
     return model_input(model, x)
+
+
+def _first_readable(model: nn.Module, folder: Path, n: int) -> Tensor:
+    """The first readable one of the first ``n`` image files of ``folder`` as the model's input ``(1, C, h, w)``
+    (each file before it decoded, and left out, once): a :class:`SalienceError` when none is readable."""
+    info = model_info(model)
+    files = _image_files(folder, n)
+    for path in files:
+        raw, _ = _readable_pictures([path], info)
+        if raw is not None:
+            return normalize_input(raw, info)
+    raise SalienceError(f"none of the {len(files)} images in {folder} could be read; the first: "
+                        f"{_readable_pictures(files[:1], info)[1][0][1]}")
 
 
 # ----------------------------------------------------------------------------- the report
@@ -599,6 +638,7 @@ def run_evaluation(
     train_fn: Optional[TrainFn] = None,
     train_images: int = 1000,
     probability: ProbabilityLike = True,
+    skip_unreadable: bool = False,
 ) -> Path:
     """Evaluate every method on ``model`` and write the report to ``out_dir``; returns the path
     of ``report.html`` (``report.md`` and ``results.json`` lie beside it).
@@ -615,10 +655,14 @@ def run_evaluation(
     ``results.json`` (``method_options``, with the :data:`~salience.methods.QUICK` ones); a name not
     evaluated, an option the method does not take, or a value it refuses (checked on the first image,
     nothing computed) is a :class:`SalienceError` before any work. ``steps``: the deletion / insertion
-    curves' steps (``salience evaluate --deletion-steps``), not a method's.
+    curves' steps (``salience evaluate --deletion-steps``), not a method's. An unreadable image among ``images`` is
+    an error (a table over fewer images than asked for misleads) unless ``skip_unreadable``: then it is left out,
+    the report says ``N of M images``, and ``results.json``'s ``skipped`` lists each one (``image``, ``error``);
+    none readable is still an error.
     """
     check_int(n, "n", minimum=1)
     check_probability(probability)
+    skip_unreadable = check_flag(skip_unreadable, "skip_unreadable")
     _check_options(steps, randomization_images, 32, seed, None, progress=progress)
     _check_classifier(model)
     if masks is not None and images is None:
@@ -629,10 +673,11 @@ def run_evaluation(
     start = time.perf_counter()
     mask_files: Optional[list[Path]] = None  # the demo's masks are made, not read
     demo_masks: Optional[str] = None  # the call that made them
+    skipped: list[tuple[Path, str]] = []  # the unreadable images left out (skip_unreadable)
     if images is None:
         x, raw, m, source, demo_masks = _demo_inputs(model, n, seed)
     else:
-        x, raw, m, source, mask_files = _folder_inputs_and_files(model, images, masks, n)
+        x, raw, m, source, mask_files, skipped = _folder_inputs_and_files(model, images, masks, n, skip_unreadable)
     device = model_device(model)
     x, m = model_input(model, x), (m.to(device) if m is not None else None)  # its device and dtype
     check_count(steps, "steps", 1, STEPS_MEANING, x.shape[-2] * x.shape[-1])  # its passes: before the folder is made
@@ -661,6 +706,7 @@ def run_evaluation(
         "rows": [r.as_dict() for r in rows],
         "data_randomization": data_rand,
         "warnings": flat,
+        "skipped": [{"image": str(p), "error": why} for p, why in skipped],
         "seconds": round(time.perf_counter() - start, 2),
     }
     # Strict JSON: a metric without a value (NaN: a constant map's rank correlation) is null, not the

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from salience._core.errors import SalienceError, suggest
+from salience._core.errors import SalienceError, suggest, user_stacklevel
 from salience._core.files import file_start
 from salience._core.info import ModelInfo, attach_info, model_info
 from salience._core.tensors import check_flag
@@ -236,6 +236,8 @@ def _read_state_dict(path: Path, trust_pickle: bool) -> dict:
     if whole:
         raise SalienceError(f"{path}: {whole} is a whole model, not a state dict: load it by itself, "
                             f"load_model({str(path)!r}), without an architecture or weights")
+    if safetensors and trust_pickle:
+        _needless_trust(path, "a safetensors file loads without unpickling code")
     obj = _read_safetensors(path) if safetensors else _torch_load(path, trust_pickle)
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict", "model", "net"):
@@ -257,6 +259,13 @@ def _read_state_dict(path: Path, trust_pickle: bool) -> dict:
     return obj
 
 
+def _holds_weights(obj: dict) -> bool:
+    """Whether the loaded dict ``obj`` is a state dict: a tensor among its values, or a checkpoint's entry
+    (``state_dict``, ``model`` ...) that is a dict (as :func:`_read_state_dict` takes it)."""
+    return any(isinstance(v, Tensor) for v in obj.values()) or any(
+        isinstance(obj.get(k), dict) for k in ("state_dict", "model_state_dict", "model", "net"))
+
+
 def _torch_load(path: Path, trust_pickle: bool):
     import pickle
 
@@ -266,6 +275,14 @@ def _torch_load(path: Path, trust_pickle: bool):
     # torch.save writes a zip archive (a pickle, protocol 2+, before PyTorch 1.6): anything else is no PyTorch file
     # (an ONNX file, a text file), and trust_pickle would not help
     foreign = not (start.startswith(b"PK") or start[:1] == b"\x80")
+    if trust_pickle and not foreign:
+        try:  # read safely first: trust_pickle is said to be needless where the file needs no unpickled code
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - read below as before, unpickling what it holds
+            pass
+        else:
+            _needless_trust(path, "it holds tensors and plain values only, which load without unpickling code")
+            return obj
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as e:  # noqa: BLE001 - torch.load raises many types on a foreign file
@@ -284,6 +301,12 @@ def _torch_load(path: Path, trust_pickle: bool):
             f"{path}: not a PyTorch model file salience can read ({msg}); expected TorchScript "
             "(torch.jit.save) or a state dict (torch.save(model.state_dict()))"
         ) from None
+
+
+def _needless_trust(path: Path, why: str) -> None:
+    """The warning that ``trust_pickle=True`` was given for a file that needs no unpickling (TorchScript, a
+    ``.pt2`` program, safetensors, a state dict that ``torch.load(weights_only=True)`` reads): ``why`` says why."""
+    warnings.warn(f"{path}: trust_pickle=True was not needed: {why}; leave it out", stacklevel=user_stacklevel())
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -365,8 +388,21 @@ def _load_torchvision(arch: str, weights: Optional[PathLike], trust_pickle: bool
     return attach_info(model.eval(), _torchvision_info(arch, n, weights_enum))
 
 
+def _unpickled_nothing(path: Path, suffix: str) -> Optional[str]:
+    """What the model file ``path`` is where loading it unpickles nothing (``trust_pickle`` is needless there):
+    ``"a TorchScript archive"`` and the like; ``None`` for a file ``torch.load`` reads."""
+    if suffix in _KERAS_EXT + _ONNX_EXT:
+        return f"a {'Keras' if suffix in _KERAS_EXT else 'ONNX'} file"
+    if suffix == ".pt2":
+        return "a torch.export program (.pt2)"
+    return "a TorchScript archive" if suffix != ".safetensors" and _is_torchscript(path) else None
+
+
 def _load_file(path: Path, trust_pickle: bool) -> nn.Module:
     suffix = path.suffix.lower()
+    kind = _unpickled_nothing(path, suffix) if trust_pickle else None
+    if kind is not None:
+        _needless_trust(path, f"{kind} loads without unpickling code")
     if suffix in _KERAS_EXT:
         try:
             from salience.loading.keras import load_keras  # type: ignore[attr-defined]
@@ -412,12 +448,23 @@ def _load_file(path: Path, trust_pickle: bool) -> nn.Module:
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, nn.Module):
         return obj  # only reachable with trust_pickle=True
-    if isinstance(obj, dict):
-        raise SalienceError(
+    raise _not_a_model(path, obj)
+
+
+def _not_a_model(path: Path, obj: Any) -> SalienceError:
+    """Why what ``torch.load`` read from the model file ``path``, ``obj``, is no model: a state dict (its
+    architecture wanted too), another dict, or another object."""
+    if isinstance(obj, dict) and _holds_weights(obj):
+        return SalienceError(
             f"{path}: holds a state dict (weights only); give its architecture too, e.g. "
             f"model torchvision:resnet50 with weights={path}, or save the model as TorchScript"
         )
-    raise SalienceError(
+    if isinstance(obj, dict):  # "holds a state dict (weights only)" was said of a dict of anything
+        keys = ", ".join(repr(k) for k in list(obj)[:4]) + (", ..." if len(obj) > 4 else "")
+        return SalienceError(f"{path}: holds a dict ({keys or 'empty'}) that is no model and no state dict (parameter "
+                             "name -> tensor); expected TorchScript (torch.jit.save) or a state dict, as weights= "
+                             "beside its architecture")
+    return SalienceError(
         f"{path}: holds a {type(obj).__name__}, not a model; expected TorchScript (torch.jit.save) "
         "or a state dict, as weights= beside its architecture"
     )
@@ -681,11 +728,21 @@ def _json_labels(p: Path, data: object) -> list[str]:
         if bad is not None or any(v is None for v in data.values()):
             raise SalienceError(f"labels file {p}: each class name must be a string, got {json.dumps(bad)}")
         if sorted(by_index) != list(range(len(by_index))):
-            missing = sorted(set(range(max(by_index, default=-1) + 1)) - set(by_index))[:5]
-            raise SalienceError(f"labels file {p}: the indices must run 0..{len(by_index) - 1} without gaps "
-                                f"(missing {', '.join(map(str, missing)) or 'negative indices'})")
+            raise SalienceError(f"labels file {p}: {_index_gap(sorted(by_index))}")
         return [by_index[i] for i in range(len(by_index))]
     raise SalienceError(f"labels file {p}: expected a JSON list of names or an object {{index: name}}")
+
+
+def _index_gap(indices: list[int]) -> str:
+    """Why a labels file's JSON object of sorted class ``indices`` does not name the classes ``0..K-1``: the
+    indices missing (the object's ``{"0": "cat", "2": "dog"}`` says nothing of class 1), or a negative one."""
+    if indices[0] < 0:
+        return f"the index {indices[0]} is negative; the keys are class indices 0, 1, 2, ..."
+    missing = sorted(set(range(indices[-1] + 1)) - set(indices))
+    shown = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    which = f"class {shown} has" if len(missing) == 1 else f"classes {shown} have"
+    return (f"{which} no name: the object names {len(indices)} of the classes 0 to {indices[-1]}; give each of "
+            "them a name")
 
 
 def name_classes(info: ModelInfo, num_outputs: int,

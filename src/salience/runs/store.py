@@ -316,6 +316,15 @@ def check_folder(folder: Path, overwrite: bool) -> None:
                             "folder)")
 
 
+def is_run_folder(path: PathLike) -> bool:
+    """Whether ``path`` is a dataset run's folder: a folder holding the run's manifest (``run.json``) or its
+    store's tables (``inputs.parquet``, ``index.parquet``). What another command checks before it writes its own
+    files into a folder (``salience explain IMAGE --out``), which a run would then hold beside its own."""
+    folder = Path(path)
+    return folder.is_dir() and any((folder / name).is_file() for name in ("run.json", "inputs.parquet",
+                                                                          "index.parquet"))
+
+
 def done_indices(folder: PathLike) -> set[int]:
     """The indices of the images in the committed shards of the run in ``folder`` (none: empty)."""
     pa = pyarrow()
