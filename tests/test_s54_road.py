@@ -92,7 +92,7 @@ def test_diagonal_neighbours_couple_two_regions():
 
 def test_isolated_pixel_is_the_weighted_mean_of_its_neighbours():
     # A removed pixel with no removed neighbour: 1/6 for the direct, 1/12 for the diagonal neighbours,
-    # divided by the weights present (1 inside, 7/12 on an edge, 5/12 at a corner).
+    # divided by the weights present (1 inside, 2/3 on an edge, 5/12 at a corner).
     x = torch.rand(1, 2, 7, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     rem = torch.zeros(1, 7, 8, dtype=torch.bool)
     cells = [(3, 4), (0, 0), (6, 7), (0, 4), (3, 7)]
