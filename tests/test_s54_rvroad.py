@@ -50,3 +50,30 @@ def test_shallow_clone_without_the_commit_still_skips(monkeypatch):
     monkeypatch.setattr(subprocess, "run", run)
     with pytest.raises(pytest.skip.Exception):
         test_s54_road._old_module()
+
+
+def test_no_pivoting_holds_on_the_worst_conditioned_removed_sets():
+    # SuperLU factors without pivoting (diag_pivot_thresh=0): safe because the matrix is symmetric
+    # positive definite whenever a pixel is kept (every removed region reaches a kept pixel through
+    # the connected grid). The hardest cases: all pixels removed but one (a corner: condition ~1.6e4
+    # at 40 x 40; the centre), a 1-pixel kept border, a 1 x 400 strip kept at one end (condition
+    # ~2.6e5): equal to the dense solve of the paper's equations (tests/test_s54_road.py) within 1e-10.
+    import numpy as np
+    import torch
+
+    from salience.evidence.road import linear_imputation
+    from test_s54_road import _formula
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 40, 40, generator=g, dtype=torch.float64)
+    corner, centre, border = (torch.ones(1, 40, 40, dtype=torch.bool) for _ in range(3))
+    corner[0, 0, 0] = centre[0, 20, 20] = False
+    border[0, [0, -1], :] = border[0, :, [0, -1]] = False
+    strip = torch.ones(1, 1, 400, dtype=torch.bool)
+    strip[0, 0, 0] = False
+    cases = {"corner": (x, corner), "centre": (x, centre), "border": (x, border),
+             "strip": (torch.rand(1, 2, 1, 400, generator=g, dtype=torch.float64), strip)}
+    for name, (img, rem) in cases.items():
+        ref = _formula(img[0].numpy(), rem[0].numpy())
+        ours = linear_imputation(img, rem)[0].numpy()
+        assert np.abs(ours - ref).max() <= 1e-10 * np.abs(ref).max(), name
