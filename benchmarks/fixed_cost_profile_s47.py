@@ -31,7 +31,7 @@ from auto_declines_s44 import build  # noqa: E402
 
 import salience  # noqa: E402
 
-PIECES = ("guard.py", "fingerprint.py", "perf.py", "engine.py", "casts.py", "folding.py", "compiled.py")
+PIECES = ("guard.py", "guard/", "fingerprint.py", "perf.py", "engine.py", "casts.py", "folding.py", "compiled.py")
 NAMED = ("_enter", "_leave", "_release", "_walk", "structure", "_capture", "take", "restore", "_eval", "_hold",
          "modules_of", "own_hooks", "_fold_key")
 

@@ -28,10 +28,12 @@ containers nested deeper than two levels; a ``numpy.memmap`` or an object array 
 warning where a write reaches a sampled place), a read-only array, a subclass of ndarray other than ``memmap``; a
 write through ``.data`` of a few values of a plain tensor over 1 MiB that no sample reads, of any tensor on a
 device, and between a perturbation call's passes any write through ``.data`` (the call's end puts it back); a hook
-on a parameter; an attribute or parameter replaced by one equal to it (``==``) keeps the new object; what TorchScript
-keeps as an object of a scripted class (a warning); what another thread of the user's sets on the model during the
-call is put back with salience's (a key says when a hook was registered, not by whom). Each room's docstring says
-the limits of its part.
+on a parameter; an attribute or parameter replaced by one equal to it (``==``) keeps the new object; an attribute a
+global module hook sets on a torch.nn layer without hooks of its own; what TorchScript keeps as an object of a
+scripted class (a warning); what another thread of the user's sets on the model during the call is put back with
+salience's (a key says when a hook was registered, not by whom), and a state-dict hook of a torch.nn layer without
+other hooks whose key another process gave (a pickled model's) is swept once this process's counter reaches it. Each
+room's docstring says the limits of its part.
 
 The rooms, each importing only rooms above it in this table:
 
