@@ -3,7 +3,7 @@ exception mid-call (session 36): a buffer slot registered as ``None`` that the f
 registered, replaced or deleted, plain attributes (a call counter, the last shape, a cached tensor: SmoothGrad runs
 its passes, which the user did not ask for), an attribute a hook of the user's sets on a torch.nn layer (the old
 ``torch.nn.utils.weight_norm``'s), and a parametrized layer's originals (``weight_norm`` of
-``torch.nn.utils.parametrizations``). What remains a limit is in ``_core/guard.py``'s docstring."""
+``torch.nn.utils.parametrizations``). What remains a limit is in ``_core/guard/``'s docstring."""
 from __future__ import annotations
 
 import pytest

@@ -5,7 +5,7 @@ single forward adds one). The user's own hooks, registered before, stay and are 
 another process's counter gave (a model pickled whole); salience's own hooks (an observer a dataset run puts on the
 model around a call) stay too; torch's global module hooks are the process's and stay (another thread's profiler).
 On an exception, nested in a dataset run's guard, and with two threads explaining the same model. What remains a
-limit is in ``_core/guard.py``'s docstring."""
+limit is in ``_core/guard/``'s docstring."""
 from __future__ import annotations
 
 import contextlib

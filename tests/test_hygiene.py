@@ -1140,7 +1140,7 @@ def _shared(model: nn.Module) -> None:
         pass
 
 
-# guard.py's functions that cannot change what the guards hold: the walk of the model before it is held, a class's kind
+# the guard package's functions that cannot change what the guards hold: the walk of the model before it is held, a class's kind
 _PURE = ("_walk", "_kind")
 
 
@@ -1172,7 +1172,7 @@ def _interruption_points(code: types.CodeType) -> frozenset:
 
 
 def _in_scope(frame: types.FrameType, top: types.CodeType) -> bool:
-    """Whether ``frame`` runs in one of guard.py's functions (but :data:`_PURE`), or in what one called
+    """Whether ``frame`` runs in one of the guard package's functions (but :data:`_PURE`), or in what one called
     (below ``top``, the scenario's code)."""
     from salience._core import guard
 
@@ -1188,7 +1188,7 @@ def _in_scope(frame: types.FrameType, top: types.CodeType) -> bool:
 
 def _points_passed(scenario, model: nn.Module) -> list:
     """``scenario(model)`` run, and the interruption points (:func:`_interruption_points`) it passed in
-    guard.py's functions and what they call, in order: ``(code, offset)``."""
+    the guard package's functions and what they call, in order: ``(code, offset)``."""
     passed: list = []
     points: dict = {}
 

@@ -11,7 +11,7 @@
   ``requires_grad=True`` on an inference tensor: a raw ``RuntimeError`` and the parameter left with the forward's
   data (an older defect than session 51, found by this read).
 
-Both fixed in ``_core/guard.py`` by the lead after the guard's review merged (the read-only array not recorded;
+Both fixed in ``_core/guard/`` by the lead after the guard's review merged (the read-only array not recorded;
 ``ParamState.restore`` puts the data back before ``requires_grad``); each test failed on the merged code.
 """
 import numpy as np
