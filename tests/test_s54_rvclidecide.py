@@ -54,3 +54,20 @@ def test_trust_pickle_for_a_safe_state_dict_warns_and_reads_it_once(tmp_path, mo
     assert torch.equal(got["w"], w)
     full = [c for c in calls if not c.get("mmap")]
     assert len(full) == 1 and full[0]["weights_only"] is True, calls
+
+
+def test_occlusion_baseline_nan_is_answered_with_the_command_lines_words(tmp_path, capsys):
+    """``--baseline nan`` with occlusion said ``a pixel value, 'blur' or a tensor`` (a tensor is no command-line
+    value): its wording was not among the phrases :data:`salience.cli.options.COMMAND_WORDS` matched. The table is
+    keyed on the methods' own constants now (``perturbation.BASELINE_VALUES`` among them), exit 2."""
+    import numpy as np
+    from PIL import Image
+
+    import test_s53_cliaudit
+
+    image = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(image)
+    rc, _, err = test_s53_cliaudit._run(capsys, "explain", image, "--model", "demo:shapes", "--method", "occlusion",
+                                        "--baseline", "nan", "--out", tmp_path / "o")
+    assert rc == 2 and err == ("salience: error: --baseline: baseline must be a finite number (a pixel value or blur), "
+                               "got nan\n")
