@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from salience._core.errors import SalienceError, suggest
 from salience._core.info import ModelInfo
-from salience.methods import METHODS
+from salience.methods import METHODS, integrated, perturbation
 from salience.cli.common import with_flags
 from salience.methods.options import (CHOICES, NOT_FLAGS, MethodOption, accepted, bind, check_applicable,  # noqa: F401
                                       keyword_parameters, method_options, option_error,
@@ -85,10 +85,12 @@ def check_layer(model: nn.Module, given: dict[str, Any]) -> None:
         raise SalienceError(str(e).replace(PYTHON_LAYER_HINT, hint)) from None
 
 
-COMMAND_WORDS = {"None/'black' (zeros), 'blur', a number or a tensor": "black (zeros), blur or a number (a pixel "
-                 "value, e.g. 0.5)", "a number, 'blur' or a tensor": "a number (a pixel value, e.g. 0.5) or blur"}
+COMMAND_WORDS = {integrated.BASELINE_WORDS: "black (zeros), blur or a number (a pixel value, e.g. 0.5)",
+                 perturbation.BASELINE_WORDS: "a number (a pixel value, e.g. 0.5) or blur",
+                 perturbation.BASELINE_VALUES: "a pixel value or blur"}
 """The values the methods' refusals of a ``baseline`` name as Python gives them (``None``, a quoted name, a tensor:
-no command-line value), as ``--baseline`` takes them (integrated gradients' and occlusion's words)."""
+no command-line value), as ``--baseline`` takes them (integrated gradients' and occlusion's words), keyed on the
+methods' own constants: a change of their wording changes the key with it."""
 
 
 def check_values(model: nn.Module, x: Tensor, methods: Sequence[str], given: dict[str, Any], targets: int = 1,

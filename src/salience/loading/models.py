@@ -275,14 +275,9 @@ def _torch_load(path: Path, trust_pickle: bool):
     # torch.save writes a zip archive (a pickle, protocol 2+, before PyTorch 1.6): anything else is no PyTorch file
     # (an ONNX file, a text file), and trust_pickle would not help
     foreign = not (start.startswith(b"PK") or start[:1] == b"\x80")
-    if trust_pickle and not foreign:
-        try:  # read safely first: trust_pickle is said to be needless where the file needs no unpickled code
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - read below as before, unpickling what it holds
-            pass
-        else:
-            _needless_trust(path, "it holds tensors and plain values only, which load without unpickling code")
-            return obj
+    if trust_pickle and start.startswith(b"PK") and _loads_safely(path):
+        _needless_trust(path, "it holds tensors and plain values only, which load without unpickling code")
+        trust_pickle = False  # read as without it: the same objects
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as e:  # noqa: BLE001 - torch.load raises many types on a foreign file
@@ -301,6 +296,17 @@ def _torch_load(path: Path, trust_pickle: bool):
             f"{path}: not a PyTorch model file salience can read ({msg}); expected TorchScript "
             "(torch.jit.save) or a state dict (torch.save(model.state_dict()))"
         ) from None
+
+
+def _loads_safely(path: Path) -> bool:
+    """Whether the zip archive ``path`` (what ``torch.save`` writes) loads with ``weights_only=True``: tried
+    memory-mapped, so that its tensors are not read (a checkpoint of 500 MB whose pickled object comes after its
+    weights is not read twice; session 54's review). A pickle of before PyTorch 1.6 cannot be mapped: not tried."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - it needs unpickled code (or is no checkpoint): read as before
+        return False
+    return True
 
 
 def _needless_trust(path: Path, why: str) -> None:

@@ -223,6 +223,11 @@ class IGResult:
         return iter((self.attributions, self.gap))
 
 
+BASELINE_WORDS = "None/'black' (zeros), 'blur', a number or a tensor"
+"""The ``baseline`` values :func:`integrated_gradients` takes, as its refusal of another says them (the command
+line says them in its words, :data:`salience.cli.options.COMMAND_WORDS`)."""
+
+
 def _baseline(x: Tensor, baseline: Any, blur_sigma: Optional[float]) -> Tensor:
     if baseline is None:
         return torch.zeros_like(x)
@@ -234,7 +239,7 @@ def _baseline(x: Tensor, baseline: Any, blur_sigma: Optional[float]) -> Tensor:
             if not sigma > 0:
                 raise SalienceError(f"blur_sigma must be > 0 pixels, got {blur_sigma!r}")
             return gaussian_blur(x.detach(), float(sigma))
-        raise SalienceError(f"unknown baseline {baseline!r}; expected None/'black' (zeros), 'blur', a number or a tensor")
+        raise SalienceError(f"unknown baseline {baseline!r}; expected {BASELINE_WORDS}")
     if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool):  # numpy's numbers too
         if not math.isfinite(float(baseline)):  # the path points are not checked one by one (they derive from these)
             raise SalienceError(f"the baseline is {baseline!r}; give a finite number")

@@ -274,15 +274,22 @@ def _stride_for(h: int, w: int, win: tuple[int, int]) -> str:
     return f"window={a if a == b else (a, b)}, stride={s}"
 
 
+BASELINE_WORDS = "a number, 'blur' or a tensor"
+"""The ``baseline`` values :func:`occlusion` takes, as its refusal of a name says them; :data:`BASELINE_VALUES` as
+its refusal of a number that is not finite says them (the command line says both in its words,
+:data:`salience.cli.options.COMMAND_WORDS`)."""
+BASELINE_VALUES = "a pixel value, 'blur' or a tensor"
+
+
 def _baseline(x: Tensor, baseline: Any) -> Tensor:
     """What occluded pixels become: ``(B, C, H, W)`` (a broadcast view for a number)."""
     if isinstance(baseline, str):
         if baseline != "blur":
-            raise SalienceError(f"baseline must be a number, 'blur' or a tensor; got {baseline!r}")
+            raise SalienceError(f"baseline must be {BASELINE_WORDS}; got {baseline!r}")
         return gaussian_blur(x, sigma=max(1.0, min(x.shape[-2:]) / 16))
     if isinstance(baseline, Tensor):
         return baseline_tensor(baseline, x)
-    v = check_number(baseline, "baseline", what="a pixel value, 'blur' or a tensor")
+    v = check_number(baseline, "baseline", what=BASELINE_VALUES)
     return torch.full((1, 1, 1, 1), v, dtype=x.dtype, device=x.device).expand_as(x)
 
 
