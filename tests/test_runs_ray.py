@@ -668,7 +668,8 @@ def test_what_each_ray_task_and_actor_is_sent_does_not_grow_with_the_runs_images
         salience.explain_dataset("demo:shapes", more, METHODS, tmp_path / "big", labels=[i % 2 for i in
                                  range(len(more))], engine="ray", **kw)
     assert abs(big["task"] - small["task"]) <= 16 and abs(big["actor"] - small["actor"]) <= 16, (small, big)
-    assert small["sent"] < 2000 and abs(big["sent"] - small["sent"]) <= 16, (small, big)  # the model not in it
+    # the actors' arguments (the plan, the writer) go by reference: what each task is sent is less than they are
+    assert small["sent"] < small["actor"] and abs(big["sent"] - small["sent"]) <= 16, (small, big)
 
     class Named(torch.utils.data.Dataset):  # a user's dataset holding a name per item; Ray's workers get it by value
         def __init__(self, n):

@@ -750,11 +750,14 @@ def explain(batch: dict[str, np.ndarray], args: Any, writer: Optional[Writer] = 
     the :class:`Explain` this worker process holds for the run ``run_id`` (made from ``args``, a
     reference to its constructor's arguments, by the process's first task of the run: the model
     fetched or loaded once per process and run, as an actor did once per run; let go by the run's
-    end: :func:`_held`)."""
+    end: :func:`_held`). ``args`` by value without ``run_id``: an :class:`Explain` for this call only
+    (held under one key, it served every later call, another model's included)."""
     ray = _ray()
-    key = "explain:" + (args.hex() if isinstance(args, ray.ObjectRef) else str(run_id))
-    return _held(key, lambda: _explainer(ray.get(args) if isinstance(args, ray.ObjectRef) else args), writer,
-                 run_id)(batch)
+    if not isinstance(args, ray.ObjectRef):
+        if run_id is None:
+            return _explainer(args)(batch)
+        return _held("explain:run:" + run_id, lambda: _explainer(args), writer, run_id)(batch)
+    return _held("explain:" + args.hex(), lambda: _explainer(ray.get(args)), writer, run_id)(batch)
 
 
 def _explainer(args: tuple) -> Explain:
