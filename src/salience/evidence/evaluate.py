@@ -575,8 +575,7 @@ def _folder_inputs_and_files(model: nn.Module, images: PathLike, masks: Optional
     else:
         raw, skipped = _readable_pictures(files, info)
         if raw is None:
-            raise SalienceError(f"none of the {len(files)} images in {folder} could be read; the first: "
-                                f"{skipped[0][1]}")
+            raise _none_readable(len(files), folder, skipped[0][1])
     left_out = {p for p, _ in skipped}
     kept = [i for i, p in enumerate(files) if p not in left_out]
     mask_files = [mask_files[i] for i in kept] if mask_files is not None else None
@@ -608,15 +607,22 @@ def evaluation_input(model: nn.Module, images: Optional[PathLike] = None, *, n: 
 
 def _first_readable(model: nn.Module, folder: Path, n: int) -> Tensor:
     """The first readable one of the first ``n`` image files of ``folder`` as the model's input ``(1, C, h, w)``
-    (each file before it decoded, and left out, once): a :class:`SalienceError` when none is readable."""
+    (each file before it decoded, and left out, once; the first's error not decoded again for the refusal): a
+    :class:`SalienceError` when none is readable."""
     info = model_info(model)
     files = _image_files(folder, n)
+    first_why = ""
     for path in files:
-        raw, _ = _readable_pictures([path], info)
+        raw, skipped = _readable_pictures([path], info)
         if raw is not None:
             return normalize_input(raw, info)
-    raise SalienceError(f"none of the {len(files)} images in {folder} could be read; the first: "
-                        f"{_readable_pictures(files[:1], info)[1][0][1]}")
+        first_why = first_why or skipped[0][1]
+    raise _none_readable(len(files), folder, first_why)
+
+
+def _none_readable(n: int, folder: Path, first_why: str) -> SalienceError:
+    """The refusal of ``skip_unreadable`` when none of the ``n`` images of ``folder`` can be read."""
+    return SalienceError(f"none of the {n} images in {folder} could be read; the first: {first_why}")
 
 
 # ----------------------------------------------------------------------------- the report

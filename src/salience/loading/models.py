@@ -240,7 +240,7 @@ def _read_state_dict(path: Path, trust_pickle: bool) -> dict:
         _needless_trust(path, "a safetensors file loads without unpickling code")
     obj = _read_safetensors(path) if safetensors else _torch_load(path, trust_pickle)
     if isinstance(obj, dict):
-        for key in ("state_dict", "model_state_dict", "model", "net"):
+        for key in _CHECKPOINT_KEYS:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
@@ -259,11 +259,15 @@ def _read_state_dict(path: Path, trust_pickle: bool) -> dict:
     return obj
 
 
+_CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net")
+"""The entries of a training checkpoint (a dict) that may hold its state dict, in the order they are looked for."""
+
+
 def _holds_weights(obj: dict) -> bool:
     """Whether the loaded dict ``obj`` is a state dict: a tensor among its values, or a checkpoint's entry
     (``state_dict``, ``model`` ...) that is a dict (as :func:`_read_state_dict` takes it)."""
     return any(isinstance(v, Tensor) for v in obj.values()) or any(
-        isinstance(obj.get(k), dict) for k in ("state_dict", "model_state_dict", "model", "net"))
+        isinstance(obj.get(k), dict) for k in _CHECKPOINT_KEYS)
 
 
 def _torch_load(path: Path, trust_pickle: bool):
