@@ -111,6 +111,23 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cpu_isa() -> str:
+    """The vector units the CPU's flags show (``/proc/cpuinfo``), for a table's CPU line: the same model name
+    ("AMD EPYC") has come with and without AVX-512 on this project's machines, and bf16 speed depends on it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "flags unknown"
+    if "amx_bf16" in flags:
+        return "AMX-BF16"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16, no AMX"
+    if "avx512f" in flags:
+        return "AVX-512, no BF16"
+    return "AVX2 only" if "avx2" in flags else "no AVX2"
+
+
 def machine_info(device: str = "cpu") -> dict:
     """What ran the benchmark: CPU, CPU count, memory, versions, the load average now."""
     from importlib.metadata import PackageNotFoundError, version

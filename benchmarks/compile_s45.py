@@ -33,6 +33,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_speed import bare  # noqa: E402  (the bare eager passes, default layout)
+from _common import cpu_isa  # noqa: E402  (the CPU line: the vector units its flags show)
 
 import salience  # noqa: E402
 from salience._core import engine as _engine  # noqa: E402
@@ -163,7 +164,7 @@ def cell(model, frozen, method: str, b: int, args, command: str) -> None:
     Path(out + ".json").write_text(json.dumps(report, indent=2))
     lines = [f"# {method} {n} on resnet50, {b} image(s), {args.size} px, fp32, 1 thread (core 1), {args.rounds} "
              "interleaved rounds", "",
-             f"CPU: {report['cpu']} (AVX512-BF16, no AMX), torch {torch.__version__}. `{command}`. Load (1/5/15 min) "
+             f"CPU: {report['cpu']} ({cpu_isa()}), torch {torch.__version__}. `{command}`. Load (1/5/15 min) "
              "per round before / after: " + "; ".join(f"{' '.join(a)} / {' '.join(c)}" for a, c in loads), "",
              "| mode | min s | median s | max s | per round / that round's best bare | first call s | second call s "
              f"| max abs diff / max abs of the {report['reference_mode']} map | chunks (last call) |",

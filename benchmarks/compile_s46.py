@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compile_s45 import _layouts, cpu_name, interleaved, models, workload  # noqa: E402  (_layouts: each call's chunks)
+from _common import cpu_isa  # noqa: E402
 from engine_speed import bare  # noqa: E402  (the bare eager passes, default layout)
 
 import salience  # noqa: E402
@@ -150,7 +151,7 @@ def cell(model, frozen, method: str, b: int, args, command: str) -> None:
     met = {k: all(t / c <= 0.85 for t, c in zip(times[k], best)) for k in names if not k.startswith("bare")}
     lines = [f"# {method} {n} on resnet50, {b} image(s), {args.size} px, fp32, 1 thread (core {args.time_core}), "
              f"{args.rounds} interleaved rounds", "",
-             f"CPU: {report['cpu']} (AVX512-BF16, no AMX), torch {torch.__version__}. `{command}`. The rounds held "
+             f"CPU: {report['cpu']} ({cpu_isa()}), torch {torch.__version__}. `{command}`. The rounds held "
              f"/tmp/bench.lock {held / 60:.1f} min. Load (1/5/15 min) per round before / after: "
              + "; ".join(f"{' '.join(a)} / {' '.join(c)}" for a, c in loads)
              + f". Graphs dynamo compiled during the rounds: {in_rounds}.", "",
