@@ -33,7 +33,6 @@ DROPPED = [
     ("86.18 MiB against the loop's 85.94", "../benchmarks/perturbation-resnet50-8images-s46-mem.md"),
     ("6.4-8.1x faster than both per round", "methods-perturbation.md#speed-and-memory"),
     ("1.054, 1.392, 1.098, 1.006, 1.092", "../benchmarks/dataset-2000-writer.md"),
-    ("IG 0.651 / 0.711 / 0.818", "performance.md#fold_batchnorm"),
     ("1.274, 1.492, 1.820", "../benchmarks/s45b-summary.md"),
     ("1.172, 1.102, 1.160, 1.184, 1.191", "../benchmarks/auto-declines-s49-b.md"),
     ("1.132, 1.039, 0.967, 1.128, 1.053", "../benchmarks/engine-speed-s46-sg-1-4-8.md"),
