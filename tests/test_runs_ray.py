@@ -867,7 +867,8 @@ def test_the_ray_engine_puts_back_the_logging_levels_and_data_context_it_changed
 
 def test_runs_in_threads_use_the_callers_cluster_leave_it_running_and_another_cluster_is_refused(cluster, tmp_path):
     """Two runs started together (threads, a Barrier) on the caller's cluster: both give the local
-    engine's maps and rows, and the caller's cluster runs on after them (the same node). A run asking
+    engine's maps and rows, and the caller's cluster runs on after them (the same node), also after
+    ``salience.runs.shutdown_ray()``. A run asking
     for another cluster while this process is joined to one (``address=`` of another port) is a
     SalienceError naming the joined one (it ran on the joined cluster, silently); the joined one's
     address written another way (``localhost:PORT``) runs there; ``num_gpus`` above the GPUs of this
@@ -914,6 +915,7 @@ def test_runs_in_threads_use_the_callers_cluster_leave_it_running_and_another_cl
     with pytest.raises(SalienceError, match=rf"num_gpus={gpus + 1:g} per actor, but the local Ray cluster of this "
                                             rf"process has {gpus:g} GPU\(s\)"):
         salience.explain_dataset(model, data, ["vanilla"], tmp_path / "gpus", engine="ray", num_gpus=gpus + 1, **kw)
+    salience.runs.shutdown_ray()  # salience's own cluster only: never the caller's
     assert ray.is_initialized() and ray.get_runtime_context().get_node_id() == node
 
 
