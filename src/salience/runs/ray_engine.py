@@ -606,8 +606,9 @@ def _shutdown(ray: Any, force: bool = False) -> None:
 
 
 def _hook_exit() -> None:
-    """Salience's cluster shut down at the interpreter's exit (before Ray's own hook, which would too:
-    registered after it), also after a Ctrl-C. Called holding the lock."""
+    """Salience's cluster shut down at the interpreter's exit, also after a Ctrl-C (registered after Ray's
+    own hook, made when Ray is imported, so it runs first; Ray's then finds nothing to shut down). Called
+    holding the lock."""
     global _EXIT_HOOKED
     if not _EXIT_HOOKED:
         atexit.register(_at_exit)
@@ -615,6 +616,7 @@ def _hook_exit() -> None:
 
 
 def _at_exit() -> None:
+    """The interpreter's exit: salience's cluster shut down, also under runs of daemon threads still going."""
     ray = sys.modules.get("ray")
     if ray is not None:
         _shutdown(ray, force=True)
@@ -802,9 +804,9 @@ def _explaining(ray: Any, ds: Any, args: tuple, size: int, tasks: bool, num_gpus
     model) cost each run about 4.5 s on one core (benchmarks/ray-run-cost-s54.md), the tasks' about
     0.2 s once their processes are warm; a first run's tasks may land in two fresh processes that
     both import torch (2.8 s more than one actor on one core), paid once per process. GPU runs keep
-    actors: Ray pins a GPU worker process's GPU, and would not safely reuse it for another task's. The actors' arguments ``args`` go once into the
-    object store for the tasks, which build one :class:`Explain` per worker process and run
-    (:func:`_held`)."""
+    actors: Ray pins a GPU worker process's GPU, and would not safely reuse it for another task's.
+    The actors' arguments ``args`` go once into the object store for the tasks, which build one
+    :class:`Explain` per worker process and run (:func:`_held`)."""
     if not tasks:
         return ds.map_batches(Explain, fn_constructor_args=args, batch_size=size, batch_format="numpy",
                               **_pool(ray, pool), num_gpus=num_gpus or None, num_cpus=1)
