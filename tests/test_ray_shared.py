@@ -1,8 +1,10 @@
 """Runs on Ray in threads of one process (a notebook, a service running two dataset jobs) share the
-local cluster salience starts: the first run starts it, the others join it, the last to leave shuts
-it down, also when the others failed or were interrupted (``ray_engine.cluster``). No cluster runs
-before this module's test: salience starts the one it uses (the caller's cluster, which salience
-leaves running: tests/test_runs_ray.py)."""
+local cluster salience starts: the first run starts it, the others join it, and it outlives them all,
+also when some failed or were interrupted, and the thread that started it (``ray_engine.cluster``):
+salience keeps it for the process's later runs until ``salience.runs.shutdown_ray()`` or the exit
+(session 55; the last run to leave shut it down before). No cluster runs before this module's test:
+salience starts the one it uses (the caller's cluster, which salience leaves running:
+tests/test_runs_ray.py); none is left after the module (:func:`no_cluster_left`)."""
 from __future__ import annotations
 
 import os
@@ -22,6 +24,14 @@ pytest.importorskip("ray.data")
 from salience.runs import ray_engine  # noqa: E402
 
 N = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_cluster_left():
+    """The cluster salience keeps shut down after the module, whatever its tests did (the next modules start
+    their own)."""
+    yield
+    salience.runs.shutdown_ray()
 KW = dict(methods=["vanilla"], shard_size=2, batch_size=2, workers=0, map_dtype="float32")
 
 
@@ -31,16 +41,19 @@ def _read_on_ray(log: Path) -> bool:
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own, when its DataContext is made
-def test_runs_in_threads_share_the_cluster_salience_starts_and_the_last_one_shuts_it_down(tmp_path, monkeypatch):
+def test_runs_in_threads_share_the_cluster_salience_starts_and_it_outlives_them(tmp_path, monkeypatch):
     """Four runs started together (a Barrier) with no cluster running: two good ones (A, B), one whose
     dataset raises on Ray (C, ``KeyError``), one interrupted in its job (D, ``KeyboardInterrupt``).
     A and B join the cluster C or D starts. C and D end while A and B still run: the cluster stays up
     (also once the thread that started it has ended); A and B then finish with the local engine's
-    maps and rows; Ray was started once and shut down once, by the last run in the engine, after which
-    no cluster is left. Before, each run that saw no cluster called ``ray.init`` (Ray: "Perhaps you
-    called ray.init twice by accident?"), the first run to end shut the cluster down under the others,
-    and a cluster started from a run's thread was killed when that thread ended (``PR_SET_PDEATHSIG``:
-    the test process then died, "Failed to connect to GCS within 60 seconds")."""
+    maps and rows. Ray was started once and not shut down: after the four threads' end the cluster
+    still runs, and a fifth run (the main thread's) is explained on it (the same node, no
+    ``ray.init``) with the local engine's maps; ``shutdown_ray()`` then shuts it down once, after which
+    no cluster is left (before session 55 the last run to leave shut it down). Before session 54, each
+    run that saw no cluster called ``ray.init`` (Ray: "Perhaps you called ray.init twice by
+    accident?"), the first run to end shut the cluster down under the others, and a cluster started
+    from a run's thread was killed when that thread ended (``PR_SET_PDEATHSIG``: the test process then
+    died, "Failed to connect to GCS within 60 seconds")."""
     def wait(path: Path, seconds: float = 120) -> None:
         """Until the test creates ``path`` (at most ``seconds``: a failing test never hangs)."""
         until = time.monotonic() + seconds
@@ -135,13 +148,18 @@ def test_runs_in_threads_share_the_cluster_salience_starts_and_the_last_one_shut
         go.touch(), fail.touch()
         for t in threads.values():
             t.join(120)
-    assert not ray.is_initialized()
-    assert len(inits) == 1 and shutdowns == [1], (inits, shutdowns)
+    assert ray.is_initialized() and len(inits) == 1 and shutdowns == [], (inits, shutdowns)
+    node = ray.get_runtime_context().get_node_id()
+    out["e"] = salience.explain_dataset(model, Gated(tmp_path / "e.log", go), out=tmp_path / "e", engine="ray", **KW)
+    assert _read_on_ray(tmp_path / "e.log") and ray.get_runtime_context().get_node_id() == node
+    assert len(inits) == 1 and shutdowns == [] and ray_engine._CLUSTER["ours"], (inits, shutdowns)
     cols = [c for c in local.table.column_names if c != "shard"]
-    for name in "ab":
+    for name in "abe":
         assert out[name].complete and out[name].table.select(cols).equals(local.table.select(cols)), out[name]
         for i in range(N):
             np.testing.assert_array_equal(out[name].map(i, "vanilla"), local.map(i, "vanilla"))
+    salience.runs.shutdown_ray()
+    assert not ray.is_initialized() and shutdowns == [0], shutdowns
     assert ray_engine._CLUSTER["runs"] == 0 and not ray_engine._CLUSTER["ours"]
 
 
@@ -198,8 +216,9 @@ def test_a_ray_client_address_of_the_cluster_this_process_is_connected_to_is_tha
 
 def test_the_thread_of_a_cluster_shut_down_under_its_runs_ends():
     """A run in a thread starts the cluster (from salience's thread that lives until it is shut down); the caller
-    shuts it down (``ray.shutdown()``) while the run goes; a second run then starts another. Once both end, no
-    thread of salience's is left: the first cluster's thread waited for ever (one leaked per such restart)."""
+    shuts it down (``ray.shutdown()``) while the run goes; a second run then starts another. Once both end, the
+    second cluster's thread is left (salience keeps that cluster), the first's is not: it waited for ever (one
+    leaked per such restart); ``shutdown_ray()`` lets the second's end."""
     fake, entered, leave = _Ray(), threading.Barrier(2), threading.Event()
 
     def keepers() -> int:
@@ -225,10 +244,16 @@ def test_the_thread_of_a_cluster_shut_down_under_its_runs_ends():
     s = threading.Thread(target=second)
     s.start()
     s.join(10), t.join(10)
-    until = time.monotonic() + 5
-    while keepers() > before and time.monotonic() < until:
-        time.sleep(0.01)
-    assert keepers() == before and not fake.joined
+
+    def settled(n: int) -> int:
+        until = time.monotonic() + 5
+        while keepers() > n and time.monotonic() < until:
+            time.sleep(0.01)
+        return keepers()
+
+    assert settled(before + 1) == before + 1 and fake.joined and ray_engine._CLUSTER["ours"]
+    ray_engine._shutdown(fake)
+    assert settled(before) == before and not fake.joined
     assert ray_engine._CLUSTER["runs"] == 0 and not ray_engine._CLUSTER["ours"]
 
 

@@ -20,6 +20,9 @@ ray = pytest.importorskip("ray", reason="the ray extra (pip install salience[ray
 
 N, SHARD, BATCH = 20, 8, 4
 METHODS = ["vanilla", "gradcam"]
+RAY_ONLY = {"local": {}, "ray": {"actors": 1}}
+"""Ray's options of the tests comparing the two engines, by engine: the local engine refuses them."""
+RAY_FLAGS = {"local": [], "ray": ["--actors", "1"]}
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +307,7 @@ def test_an_item_of_another_shape_on_ray_is_the_local_engines_one_line_error_and
     for engine in ("local", "ray"):
         with pytest.raises(SalienceError) as caught:
             salience.explain_dataset(model, Items(torch.zeros(3, 20, 20)), ["vanilla"], tmp_path / engine,
-                                     engine=engine, actors=1, **kw)
+                                     engine=engine, **kw, **RAY_ONLY[engine])
         errors[engine] = caught.value
     assert type(errors["ray"]) is SalienceError and str(errors["ray"]) == str(errors["local"])
     assert str(errors["ray"]).startswith("image Items[5] has shape (3, 20, 20) but image Items[0] had (3, 16, 16)")
@@ -428,7 +431,7 @@ def test_a_python_file_model_runs_on_ray_with_its_weights_as_locally(cluster, tm
     for engine in ("local", "ray"):
         args = ["explain", str(imgs), "-m", spec, "--weights", str(weights), "--size", "16,16", "--engine", engine,
                 "--out", str(tmp_path / f"cli-{engine}"), "--shard-size", "2", "--batch", "2", "--workers", "0",
-                "--map-dtype", "float32", "--actors", "1"]
+                "--map-dtype", "float32", *RAY_FLAGS[engine]]
         assert main(args) == 0, capsys.readouterr().err
         runs[engine] = open_run(tmp_path / f"cli-{engine}")
     for i in range(4):
@@ -456,7 +459,7 @@ def test_a_model_refusing_its_input_on_ray_is_one_error_line_exit_2(cluster, tmp
     for engine in ("local", "ray"):
         rc = main(["explain", str(imgs), "-m", f"python:{nets}:build_fussy", "--size", "16,16", "--labels",
                    str(tmp_path / "classes.txt"), "--engine", engine, "--out", str(tmp_path / engine), "--workers",
-                   "0", "--actors", "1", "--batch", "2"])
+                   "0", *RAY_FLAGS[engine], "--batch", "2"])
         err = capsys.readouterr().err
         said[engine] = [line for line in err.splitlines() if line.startswith("salience")]
         assert rc == 2, (engine, rc, err[-3000:])  # the end of stderr: what a failure under load needs said
@@ -864,7 +867,8 @@ def test_the_ray_engine_puts_back_the_logging_levels_and_data_context_it_changed
 
 def test_runs_in_threads_use_the_callers_cluster_leave_it_running_and_another_cluster_is_refused(cluster, tmp_path):
     """Two runs started together (threads, a Barrier) on the caller's cluster: both give the local
-    engine's maps and rows, and the caller's cluster runs on after them (the same node). A run asking
+    engine's maps and rows, and the caller's cluster runs on after them (the same node), also after
+    ``salience.runs.shutdown_ray()``. A run asking
     for another cluster while this process is joined to one (``address=`` of another port) is a
     SalienceError naming the joined one (it ran on the joined cluster, silently); the joined one's
     address written another way (``localhost:PORT``) runs there; ``num_gpus`` above the GPUs of this
@@ -911,6 +915,7 @@ def test_runs_in_threads_use_the_callers_cluster_leave_it_running_and_another_cl
     with pytest.raises(SalienceError, match=rf"num_gpus={gpus + 1:g} per actor, but the local Ray cluster of this "
                                             rf"process has {gpus:g} GPU\(s\)"):
         salience.explain_dataset(model, data, ["vanilla"], tmp_path / "gpus", engine="ray", num_gpus=gpus + 1, **kw)
+    salience.runs.shutdown_ray()  # salience's own cluster only: never the caller's
     assert ray.is_initialized() and ray.get_runtime_context().get_node_id() == node
 
 

@@ -28,7 +28,8 @@ from salience.runs.sources import is_dataset_spec, needs_one_size
 from salience.runs.store import error_column, metrics_error_column
 
 FLAGS = {"labels=": "--labels-csv", "masks=": "--masks", "out=": "--out", "overwrite=True": "--overwrite",
-         "target=": "--target", "mode=": "--mode", "engine='ray'": "--engine ray",
+         "target=": "--target", "mode=": "--mode", "engine='ray'": "--engine ray", "num_gpus=": "--num-gpus",
+         "actors=": "--actors", "address=": "--address", "device=": "--device",
          'map_dtype="float32"': "--map-dtype float32", **METHOD_FLAGS}
 """The keywords of :func:`salience.explain_dataset` that its errors name, as this command's flags."""
 

@@ -142,6 +142,7 @@ def explain_dataset(  # long: the documented keywords, checked one by one, then 
                                                                    (show_progress, "show_progress")))
     if engine not in ENGINES:
         raise SalienceError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    _check_local(engine, num_gpus, actors, address)
     # the checked values kept (numpy's ints as ints: run.json is written from them)
     shard_size = check_int(shard_size, "shard_size", minimum=1)
     if batch_size is not None:
@@ -475,6 +476,20 @@ def _mode(target: Optional[int], top: Optional[int], labels: Union[None, list, s
             raise SalienceError(f"top {top} is more than the model's {n} classes; use top {n} or less")
         return "top", top
     return ("label", 1) if labels is not None else ("predicted", 1)
+
+
+def _check_local(engine: str, num_gpus: float, actors: Optional[int], address: Optional[str]) -> None:
+    """Ray's options refused on the local engine, which has no actors, GPUs per actor nor cluster: silently
+    ignored, ``num_gpus=1`` would run on the CPU (or ``num_gpus=-1`` pass) as if it had been understood."""
+    if engine != "local":
+        return
+    given = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+             for k, v in (("num_gpus", num_gpus), ("actors", actors), ("address", address))
+             if v is not None and not (k == "num_gpus" and isinstance(v, (int, float)) and v == 0)]
+    if given:
+        raise SalienceError(f"{', '.join(given)} given, but the local engine runs no Ray actors: give engine='ray' "
+                            "(pip install 'salience[ray]') or leave them out (device= picks the local engine's "
+                            "device)")
 
 
 def _regression_mode(target: Optional[int], top: Optional[int], labels: Union[None, list, str], mode: str, n_out: int,

@@ -2,37 +2,38 @@
 
 The pending images (those in no committed shard) become a ``ray.data`` dataset of
 ``(index, path)`` rows; ``map_batches`` tasks decode and resize them (the run's dataset, so the
-same preprocessing as the local engine); a second ``map_batches`` explains them: on the CPU of a
-cluster the caller keeps, in Ray tasks (:func:`explain`), each worker process holding one model per
-run (:class:`Explain`, made by its first task of the run, let go at the run's end); else (GPUs, or
-a cluster salience joins for the run: starts, or joins at ``address``, and leaves at its end) in a
-pool of :class:`Explain` actors (``num_gpus`` each) started for the run. Each batch of
-``shard_size`` images is one shard, written by its task or actor into the same store layout (a
-shared folder or mount on a cluster); the driver merges the index at the end. A stopped run
-resumes the same way as a local one: only images that no committed shard holds are read again.
+same preprocessing as the local engine); a second ``map_batches`` explains them: on the CPU in Ray
+tasks (:func:`explain`), each worker process holding one model per run (:class:`Explain`, made by
+its first task of the run, let go at the run's end); with GPUs in a pool of :class:`Explain`
+actors (``num_gpus`` each) started for the run. Each batch of ``shard_size`` images is one shard,
+written by its task or actor into the same store layout (a shared folder or mount on a cluster);
+the driver merges the index at the end. A stopped run resumes the same way as a local one: only
+images that no committed shard holds are read again.
 
-What a run costs beside its batches (session 54, ``benchmarks/ray-run-cost-s54.md``): Ray keeps the
-worker processes of a driver's job between its tasks, so on a cluster the caller keeps
-(``ray.init()`` once: a notebook, a service) a CPU run after the first finds them with torch,
-salience and Ray Data's code imported and starts no process, where an actor pool started for each
-run (a new process per actor, importing torch and salience, loading the model) cost about 4.5 s a
-run on one core. A run on a cluster salience joins for it (a local one it starts and shuts down when
-its last run ends, so that no Ray process outlives the runs that needed it, or one at ``address``,
-which it leaves: a job's worker processes end with its driver's connection; :func:`cluster`) has
-nothing to reuse, and keeps the actor pool, which starts one process where the first tasks may start two; so do GPU runs
-(Ray pins a GPU worker process's GPU, and would not reuse it safely for another task's).
+The cluster (:func:`cluster`): the caller's (their ``ray.init()``), used and never shut down; else
+one salience joins for the process's first run (a local one it starts, or the one at ``address``)
+and keeps, as ``ray.init()`` does, until :func:`shutdown_ray` or the interpreter's exit (session
+55: it shut it down at its last run's end, so every run paid ``ray.init`` and fresh workers).
+
+What a run costs beside its batches (``benchmarks/ray-run-cost-s54.md``, ``-s55.md``): Ray keeps the
+worker processes of a driver's job between its tasks, so on a kept cluster a CPU run after the
+first finds them with torch, salience and Ray Data's code imported and starts no process (about
+0.6 s for 20 small images on one core, where an actor pool started for each run cost about 4.5 s
+and a cluster started for each run 13-15 s). GPU runs keep the actor pool (Ray pins a GPU worker
+process's GPU, and would not reuse it safely for another task's).
 
 Ray's own output (its log lines, Ray Data's progress bars and execution notes, the core worker's
 messages) is kept off the terminal while a run goes (:func:`quiet`): the command shows salience's
 progress and errors only. ``SALIENCE_RAY_LOGS=1`` lets it through.
 
 Runs in threads of one process share one cluster (:func:`cluster`): the first starts it (unless
-the caller joined one first, which salience never shuts down), the last to end shuts it down.
+the caller joined one first, which salience never shuts down), and it outlives them all.
 
 Ray is optional: ``pip install salience[ray]``.
 """
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import dataclasses
@@ -42,6 +43,7 @@ import os
 import pickle
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -478,10 +480,10 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
         show: bool = False, png: bool = False, weights: Optional[str] = None,
         performance: Optional[_perf.Performance] = None, writer: Optional[Writer] = None) -> None:
     """Explain the run's pending images on Ray (a cluster at ``address``, ``RAY_ADDRESS``, the one
-    this process joined, or a new local one: :func:`cluster`, which shuts down what salience started
-    once the last run of this process on it ends). Actors of ``num_gpus`` each explain on CUDA when
-    ``num_gpus`` > 0, else on the CPU (Ray tasks where the cluster outlives the run: :func:`_explaining`),
-    at most ``actors`` at once; they
+    this process joined, or a new local one: :func:`cluster`, which keeps what salience started for
+    the process's later runs until :func:`shutdown_ray` or the exit). Actors of ``num_gpus`` each
+    explain on CUDA when ``num_gpus`` > 0, else Ray tasks on the CPU (:func:`_explaining`), at most
+    ``actors`` at once; they
     commit shards only while the run ``writer`` (from :func:`salience.runs.lock.run_lock`) holds the
     folder. Safe to call from several threads at once."""
     ray = _ray()
@@ -490,65 +492,134 @@ def run(run: Any, *, num_gpus: float = 0, actors: Optional[int] = None, address:
 
 
 _CLUSTER_LOCK = threading.Lock()
-_CLUSTER: dict[str, Any] = {"runs": 0, "ours": False, "asked": None, "keeper": None}
-"""This process's runs on Ray now (``runs``, inside :func:`cluster`), whether salience started the
-cluster they share (``ours``: ``ray.init`` by the first of them; the last to leave shuts it down) and
-the address that first run asked for (``asked``), and the event that lets the thread that started
-it end once it is shut down (``keeper``: :func:`_start`)."""
+_CLUSTER: dict[str, Any] = {"runs": 0, "ours": False, "asked": None, "keeper": None, "node": None}
+"""This process's runs on Ray now (``runs``, inside :func:`cluster`), whether salience joined the
+cluster (``ours``: ``ray.init`` by its first run, kept for the process until :func:`shutdown_ray`
+or the interpreter's exit), the address that run asked for (``asked``), the event that lets the
+thread that started it end once it is shut down (``keeper``: :func:`_start`), and Ray's connection
+salience made (``node``: :func:`_connection`), which tells it from one the caller made after
+shutting salience's down."""
 _ANY = (None, "", "auto")
 """``address`` values that take the cluster this process is joined to, whichever it is."""
+_EXIT_HOOKED = False
 
 
 @contextlib.contextmanager
 def cluster(ray: Any, address: Optional[str] = None, num_gpus: float = 0) -> Iterator[None]:
-    """The Ray cluster of a run, shared by the runs of this process (threads: a notebook, a service):
-    the first run joins one (``ray.init(address=)``: a new local cluster without ``address`` nor
-    ``RAY_ADDRESS``), later runs join the same one while any runs, and the last to leave shuts it down
-    (``ray.shutdown()``), also when its run raised or was interrupted. A cluster the caller joined
-    before (their own ``ray.init()``) is used and never shut down. A run in a thread other than the
-    main one starts the cluster from a thread that outlives it (:func:`_start`). A run asking for
-    another cluster (an ``address`` that is not the joined one's) or, on a cluster started in this
-    process (which cannot grow), more GPUs per actor than it has is refused (:class:`SalienceError`),
-    the other runs untouched; Ray's raw error ("Perhaps you called ray.init twice by accident?") or a
-    run waiting for ever for its actors came instead, and the first run to end shut the cluster down
-    under the others."""
+    """The Ray cluster of a run, shared by the runs of this process (threads: a notebook, a service,
+    runs one after another): a run joined to none joins one (``ray.init(address=)``: a new local
+    cluster without ``address`` nor ``RAY_ADDRESS``) and salience keeps it for the life of the
+    process, as ``ray.init()`` does, so that later runs find it and its worker processes warm; it is
+    shut down by :func:`shutdown_ray` or at the interpreter's exit. A cluster the caller joined
+    (their own ``ray.init()``) is used and never shut down. A run in a thread other than the main one
+    starts the cluster from a thread that lives until it is shut down (:func:`_start`). A run asking
+    for another cluster (an ``address`` that is not the joined one's) is refused
+    (:class:`SalienceError`), unless the joined one is salience's and no run uses it (then salience
+    leaves it and joins the one asked for); so is, on a cluster started in this process (which
+    cannot grow), more GPUs per actor than it has."""
     _join(ray, address)
     try:
         _check_gpus(ray, num_gpus)
         yield
     finally:
-        _leave(ray)
+        with _CLUSTER_LOCK:
+            _CLUSTER["runs"] -= 1
 
 
 def _join(ray: Any, address: Optional[str]) -> None:
-    """:func:`cluster`'s entry: ``ray.init`` if this process is joined to no cluster, else the joined
-    one checked against ``address``; the run counted (not counted if it raises)."""
+    """:func:`cluster`'s entry: ``ray.init`` if this process is joined to no cluster (or only to
+    salience's, idle, and another is asked for), else the joined one checked against ``address``;
+    the run counted (not counted if it raises)."""
     with _CLUSTER_LOCK:
+        if ray.is_initialized() and _CLUSTER["runs"] == 0:
+            if not _is_ours(ray):  # joined before salience's first run, or after it left: the caller's
+                _forget()
+            elif address not in _ANY and not _same_cluster(str(address), _joined_address(ray), _CLUSTER["asked"]):
+                _shut_ours(ray)  # salience's own, idle, and another cluster is asked for
         if not ray.is_initialized():
-            if _CLUSTER["keeper"] is not None:  # the cluster salience started was shut down under its runs:
-                _CLUSTER["keeper"].set()  # its thread ends (it waited for ever)
-            _CLUSTER.update(ours=True, asked=address, keeper=_start(ray, address))
+            _forget()  # the cluster salience started was shut down under it (its thread waited for ever)
+            keeper = _start(ray, address)
+            _CLUSTER.update(ours=True, asked=address, keeper=keeper, node=_connection(ray))
+            _hook_exit()
         else:
-            if _CLUSTER["runs"] == 0:  # joined before salience's first run: the caller's, left running
-                _CLUSTER.update(ours=False, asked=None, keeper=None)
             _check_address(ray, address)
         _CLUSTER["runs"] += 1
 
 
-def _leave(ray: Any) -> None:
-    """:func:`cluster`'s exit: the run no longer counted; the last run on a cluster salience started
-    shuts it down."""
+def _connection(ray: Any) -> Any:
+    """Ray's object for this process's connection to its cluster (its ``Node``, or a Ray client's
+    context): a new one at each ``ray.init``."""
+    node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "_global_node", None)
+    if node is not None:
+        return node
+    try:
+        return ray.util.client.ray.get_context()
+    except Exception:  # noqa: BLE001 - no client connection, or a Ray that keeps it otherwise
+        return None
+
+
+def _is_ours(ray: Any) -> bool:
+    """Whether the cluster this process is joined to is the one salience joined (not the caller's,
+    made after a ``ray.shutdown()`` of theirs). Called holding the lock."""
+    return bool(_CLUSTER["ours"]) and ray.is_initialized() and _connection(ray) is _CLUSTER["node"]
+
+
+def _forget() -> None:
+    """Salience holds no cluster: the thread that started its last one (if any) ends. Called holding the lock."""
+    if _CLUSTER["keeper"] is not None:
+        _CLUSTER["keeper"].set()
+    _CLUSTER.update(ours=False, asked=None, keeper=None, node=None)
+
+
+def _shut_ours(ray: Any) -> None:
+    """Shut down the cluster salience joined (``ray.shutdown()``: a local one's processes end, a
+    remote one is left) and forget it. Called holding the lock."""
+    try:
+        if _is_ours(ray):
+            ray.shutdown()
+    finally:
+        _forget()
+
+
+def shutdown_ray() -> None:
+    """Shut down the Ray cluster salience started (or the connection it made to ``address=``) for its
+    dataset runs (``engine="ray"``), which it keeps for the life of the process so that each run after
+    the first finds it and its worker processes warm (about 0.6 s for 20 small images on one core
+    where starting a cluster costs 13-15 s: ``benchmarks/ray-run-cost-s55.md``). It goes at the
+    interpreter's exit anyway; call this to free its processes and memory sooner. Does nothing if
+    salience holds no cluster; never touches one the caller started or joined (their
+    ``ray.init()``). A :class:`SalienceError` while runs of this process use it."""
+    ray = sys.modules.get("ray")
+    if ray is not None:
+        _shutdown(ray)
+
+
+def _shutdown(ray: Any, force: bool = False) -> None:
+    """:func:`shutdown_ray` on ``ray``; ``force`` (the interpreter's exit): also under runs still going."""
     with _CLUSTER_LOCK:
-        _CLUSTER["runs"] -= 1
-        if _CLUSTER["runs"] == 0 and _CLUSTER["ours"]:
-            keeper = _CLUSTER["keeper"]
-            _CLUSTER.update(ours=False, asked=None, keeper=None)
-            try:
-                if ray.is_initialized():
-                    ray.shutdown()
-            finally:
-                if keeper is not None:
-                    keeper.set()
+        if not _CLUSTER["ours"]:
+            return
+        if _CLUSTER["runs"] and not force and _is_ours(ray):
+            raise SalienceError(f"shutdown_ray(): {_CLUSTER['runs']} run(s) of this process still use salience's "
+                                "Ray cluster; call it once they end")
+        _shut_ours(ray)
+
+
+def _hook_exit() -> None:
+    """Salience's cluster shut down at the interpreter's exit, also after a Ctrl-C (registered after Ray's
+    own hook, made when Ray is imported, so it runs first; Ray's then finds nothing to shut down). Called
+    holding the lock."""
+    global _EXIT_HOOKED
+    if not _EXIT_HOOKED:
+        atexit.register(_at_exit)
+        _EXIT_HOOKED = True
+
+
+def _at_exit() -> None:
+    """The interpreter's exit: salience's cluster shut down, also under runs of daemon threads still going."""
+    ray = sys.modules.get("ray")
+    if ray is not None:
+        _shutdown(ray, force=True)
 
 
 def _init(ray: Any, address: Optional[str]) -> None:
@@ -660,7 +731,7 @@ def _check_address(ray: Any, address: Optional[str]) -> None:
         return
     if client is not None and str(address).startswith("ray://") and _same_cluster(str(address)[6:], client, None):
         return  # the Ray client server this process is connected to (the GCS's address is another port)
-    whose = ("salience started it for a run of this process still going" if _CLUSTER["ours"]
+    whose = ("salience joined it for the runs of this process, some still going" if _CLUSTER["ours"]
              else "the caller's own ray.init()")
     raise SalienceError(f"address={address!r}: this process is already joined to the Ray cluster at "
                         f"{joined or _CLUSTER['asked']} ({whose}), and a process joins one Ray cluster at a "
@@ -709,7 +780,7 @@ def _explain(ray: Any, run: Any, num_gpus: float, actors: Optional[int], png: bo
                         batch_size=batch, batch_format="numpy", num_cpus=1)
     args = (shipped(ray, run, weights), plan, str(run.store.folder), batch, png, weights, bool(num_gpus),
             performance, writer)
-    tasks = not num_gpus and not _CLUSTER["ours"]  # CPU, on a cluster this process stays joined to (the caller's)
+    tasks = not num_gpus  # CPU, on a cluster this process stays joined to (the caller's, or salience's: kept)
     ds = _explaining(ray, ds, args, size, tasks, num_gpus, _actors(ray, num_gpus, actors), writer, run_id)
     with progress(len(pending), "explain (ray)", enabled=show, unit="img") as bar:
         try:
@@ -726,17 +797,16 @@ def _explain(ray: Any, run: Any, num_gpus: float, actors: Optional[int], png: bo
 def _explaining(ray: Any, ds: Any, args: tuple, size: int, tasks: bool, num_gpus: float, pool: int,
                 writer: Optional[Writer], run_id: str) -> Any:
     """``ds`` (decoded batches) explained in batches of ``size`` (a shard each) by ``pool`` workers at
-    once: with ``tasks`` (a CPU run on a cluster that outlives it: the caller's), Ray tasks
-    (:func:`explain`) in Ray's pooled worker processes, which the process's later runs reuse with
-    torch and salience imported; else a pool of :class:`Explain` actors (``num_gpus`` each) started
-    for the run. An actor pool's start (a process, ``import torch``, the model) cost each run about
-    4.5 s on one core (benchmarks/ray-run-cost-s54.md), the tasks' about 0.2 s once their processes
-    are warm; but a first run's tasks may land in two fresh processes that both import torch (2.8 s
-    more than one actor on one core), which a run on a cluster of its own (salience's, shut down at
-    its end) would pay every time. GPU runs keep actors: Ray pins a GPU worker process's GPU, and
-    would not safely reuse it for another task's. The actors' arguments ``args`` go once into the
-    object store for the tasks, which build one :class:`Explain` per worker process and run
-    (:func:`_held`)."""
+    once: with ``tasks`` (a CPU run: the cluster outlives it, the caller's or salience's, kept for
+    the process), Ray tasks (:func:`explain`) in Ray's pooled worker processes, which the process's
+    later runs reuse with torch and salience imported; else a pool of :class:`Explain` actors
+    (``num_gpus`` each) started for the run. An actor pool's start (a process, ``import torch``, the
+    model) cost each run about 4.5 s on one core (benchmarks/ray-run-cost-s54.md), the tasks' about
+    0.2 s once their processes are warm; a first run's tasks may land in two fresh processes that
+    both import torch (2.8 s more than one actor on one core), paid once per process. GPU runs keep
+    actors: Ray pins a GPU worker process's GPU, and would not safely reuse it for another task's.
+    The actors' arguments ``args`` go once into the object store for the tasks, which build one
+    :class:`Explain` per worker process and run (:func:`_held`)."""
     if not tasks:
         return ds.map_batches(Explain, fn_constructor_args=args, batch_size=size, batch_format="numpy",
                               **_pool(ray, pool), num_gpus=num_gpus or None, num_cpus=1)
@@ -767,4 +837,4 @@ def _explainer(args: tuple) -> Explain:
     return made
 
 
-__all__ = ["run", "cluster", "decode", "explain", "Explain", "shipped", "quiet", "RAY_LOGS"]
+__all__ = ["run", "cluster", "shutdown_ray", "decode", "explain", "Explain", "shipped", "quiet", "RAY_LOGS"]
