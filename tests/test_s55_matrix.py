@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import re
 import warnings
 from typing import Any, Callable, Optional
@@ -204,6 +205,13 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "transformer_attribution": {"upsample": False, "strip_softmax": False, "grid": (4, 4), "prefix_tokens": 1},
 }
 
+# options that go together (label, keywords), on every kind
+COMBINED: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "integrated_gradients": [("baseline='blur',blur_sigma=2.0", {"baseline": "blur", "blur_sigma": 2.0}),
+                             ("baseline='blur',blur_sigma='2'", {"baseline": "blur", "blur_sigma": "2"}),
+                             ("baseline='blur',blur_sigma=inf", {"baseline": "blur", "blur_sigma": math.inf})],
+}
+
 REDUCES = (None, *salience.reduce.REDUCTIONS)
 ENGINE_OPTIONS = frozenset(_ENGINE)
 
@@ -240,6 +248,7 @@ def cells(kind: str, method: str) -> list[tuple[str, dict[str, Any]]]:
     engine = ENGINE_OPTIONS if kind in FULL else _KIND_ENGINE.get(kind, set())
     out += [(_label(k, v), {**base, k: v}) for k, v in OPTIONS[method].items()
             if k not in ENGINE_OPTIONS or k in engine]
+    out += [(label, {**base, **kw}) for label, kw in COMBINED.get(method, [])]
     if method == "layercam":
         out.append(("layer=[named,named]", {**base, "layer": [KINDS[kind][3]] * 2}))
     if (kind, method) in _FEW:
@@ -275,6 +284,10 @@ REFUSED: list[tuple[set[str], set[str], str, str, str]] = [
     (_GELU, _GUIDED, r"^(?!unsupported=)", "defined for ReLU-type activations only",
      "the backprop rules are not defined for GELU (unsupported='ignore' takes it)"),
     (_GELU, {"smoothgrad"}, "method=guided_backprop", "defined for ReLU-type activations only", "as above"),
+    (set(KINDS), {"integrated_gradients"}, "^blur_sigma=", "applies to it only",
+     "blur_sigma beside a baseline other than 'blur' (was ignored: the map the same whatever its value)"),
+    (set(KINDS), {"integrated_gradients"}, r"blur_sigma=('2'|inf)", "blur_sigma must be a finite number",
+     "not a number (was a raw TypeError), infinite (was a raw OverflowError)"),
     (_CNNS | {"timm_swin"}, _CAMS, "prefix_tokens=1", "applies to token outputs",
      "prefix tokens on a 4-D layer output"),
     (_CNNS, _CAMS, r"grid=\(4, 4\)", "matches neither (h, w)", "a grid that is not the layer's"),
