@@ -249,8 +249,10 @@ def cells(kind: str, method: str) -> list[tuple[str, dict[str, Any]]]:
     out += [(_label(k, v), {**base, k: v}) for k, v in OPTIONS[method].items()
             if k not in ENGINE_OPTIONS or k in engine]
     out += [(label, {**base, **kw}) for label, kw in COMBINED.get(method, [])]
-    if method == "layercam":
-        out.append(("layer=[named,named]", {**base, "layer": [KINDS[kind][3]] * 2}))
+    if method == "layercam":  # a fusion of layers, with gamma past float32's range and infinite
+        fused = {**base, "layer": [KINDS[kind][3]] * 2}
+        out += [("layer=[named,named]", fused), ("layer=[named,named],gamma=1e308", {**fused, "gamma": 1e308}),
+                ("layer=[named,named],gamma=inf", {**fused, "gamma": math.inf})]
     if (kind, method) in _FEW:
         return [(label, kw) for label, kw in out if label in ("default", "target=[1,0]", "layer=named")]
     return out
@@ -276,6 +278,8 @@ _ALL = set(salience.METHODS)
 REFUSED: list[tuple[set[str], set[str], str, str, str]] = [
     ({"regression"}, _ALL, r"target=(1|\[1,0\])$", "out of range for a model with 1 outputs",
      "a one-output model has no class 1"),
+    (set(KINDS), {"layercam"}, "gamma=inf", "gamma must be a positive finite number",
+     "an infinite slope (was a map of NaN where a layer's map is 0); checked before the model is looked at"),
     (_SCRIPTS, set(salience.methods.HOOKED_METHODS), ".*", "TorchScript",
      "hooks, backprop rules and attention capture do not reach a compiled graph"),
     (_SCRIPTS, {"smoothgrad"}, "method=guided_backprop", "TorchScript", "SmoothGrad of guided backprop: as above"),
