@@ -209,7 +209,10 @@ OPTIONS: dict[str, dict[str, Any]] = {
 COMBINED: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "integrated_gradients": [("baseline='blur',blur_sigma=2.0", {"baseline": "blur", "blur_sigma": 2.0}),
                              ("baseline='blur',blur_sigma='2'", {"baseline": "blur", "blur_sigma": "2"}),
-                             ("baseline='blur',blur_sigma=inf", {"baseline": "blur", "blur_sigma": math.inf})],
+                             ("baseline='blur',blur_sigma=inf", {"baseline": "blur", "blur_sigma": math.inf}),
+                             ("baseline=1e308", {"baseline": 1e308})],
+    "occlusion": [("baseline=1e308", {"baseline": 1e308})],  # finite, but past float32's range
+    "ablationcam": [("value=1e308", {"value": 1e308})],
 }
 
 REDUCES = (None, *salience.reduce.REDUCTIONS)
@@ -283,6 +286,8 @@ REFUSED: list[tuple[set[str], set[str], str, str, str]] = [
     (_SCRIPTS, set(salience.methods.HOOKED_METHODS), ".*", "TorchScript",
      "hooks, backprop rules and attention capture do not reach a compiled graph"),
     (_SCRIPTS, {"smoothgrad"}, "method=guided_backprop", "TorchScript", "SmoothGrad of guided backprop: as above"),
+    (set(KINDS), {"integrated_gradients", "occlusion", "ablationcam"}, "=1e308", "does not fit the images' dtype",
+     "a number float32 cannot hold (was a raw RuntimeError where it was filled in)"),
     (_CNNS, _ATTENTION, ".*", "saw no attention operation", "no attention in a CNN"),
     ({"timm_swin"}, _ATTENTION, ".*", "needs global self-attention", "windowed attention"),
     (_GELU, _GUIDED, r"^(?!unsupported=)", "defined for ReLU-type activations only",

@@ -25,7 +25,7 @@ from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import backward, check_input
 from salience._core.errors import SalienceError, user_stacklevel
-from salience._core.tensors import baseline_tensor, check_int, check_number, gaussian_blur, check_flag
+from salience._core.tensors import baseline_tensor, check_fits, check_int, check_number, gaussian_blur, check_flag
 from salience._core.guard import Found, model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.targets import Classes, Predicted, Target, layers_tag, split
@@ -251,7 +251,7 @@ def _baseline(x: Tensor, baseline: Any, blur_sigma: Optional[float]) -> Tensor:
     if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool):  # numpy's numbers too
         if not math.isfinite(float(baseline)):  # the path points are not checked one by one (they derive from these)
             raise SalienceError(f"the baseline is {baseline!r}; give a finite number")
-        return torch.full_like(x, float(baseline))
+        return torch.full_like(x, check_fits(float(baseline), x.dtype, "baseline"))
     if not isinstance(baseline, Tensor):
         raise SalienceError(f"baseline must be None, 'blur', a number or a tensor, got {type(baseline).__name__}")
     return baseline_tensor(baseline, x)

@@ -52,7 +52,7 @@ from salience._core.errors import SalienceError
 from salience._core.fingerprint import own_hooks
 from salience._core.guard import Found, user_module, model_guard, put_back_state, record_state, state_changes
 from salience._core.layers import LayerSpec
-from salience._core.tensors import autocast_off, check_number, check_flag
+from salience._core.tensors import autocast_off, check_fits, check_number, check_flag
 from salience.methods._multi import several_targets, warn_unapplied
 from salience.methods._tokens import Layout, one_model
 from salience.methods.gradcam import grid_layout, resolve_cam_layer, upsample_maps
@@ -765,6 +765,7 @@ def ablationcam(
     value = check_number(value, "value", what="the value an ablated channel takes, e.g. 0")
     check_softmax(softmax)  # both before _setup, whose default layer runs the model
     targets, multi, mod = _setup("Ablation-CAM", model, x, target, layer)
+    check_fits(value, x.dtype, "value")  # the ablated channels are the images' dtype
     budget = _engine.check_memory_options(chunk, max_memory)
     perf = _perf.resolve(memory_format, compile, precision)
     warn_unapplied("ablationcam", model, ("compile", "fold_batchnorm"), perf, why=_WHY_ABLATION_PASSES_SKIP)
