@@ -723,6 +723,13 @@ def _check_nonzero(clean: Tensor, targets: list[Target], probs: Sequence[bool]) 
     )
 
 
+def _ablation_value(value: Any, x: Any) -> float:
+    """Ablation-CAM's ``value``, a finite number that the images' dtype holds (the ablated channels take it: 1e308
+    in float32 was a raw ``RuntimeError``); ``x`` that is no floating tensor is left to :func:`_setup`'s check."""
+    value = check_number(value, "value", what="the value an ablated channel takes, e.g. 0")
+    return check_fits(value, x.dtype, "value") if isinstance(x, Tensor) and x.is_floating_point() else value
+
+
 @several_targets
 @one_model()  # one trace of the model's grids for the default layer and the layout
 def ablationcam(
@@ -762,10 +769,9 @@ def ablationcam(
     relu = check_flag(relu, "relu")
     upsample = check_flag(upsample, "upsample")
     progress = check_flag(progress, "progress")
-    value = check_number(value, "value", what="the value an ablated channel takes, e.g. 0")
+    value = _ablation_value(value, x)
     check_softmax(softmax)  # both before _setup, whose default layer runs the model
     targets, multi, mod = _setup("Ablation-CAM", model, x, target, layer)
-    check_fits(value, x.dtype, "value")  # the ablated channels are the images' dtype
     budget = _engine.check_memory_options(chunk, max_memory)
     perf = _perf.resolve(memory_format, compile, precision)
     warn_unapplied("ablationcam", model, ("compile", "fold_batchnorm"), perf, why=_WHY_ABLATION_PASSES_SKIP)
