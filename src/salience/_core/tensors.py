@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from salience._core.errors import SalienceError
 
-__all__ = ["autocast_off", "gaussian_blur", "gaussian_kernel1d", "upsample_bilinear", "minmax", "unit_scale", "first_tensor", "model_device", "model_dtype", "check_int", "MAX_INPUT_PIXELS", "check_input_pixels", "count_text", "check_number", "check_flag", "check_optional_flag", "check_finite_tensor", "baseline_tensor", "fresh_seed"]
+__all__ = ["autocast_off", "gaussian_blur", "gaussian_kernel1d", "upsample_bilinear", "minmax", "unit_scale", "first_tensor", "model_device", "model_dtype", "check_int", "MAX_INPUT_PIXELS", "check_input_pixels", "count_text", "check_number", "check_fits", "check_flag", "check_optional_flag", "check_finite_tensor", "baseline_tensor", "fresh_seed"]
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
@@ -252,6 +252,17 @@ def check_number(value: Any, name: str, *, minimum: Optional[float] = None, what
         hint = f" ({what})" if what else ""
         raise SalienceError(f"{name} must be {kind}{bound}{hint}, got {value!r}")
     return float(value)
+
+
+def check_fits(value: float, dtype: torch.dtype, name: str) -> float:
+    """``value``, or a :class:`SalienceError` where a tensor of ``dtype`` cannot hold it: a baseline of ``1e308``
+    for float32 images was torch's raw ``RuntimeError: value cannot be converted to type float without overflow``
+    where it was filled in (session 55)."""
+    top = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
+    if abs(value) > top:
+        raise SalienceError(f"{name}={value!r} does not fit the images' dtype {dtype} (at most {top:.4g} in size); "
+                            "give a value within it")
+    return value
 
 
 def check_finite_tensor(t: Tensor, name: str) -> Tensor:

@@ -21,7 +21,7 @@ and why they differ from pytorch-grad-cam.
 """
 from __future__ import annotations
 
-
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -182,8 +182,8 @@ def _fused_layercam(model: nn.Module, x: Tensor, target: TargetLike, layers: lis
     check_input(x, model)
     if not layers:
         raise SalienceError("layer=[] names no layer; give one layer, or a list of layers to fuse")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
-        raise SalienceError(f"gamma must be a positive number (the paper's is 2), got {gamma!r}")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < math.inf:
+        raise SalienceError(f"gamma must be a positive finite number (the paper's is 2), got {gamma!r}")
     targets, multi = split(target, x.shape[0])
     mods = [resolve_cam_layer(model, x, spec, checked=True) for spec in layers]
     with hooked_pass(model, x, "layercam"):  # precision (autocast) applies; compile does not
@@ -200,7 +200,9 @@ def _fused_layercam(model: nn.Module, x: Tensor, target: TargetLike, layers: lis
     for cam in maps:
         cam = upsample_maps(cam, size)
         peak = cam.abs().amax(dim=(2, 3), keepdim=True)
-        scaled = torch.tanh(gamma * cam / torch.where(peak > 0, peak, torch.ones_like(peak)))
+        ratio = cam / torch.where(peak > 0, peak, torch.ones_like(peak))
+        # a gamma past float32's range is inf in the product: 0 * inf was NaN where the map is 0 (tanh(0) = 0)
+        scaled = torch.where(ratio == 0, ratio, torch.tanh(gamma * ratio))
         fused = scaled if fused is None else torch.maximum(fused, scaled)
     assert fused is not None
     return fused if multi else fused[:, 0]

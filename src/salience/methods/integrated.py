@@ -25,7 +25,7 @@ from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import backward, check_input
 from salience._core.errors import SalienceError, user_stacklevel
-from salience._core.tensors import baseline_tensor, check_int, gaussian_blur, check_flag
+from salience._core.tensors import baseline_tensor, check_fits, check_int, check_number, gaussian_blur, check_flag
 from salience._core.guard import Found, model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.targets import Classes, Predicted, Target, layers_tag, split
@@ -229,6 +229,14 @@ line says them in its words, :data:`salience.cli.options.COMMAND_WORDS`)."""
 
 
 def _baseline(x: Tensor, baseline: Any, blur_sigma: Optional[float]) -> Tensor:
+    """The path's start, ``x``'s shape. ``blur_sigma`` is refused beside any baseline but ``"blur"`` (it was
+    ignored there, the map the same whatever its value) and where it is not a number (a raw ``TypeError``; an
+    infinite one an ``OverflowError``)."""
+    if blur_sigma is not None:
+        if not (isinstance(baseline, str) and baseline == "blur"):
+            raise SalienceError("blur_sigma is the blur of baseline='blur' and applies to it only; pass "
+                                "baseline='blur', or leave blur_sigma out")
+        check_number(blur_sigma, "blur_sigma", what="the blur's standard deviation in pixels, > 0")
     if baseline is None:
         return torch.zeros_like(x)
     if isinstance(baseline, str):
@@ -243,7 +251,7 @@ def _baseline(x: Tensor, baseline: Any, blur_sigma: Optional[float]) -> Tensor:
     if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool):  # numpy's numbers too
         if not math.isfinite(float(baseline)):  # the path points are not checked one by one (they derive from these)
             raise SalienceError(f"the baseline is {baseline!r}; give a finite number")
-        return torch.full_like(x, float(baseline))
+        return torch.full_like(x, check_fits(float(baseline), x.dtype, "baseline"))
     if not isinstance(baseline, Tensor):
         raise SalienceError(f"baseline must be None, 'blur', a number or a tensor, got {type(baseline).__name__}")
     return baseline_tensor(baseline, x)
@@ -274,7 +282,8 @@ def integrated_gradients(
 
     ``x``: ``(B, C, H, W)``. ``baseline``: ``None`` (black: zeros), a number, a tensor that broadcasts
     to ``x`` (``(B, C, H, W)`` / ``(1, C, H, W)`` / ``(C, H, W)``, a per-channel mean ``(C, 1, 1)``), or ``"blur"`` (``x`` blurred with a Gaussian
-    of ``blur_sigma`` pixels, default ``min(H, W) / 20``). ``steps`` points, ``rule``:
+    of ``blur_sigma`` pixels, default ``min(H, W) / 20``; ``blur_sigma`` goes with ``"blur"`` only).
+    ``steps`` points, ``rule``:
     ``"trapezoid"`` (default; exact for a linear path integrand),
     ``"gausslegendre"``, ``"left"``, ``"right"``, ``"middle"`` (also Captum's names such as
     ``"riemann_trapezoid"``); see :func:`quadrature`.

@@ -42,7 +42,7 @@ from salience._core.autograd import (check_input, class_probabilities, final_sof
                                      looks_like_probabilities, unwrap_output)
 from salience._core.errors import SalienceError
 from salience._core.guard import Found, model_guard
-from salience._core.tensors import baseline_tensor, check_int, check_number, gaussian_blur, check_flag, fresh_seed
+from salience._core.tensors import baseline_tensor, check_fits, check_int, check_number, gaussian_blur, check_flag, fresh_seed
 from salience.methods import _occlusion_local as _local
 from salience.methods._multi import several_targets
 from salience.reduce import Reduction
@@ -289,7 +289,7 @@ def _baseline(x: Tensor, baseline: Any) -> Tensor:
         return gaussian_blur(x, sigma=max(1.0, min(x.shape[-2:]) / 16))
     if isinstance(baseline, Tensor):
         return baseline_tensor(baseline, x)
-    v = check_number(baseline, "baseline", what=BASELINE_VALUES)
+    v = check_fits(check_number(baseline, "baseline", what=BASELINE_VALUES), x.dtype, "baseline")
     return torch.full((1, 1, 1, 1), v, dtype=x.dtype, device=x.device).expand_as(x)
 
 

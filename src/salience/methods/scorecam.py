@@ -52,7 +52,7 @@ from salience._core.errors import SalienceError
 from salience._core.fingerprint import own_hooks
 from salience._core.guard import Found, user_module, model_guard, put_back_state, record_state, state_changes
 from salience._core.layers import LayerSpec
-from salience._core.tensors import autocast_off, check_number, check_flag
+from salience._core.tensors import autocast_off, check_fits, check_number, check_flag
 from salience.methods._multi import several_targets, warn_unapplied
 from salience.methods._tokens import Layout, one_model
 from salience.methods.gradcam import grid_layout, resolve_cam_layer, upsample_maps
@@ -723,6 +723,13 @@ def _check_nonzero(clean: Tensor, targets: list[Target], probs: Sequence[bool]) 
     )
 
 
+def _ablation_value(value: Any, x: Any) -> float:
+    """Ablation-CAM's ``value``, a finite number that the images' dtype holds (the ablated channels take it: 1e308
+    in float32 was a raw ``RuntimeError``); ``x`` that is no floating tensor is left to :func:`_setup`'s check."""
+    value = check_number(value, "value", what="the value an ablated channel takes, e.g. 0")
+    return check_fits(value, x.dtype, "value") if isinstance(x, Tensor) and x.is_floating_point() else value
+
+
 @several_targets
 @one_model()  # one trace of the model's grids for the default layer and the layout
 def ablationcam(
@@ -762,7 +769,7 @@ def ablationcam(
     relu = check_flag(relu, "relu")
     upsample = check_flag(upsample, "upsample")
     progress = check_flag(progress, "progress")
-    value = check_number(value, "value", what="the value an ablated channel takes, e.g. 0")
+    value = _ablation_value(value, x)
     check_softmax(softmax)  # both before _setup, whose default layer runs the model
     targets, multi, mod = _setup("Ablation-CAM", model, x, target, layer)
     budget = _engine.check_memory_options(chunk, max_memory)
