@@ -31,8 +31,8 @@ from salience._core.errors import SalienceError
 from salience.loading import remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, load_image
 
-__all__ = ["ImageEntry", "Source", "FileSource", "folder_images", "unreadable", "ImageStore", "ImageGone", "IMAGE_SUFFIXES", "MAX_UPLOAD_BYTES",
-           "DECODED_BYTES", "UPLOADS_BYTES"]
+__all__ = ["ImageEntry", "Source", "FileSource", "folder_images", "unreadable", "ImageStore", "ImageGone",
+           "IMAGE_SUFFIXES", "MAX_UPLOAD_BYTES", "DECODED_BYTES", "UPLOADS_BYTES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MAX_UPLOAD_BYTES = 64 * 2**20
