@@ -108,18 +108,19 @@ def test_explain_dataset_takes_top_1_as_target_0_and_refuses_top_2_in_keywords(t
 # --------------------------------------------------------------------------------- 2. explore: unreadable folders
 
 
-@pytest.fixture
-def started(monkeypatch) -> list:
-    """The explorer's server replaced: the inputs each start was given."""
-    server = importlib.import_module("salience.explore.server")
-    seen: list = []
+class _Starts(list):
+    """A stand-in for the explorer's server: the inputs of each start, in order; it serves nothing."""
 
-    def start(model, images, **kwargs):
-        seen.append(list(images))
+    def start(self, model, images, **kwargs) -> types.SimpleNamespace:
+        self.append(list(images))
         return types.SimpleNamespace(url="http://127.0.0.1:1/", serve_forever=lambda: None)
 
-    monkeypatch.setattr(server, "start", start)
-    return seen
+
+@pytest.fixture
+def started(monkeypatch) -> _Starts:
+    starts = _Starts()
+    monkeypatch.setattr(importlib.import_module("salience.explore.server"), "start", starts.start)
+    return starts
 
 
 def _bad_idat_checksum(src: Path, dst: Path) -> Path:
