@@ -86,17 +86,12 @@ def test_a_dataset_run_explains_top_1_on_a_one_output_model_as_a_run_of_files_do
     assert not (tmp_path / "f2").exists() and not (tmp_path / "r2" / "run.json").exists()
 
 
-def test_explain_dataset_takes_top_1_as_target_0_and_refuses_top_2_in_keywords(tmp_path):
-    """The Python API: ``top=1`` on a one-output module is its output 0 (the maps of ``target=0``), ``top=2`` refused
-    naming ``top`` and ``target=0`` (the command says them as flags); a regression model still refuses ``top``."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, padding=1), torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(1),
+def test_explain_dataset_refuses_top_2_in_keywords_before_any_file(tmp_path):
+    """The Python API: ``top=2`` on a one-output module is refused naming ``top`` and ``target=0`` (the command says
+    them as flags, above), and ``top=1`` with ``target=`` as on a classifier; nothing is written."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1),
                                 torch.nn.Flatten(), torch.nn.Linear(2, 1))
-    x = torch.rand(3, 3, 12, 12)
-    data = torch.utils.data.TensorDataset(x)
-    run = salience.explain_dataset(model, data, ["vanilla"], tmp_path / "t", top=1, workers=0, map_dtype="float32")
-    np.testing.assert_allclose(np.stack([run.map(i, "vanilla") for i in range(3)]), _gradient_map(model, x),
-                               rtol=1e-5, atol=1e-9)
+    data = torch.utils.data.TensorDataset(torch.rand(2, 3, 8, 8))
     with pytest.raises(SalienceError, match=r"^top 2 ranks classes, but .* has one output \(output 0\): it is the one "
                                             r"target there is; leave top out \(or give target=0\)$"):
         salience.explain_dataset(model, data, ["vanilla"], tmp_path / "t2", top=2, workers=0)
