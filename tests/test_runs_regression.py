@@ -68,7 +68,7 @@ def test_one_output_model_is_a_score(tmp_path):
     with torch.no_grad():
         values = model(x)[:, 0].tolist()
     assert run.table.column("value").to_pylist() == pytest.approx(values, rel=1e-6)
-    with pytest.raises(SalienceError, match="one output"):
-        salience.explain_dataset(model, torch.utils.data.TensorDataset(x), ["vanilla"], tmp_path / "t", top=1)
+    with pytest.raises(SalienceError, match="one output"):  # top=1 is its one target since session 55, as in a run of
+        salience.explain_dataset(model, torch.utils.data.TensorDataset(x), ["vanilla"], tmp_path / "t", top=2)  # files
     with pytest.raises(SalienceError, match="mode must be"):
         salience.explain_dataset(model, torch.utils.data.TensorDataset(x), ["vanilla"], tmp_path / "m", mode="up")

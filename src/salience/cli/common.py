@@ -116,6 +116,15 @@ def _given(args: Optional[argparse.Namespace]) -> list[str]:
 # --------------------------------------------------------------------------------- arguments
 
 
+def many_pass_methods() -> list[str]:
+    """The methods of :data:`salience.methods.METHODS` that take the performance keywords (``memory_format=``,
+    ``compile=``, ``precision=``: the many-pass methods), by their names: the title of the commands' performance
+    flags names them (it wrote ``integrated-gradients``, no method's name, until session 55)."""
+    from salience._core.engine import signature_of
+
+    return [name for name, fn in METHODS.items() if "memory_format" in signature_of(fn).parameters]
+
+
 class Parser(argparse.ArgumentParser):
     """The commands' parser: ``--compile`` alone is ``compile=True``, ``--compile freeze`` (or
     ``--compile=freeze``) ``compile="freeze"`` (:func:`compile_words`)."""
@@ -231,8 +240,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling the model file (can run arbitrary code: only for files you trust)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (cuda when there is one; default: cpu)")
-    g = p.add_argument_group("performance (many-pass methods: smoothgrad, integrated-gradients, scorecam, ablationcam, "
-                             "occlusion, rise; dataset runs; docs/performance.md)")
+    g = p.add_argument_group(f"performance (many-pass methods: {', '.join(many_pass_methods())}; dataset runs; "
+                             "docs/performance.md)")
     g.add_argument("--memory-format", choices=MEMORY_FORMATS, default=None,
                    help="contiguous (default), channels_last, or auto: channels-last for a convolutional model "
                         "where a short probe shows it is faster")

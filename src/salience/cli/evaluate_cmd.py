@@ -34,7 +34,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--images", metavar="DIR", help="folder of images (default: held-out demo shapes)")
     p.add_argument("--masks", metavar="DIR",
                    help="folder of ground-truth masks, same file names (without: no localization metrics)")
-    p.add_argument("--method", action="append", metavar="NAME", help="methods to evaluate (default: all)")
+    p.add_argument("--method", action="append", metavar="NAME",
+                   help="methods to evaluate (repeat or comma-separate; default: those that apply to the model, "
+                        "which 'salience list --model MODEL' names)")
     p.add_argument("--n", type=int, default=64, help="held-out demo images when no --images (default 64)")
     p.add_argument("--deletion-steps", type=int, default=None, metavar="N",
                    help=f"deletion/insertion steps (default {DELETION_STEPS}; --steps is integrated gradients')")

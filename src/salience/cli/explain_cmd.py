@@ -28,6 +28,7 @@ from salience.cli.inputs import Inputs, add_input_args, class_names, preprocessi
 from salience.loading import DEFAULT_MAX_PIXELS, load_images, unnormalize
 from salience.loading.images import preprocessing_record
 from salience.render import viz
+from salience.runs.dataset import one_output_top
 from salience.runs.job import call_method
 from salience.runs.store import is_run_folder
 
@@ -198,7 +199,8 @@ def _choose_targets(args: argparse.Namespace, info: ModelInfo, out: Tensor) -> C
     """The targets that ``--target``, ``--top`` and ``--mode`` ask for, given the model's outputs ``(N, K)``."""
     n, k = out.shape
     if k == 1 and args.top is not None and args.top > 1:  # was explained as the one target, silently (the lead's
-        raise SalienceError(_one_output_top(args.top, info))  # decision, session 54: refused, as a dataset run does)
+        # decision, session 54: refused, in a dataset run's words; --top 1 is the one target in both)
+        raise SalienceError(one_output_top(args.top, info, flags=True))
     if info.task == "regression" or k == 1:  # one output is a score, not a choice of classes (as dataset runs)
         idx = parse_class(args.target, info, k) if args.target is not None else 0
         return Chosen(torch.full((n, 1), idx, dtype=torch.long), [f"{safe_name(info.class_name(idx))}-{args.mode}"],
@@ -213,15 +215,6 @@ def _choose_targets(args: argparse.Namespace, info: ModelInfo, out: Tensor) -> C
         raise SalienceError(f"--top {args.top} is more than the model's {k} classes; use --top {k} or less")
     classes = out.topk(min(args.top or 1, k), dim=1).indices.cpu()
     return Chosen(classes, [f"top{j + 1}" for j in range(classes.shape[1])])
-
-
-def _one_output_top(top: int, info: ModelInfo) -> str:
-    """The refusal of ``--top K`` (K > 1) on a model with one output: its one output (named where the model names
-    it) is the one target there is; ``--top 1`` is that target and stays accepted."""
-    name = info.class_name(0)
-    output = "output 0" + (f", {name}" if name != "0" else "")
-    return (f"--top {top} ranks classes, but {info.name} has one output ({output}): it is the one target there is; "
-            "leave --top out (or give --target 0)")
 
 
 # --------------------------------------------------------------------------------- maps

@@ -91,8 +91,9 @@ def shown_inputs(inputs: Sequence[str], max_pixels: int) -> list[str]:
     """The ``inputs`` the page can show, in order; each one left out is said on stderr, a line each (the input and
     why), before the model loads: the page started without a word of them (the lead's decision, session 54). An
     image file named is read as the page would read it (:func:`salience.loading.load_image`, once); a folder is
-    left out when it holds no image file (the images inside are listed, not read: a folder may hold thousands); a
-    run folder is kept. A :class:`SalienceError` (exit 2) when inputs were named and none is left."""
+    left out when it holds no image file or none the page can read (checked up to the first readable one, cheaply:
+    :func:`_unreadable_folder`; a folder may hold thousands); a run folder is kept (one without its ``run.json`` yet
+    left out). A :class:`SalienceError` (exit 2) when inputs were named and none is left."""
     kept = []
     for given in inputs:
         why = _left_out(given, max_pixels)
@@ -108,16 +109,16 @@ def shown_inputs(inputs: Sequence[str], max_pixels: int) -> list[str]:
 
 def _left_out(given: str, max_pixels: int) -> Optional[str]:
     """Why the page cannot show the input ``given`` (a file's own error names it first), or ``None``."""
-    from salience.explore.images import IMAGE_SUFFIXES
     from salience.explore.runs import is_run
 
     path = Path(given)
     if is_run(path):
+        if not (path / "run.json").is_file():  # its lock or tables only: no rows to show (RunSource needs run.json)
+            return ("a dataset run's folder without its run.json (a run stopped before it wrote it, or while "
+                    "--overwrite cleared it): nothing to show yet; run its command again")
         return None
     if path.is_dir():
-        if any(f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES for f in path.iterdir()):
-            return None
-        return f"a folder without image files ({', '.join(IMAGE_SUFFIXES)})"
+        return _unreadable_folder(path, max_pixels)
     if not path.exists():
         return "no such file or folder; check the path"
     try:
@@ -125,3 +126,22 @@ def _left_out(given: str, max_pixels: int) -> Optional[str]:
     except SalienceError as e:
         return str(e)
     return None
+
+
+def _unreadable_folder(folder: Path, max_pixels: int) -> Optional[str]:
+    """Why the page cannot show the folder ``folder``: no image file in it, or none of them readable (the first
+    one's error said), or ``None``. Its images are checked in the page's order up to the first readable one, each
+    cheaply (:func:`salience.explore.images.unreadable`: header and structure, no pixel decoded where it is sound),
+    so a folder of thousands of sound images costs one file's check."""
+    from salience.explore.images import IMAGE_SUFFIXES, folder_images, unreadable
+
+    files = folder_images(folder)
+    if not files:
+        return f"a folder without image files ({', '.join(IMAGE_SUFFIXES)})"
+    first = None
+    for f in files:
+        why = unreadable(f, max_pixels)
+        if why is None:
+            return None
+        first = first or why
+    return f"none of its {len(files)} image file(s) can be read; the first: {first}"

@@ -31,8 +31,8 @@ from salience._core.errors import SalienceError
 from salience.loading import remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, load_image
 
-__all__ = ["ImageEntry", "Source", "FileSource", "ImageStore", "ImageGone", "IMAGE_SUFFIXES", "MAX_UPLOAD_BYTES",
-           "DECODED_BYTES", "UPLOADS_BYTES"]
+__all__ = ["ImageEntry", "Source", "FileSource", "folder_images", "unreadable", "ImageStore", "ImageGone",
+           "IMAGE_SUFFIXES", "MAX_UPLOAD_BYTES", "DECODED_BYTES", "UPLOADS_BYTES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MAX_UPLOAD_BYTES = 64 * 2**20
@@ -77,6 +77,39 @@ class Source(Protocol):
     def entries(self) -> list[ImageEntry]: ...
 
 
+def folder_images(folder: Path) -> list[Path]:
+    """The image files directly inside ``folder`` (by suffix, :data:`IMAGE_SUFFIXES`), sorted: what the page lists."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def unreadable(path: Path, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Optional[str]:
+    """Why the page cannot show the image file ``path`` (:func:`salience.loading.load_image`'s one line), or ``None``.
+    Cheap where the file is sound: its header opened and its size checked, and its structure verified
+    (``PIL.Image.verify``: a PNG's chunks and their checksums, no pixel inflated; for JPEG and most other formats
+    the header only), without decoding it; a file that fails that is read by ``load_image`` (the page's verdict and
+    its words: a PNG whose image-data checksum alone is wrong still decodes). A JPEG whose header is sound and its
+    data corrupt passes: the page says so when it is shown."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():  # PIL's decompression-bomb warning: the size is checked here
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                w, h = img.size
+                if w > 0 and h > 0 and (max_pixels is None or w * h <= max_pixels):
+                    img.verify()
+                    return None
+    except Exception:  # noqa: BLE001 - PIL's plugins raise many types on a foreign file; load_image says which
+        pass
+    try:
+        load_image(path, max_pixels=max_pixels)
+    except SalienceError as e:
+        return str(e)
+    return None
+
+
 class FileSource:
     """The image files named, and the image files directly inside the folders named, in order."""
 
@@ -86,7 +119,7 @@ class FileSource:
         files: list[Path] = []
         for p in map(Path, paths):
             if p.is_dir():
-                files += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+                files += folder_images(p)
             elif p.exists():
                 files.append(p)
             else:

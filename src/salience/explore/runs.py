@@ -28,7 +28,7 @@ from salience._core.errors import SalienceError
 from salience.explore.images import ImageEntry
 from salience.loading import remote
 from salience.runs.job import constant_notes, flat_maps
-from salience.runs.store import BadIndex, Run, number_columns, open_run, pyarrow
+from salience.runs.store import BadIndex, Run, is_run_folder, number_columns, open_run, pyarrow
 
 __all__ = ["RunSource", "NotStored", "is_run", "SORTABLE"]
 
@@ -55,8 +55,9 @@ def row_index(text: str) -> Optional[int]:
 
 
 def is_run(path: Union[str, "os.PathLike[str]"]) -> bool:
-    """Whether ``path`` is a run folder (it holds ``run.json``)."""
-    return Path(path).is_dir() and (Path(path) / "run.json").is_file()
+    """Whether ``path`` is a run folder: :func:`salience.runs.store.is_run_folder`, the one test (a run stopped
+    before it wrote its ``run.json`` is one, which :class:`RunSource` refuses as it opens it: no rows to show yet)."""
+    return is_run_folder(path)
 
 
 def _clean(v: Any) -> Any:

@@ -697,8 +697,9 @@ def imagenet_class_names() -> Optional[tuple[str, ...]]:
 
 
 def read_labels(path: PathLike) -> tuple[str, ...]:
-    """Class names from a file: one name per line (blank lines skipped), a JSON list, or a JSON
-    object ``{index: name}`` whose indices are ``0..K-1``. A :class:`SalienceError` names the file
+    """Class names from a file: one name per line (line ``i + 1`` names class ``i``; blank lines at the end
+    skipped, a blank line before a name refused with its number: skipped, it shifted every name after it), a JSON
+    list, or a JSON object ``{index: name}`` whose indices are ``0..K-1``. A :class:`SalienceError` names the file
     when it cannot be read or is none of these."""
     import json
 
@@ -714,10 +715,25 @@ def read_labels(path: PathLike) -> tuple[str, ...]:
             raise SalienceError(f"labels file {p}: not valid JSON ({e})") from None
         names = _json_labels(p, data)
     else:
-        names = [line.strip() for line in text.splitlines() if line.strip()]
+        names = _line_labels(p, text)
     if not names:
         raise SalienceError(f"labels file {p}: holds no class names")
     return tuple(names)
+
+
+def _line_labels(p: Path, text: str) -> list[str]:
+    """The names of a file of one name per line (each stripped), blank lines at its end left out; a blank line
+    before a name refused, naming its line: line ``i + 1`` names class ``i``, so skipping it named every class
+    after it by the next one's name, silently."""
+    names = [line.strip() for line in text.splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    blank = next((i for i, name in enumerate(names) if not name), None)
+    if blank is not None:
+        after = f"after class {blank - 1} ({names[blank - 1]!r})" if blank else "before class 0"
+        raise SalienceError(f"labels file {p}: line {blank + 1} is blank ({after}); each line names the next class, "
+                            "so a blank line would shift every name after it: remove it, or give that class a name")
+    return names
 
 
 def _json_labels(p: Path, data: object) -> list[str]:

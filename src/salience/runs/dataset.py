@@ -494,11 +494,19 @@ def _check_local(engine: str, num_gpus: float, actors: Optional[int], address: O
 
 def _regression_mode(target: Optional[int], top: Optional[int], labels: Union[None, list, str], mode: str, n_out: int,
                      info: ModelInfo) -> tuple[str, int]:
-    """A regression (or one-output) model: one target, the output ``target`` (default 0) in ``mode``."""
+    """A regression (or one-output) model: one target, the output ``target`` (default 0) in ``mode``. On a model
+    with one output that is no regression model ``top=1`` is that one target (as ``target=0``, the map a run of image
+    files gives for ``--top 1``), a larger ``top`` refused in a run of files' words (:func:`one_output_top`)."""
     from salience.targets import REGRESSION_MODES
 
     what = "a regression model" if info.task == "regression" else "a model with one output"
-    if top is not None:
+    if top is not None and info.task != "regression":
+        check_int(top, "top", minimum=1)
+        if target is not None:
+            raise SalienceError("give target or top, not both")
+        if top > 1:  # refused as a run of image files refuses --top 2 (the lead's decision, session 54)
+            raise SalienceError(one_output_top(top, info))
+    elif top is not None:
         raise SalienceError(f"top ranks classes, but {info.name} is {what}; give target=OUTPUT and "
                             "mode=MODE (increase, decrease or maintain)")
     if labels is not None:
@@ -510,6 +518,18 @@ def _regression_mode(target: Optional[int], top: Optional[int], labels: Union[No
         if target >= n_out:
             raise SalienceError(f"output {target} is out of range for {info.name} with {n_out} output(s)")
     return "regression", 1
+
+
+def one_output_top(top: int, info: ModelInfo, *, flags: bool = False) -> str:
+    """The refusal of ``top`` (> 1) on a model with one output that is no regression model: its one output (named
+    where the model names it) is the one target there is; ``top=1`` is that target. ``flags``: said with the command
+    line's flags (``--top``, ``--target 0``) rather than the keywords, for a run of image files (a dataset run's
+    refusals are said so by the command, :func:`salience.cli.common.with_flags`)."""
+    name = info.class_name(0)
+    output = "output 0" + (f", {name}" if name != "0" else "")
+    said, target = ("--top", "--target 0") if flags else ("top", "target=0")
+    return (f"{said} {top} ranks classes, but {info.name} has one output ({output}): it is the one target there is; "
+            f"leave {said} out (or give {target})")
 
 
 def _metric_names(metrics: Union[bool, Sequence[str]], masks: bool) -> list[str]:

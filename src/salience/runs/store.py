@@ -317,12 +317,17 @@ def check_folder(folder: Path, overwrite: bool) -> None:
 
 
 def is_run_folder(path: PathLike) -> bool:
-    """Whether ``path`` is a dataset run's folder: a folder holding the run's manifest (``run.json``) or its
-    store's tables (``inputs.parquet``, ``index.parquet``). What another command checks before it writes its own
-    files into a folder (``salience explain IMAGE --out``), which a run would then hold beside its own."""
+    """Whether ``path`` is a dataset run's folder: a folder holding the run's manifest (``run.json``), its store's
+    tables (``inputs.parquet``, ``index.parquet``) or its lock (:data:`salience.runs.lock.LOCK_NAME`). The one test
+    of a run folder: what another command checks before it writes its own files into a folder (``salience explain
+    IMAGE --out``), which a run would then hold beside its own, and what the explorer takes for a run
+    (:func:`salience.explore.runs.is_run`). A run writes its lock first, then ``run.json``, then ``inputs.parquet``
+    (before its first shard), and ``overwrite=`` removes ``run.json`` before the tables: a run stopped before its
+    ``run.json`` was written (its command starts it there again), or while ``overwrite=`` cleared it (started again
+    with ``overwrite=``), leaves a run folder without one."""
     folder = Path(path)
     return folder.is_dir() and any((folder / name).is_file() for name in ("run.json", "inputs.parquet",
-                                                                          "index.parquet"))
+                                                                          "index.parquet", LOCK_NAME))
 
 
 def done_indices(folder: PathLike) -> set[int]:
