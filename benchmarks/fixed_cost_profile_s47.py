@@ -89,14 +89,16 @@ PIECES_PER_CALL = (("fingerprint.structure", "3x"), ("fingerprint._fold_key", "0
 
 def piece_functions(name: str) -> dict:
     """Each per-call piece of the salience this process imported, as a function of no argument, on ``name``
-    (64 px). The guard's private check is looked up where it lives: ``guard.py`` before session 54, the room
-    ``guard/entry.py`` after."""
+    (64 px). The guard's BatchNorm check is looked up where it lives: ``guard.py`` before session 54, the room
+    ``guard/entry.py`` after, ``guard/refusals.py`` from session 55."""
     from salience._core import autograd, engine, fingerprint, guard
 
     model = build(name, 64)
     x = torch.rand(1, 3, 64, 64)
     mods = guard.modules_of(model)
-    room = getattr(guard, "entry", guard)
+    refusals = getattr(guard, "refusals", None)  # session 55's room; guard/entry.py or guard.py before
+    mixed = (lambda: refusals.refuse_mixed_batches(model, mods, {})) if refusals is not None else \
+        (lambda: getattr(guard, "entry", guard)._refuse_mixed_batches(model, mods))
 
     def enter():
         with guard.model_guard(model):
@@ -110,7 +112,7 @@ def piece_functions(name: str) -> dict:
             "fingerprint._fold_key": lambda: fingerprint._fold_key(model),
             "engine.weight_bytes": lambda: engine.weight_bytes(model), "guard enter + leave": enter,
             "guard nested in another": nested,
-            "guard._refuse_mixed_batches": lambda: room._refuse_mixed_batches(model, mods),
+            "guard._refuse_mixed_batches": mixed,
             "guard.modules_of (quick walk)": lambda: guard.modules_of(model),
             "autograd.check_input": lambda: autograd.check_input(x, model)}
 
