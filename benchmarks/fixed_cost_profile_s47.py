@@ -84,14 +84,16 @@ PIECES_PER_CALL = (("fingerprint.structure", "3x"), ("fingerprint._fold_key", "0
                    ("engine.weight_bytes", "1x"), ("guard enter + leave", "1x (SmoothGrad's)"),
                    ("guard nested in another", "1x (the inner vanilla's)"),
                    ("guard._refuse_mixed_batches", "1x (inside enter)"),
-                   ("guard.modules_of (quick walk)", "4x (2 guards, 2 check_input)"), ("autograd.check_input", "2x"))
+                   ("guard.modules_of (quick walk)", "4x (2 guards, 2 check_input)"), ("autograd.check_input", "2x"),
+                   ("checkpoints.plain_checkpoints enter + exit", "1x (each backward)"),
+                   ("calm.calmly (nothing to do)", "4x (each guard's enter and exit)"))
 
 
 def piece_functions(name: str) -> dict:
     """Each per-call piece of the salience this process imported, as a function of no argument, on ``name``
     (64 px). The guard's BatchNorm check is looked up where it lives: ``guard.py`` before session 54, the room
     ``guard/entry.py`` after, ``guard/refusals.py`` from session 55."""
-    from salience._core import autograd, engine, fingerprint, guard
+    from salience._core import autograd, calm, checkpoints, engine, fingerprint, guard
 
     model = build(name, 64)
     x = torch.rand(1, 3, 64, 64)
@@ -114,7 +116,18 @@ def piece_functions(name: str) -> dict:
             "guard nested in another": nested,
             "guard._refuse_mixed_batches": mixed,
             "guard.modules_of (quick walk)": lambda: guard.modules_of(model),
-            "autograd.check_input": lambda: autograd.check_input(x, model)}
+            "autograd.check_input": lambda: autograd.check_input(x, model),
+            "checkpoints.plain_checkpoints enter + exit": lambda: _entered(checkpoints.plain_checkpoints()),
+            "calm.calmly (nothing to do)": lambda: calm.calmly(_nothing)}
+
+
+def _entered(block) -> None:
+    with block:
+        pass
+
+
+def _nothing() -> None:
+    return None
 
 
 def worker(src: str) -> None:
