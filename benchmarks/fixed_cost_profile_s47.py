@@ -10,9 +10,10 @@ of the named pieces (the model guard's enter and leave, ``fingerprint.structure`
 inflates every Python call (by about 1 us), so the figures rank the pieces; the benchmark (auto_declines_s47.py) times
 the calls.
 
-With ``--old-src`` (main's archive) the per-call pieces are first timed alone (``timeit``, best of 7 repeats), this
-checkout's and the old tree's functions loaded side by side in one process: the fingerprint, the guard's enter and
-leave (alone and nested in another), its BatchNorm check, the weights' bytes, ``check_input``.
+With ``--old-src`` (main's archive, or a git revision whose whole ``src`` is archived) the per-call pieces are first
+timed alone (``timeit``, best of 7 repeats of 300), each tree in a worker process of its own (``sides_s55.py``: a tree
+before ``_core/guard.py`` became a package works as one after it), the two asked in turn: the fingerprint, the
+guard's enter and leave (alone and nested in another), its BatchNorm check, the weights' bytes, ``check_input``.
 """
 from __future__ import annotations
 
@@ -27,9 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from auto_declines_s44 import build  # noqa: E402
-
-import salience  # noqa: E402
+from sides_s55 import SRC, Side, archive_src, import_from, round_order, serve  # noqa: E402
 
 PIECES = ("guard.py", "guard/", "fingerprint.py", "perf.py", "engine.py", "casts.py", "folding.py", "compiled.py")
 NAMED = ("_enter", "_leave", "_release", "_walk", "structure", "_capture", "take", "restore", "_eval", "_hold",
@@ -37,6 +36,8 @@ NAMED = ("_enter", "_leave", "_release", "_walk", "structure", "_capture", "take
 
 
 def case(model, x, method: str, calls: int) -> str:
+    import salience
+
     with torch.no_grad():
         target = model(x).argmax(1)
     f = (lambda: salience.smoothgrad(model, x, target, samples=16, reduce=None)) if method == "smoothgrad" else \
@@ -71,87 +72,118 @@ def case(model, x, method: str, calls: int) -> str:
     return "\n".join(out)
 
 
-def _load(path: str, name: str):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def build(name: str, size: int) -> torch.nn.Module:
+    """``auto_declines_s44.build``, imported only once :func:`sides_s55.import_from` chose the salience (that module
+    imports it)."""
+    from auto_declines_s44 import build as made
+
+    return made(name, size)
+
+
+PIECES_PER_CALL = (("fingerprint.structure", "3x"), ("fingerprint._fold_key", "0 (fold_batchnorm only)"),
+                   ("engine.weight_bytes", "1x"), ("guard enter + leave", "1x (SmoothGrad's)"),
+                   ("guard nested in another", "1x (the inner vanilla's)"),
+                   ("guard._refuse_mixed_batches", "1x (inside enter)"),
+                   ("guard.modules_of (quick walk)", "4x (2 guards, 2 check_input)"), ("autograd.check_input", "2x"),
+                   ("checkpoints.plain_checkpoints enter + exit", "1x (each backward)"),
+                   ("calm.calmly (nothing to do)", "4x (each guard's enter and exit)"))
+
+
+def piece_functions(name: str) -> dict:
+    """Each per-call piece of the salience this process imported, as a function of no argument, on ``name``
+    (64 px). The guard's BatchNorm check is looked up where it lives: ``guard.py`` before session 54, the room
+    ``guard/entry.py`` after, ``guard/refusals.py`` from session 55."""
+    from salience._core import autograd, calm, checkpoints, engine, fingerprint, guard
+
+    model = build(name, 64)
+    x = torch.rand(1, 3, 64, 64)
+    mods = guard.modules_of(model)
+    refusals = getattr(guard, "refusals", None)  # session 55's room; guard/entry.py or guard.py before
+    mixed = (lambda: refusals.refuse_mixed_batches(model, mods, {})) if refusals is not None else \
+        (lambda: getattr(guard, "entry", guard)._refuse_mixed_batches(model, mods))
+
+    def enter():
+        with guard.model_guard(model):
+            pass
+
+    def nested():
+        with guard.model_guard(model):
+            with guard.model_guard(model):
+                pass
+    return {"fingerprint.structure": lambda: fingerprint.structure(model),
+            "fingerprint._fold_key": lambda: fingerprint._fold_key(model),
+            "engine.weight_bytes": lambda: engine.weight_bytes(model), "guard enter + leave": enter,
+            "guard nested in another": nested,
+            "guard._refuse_mixed_batches": mixed,
+            "guard.modules_of (quick walk)": lambda: guard.modules_of(model),
+            "autograd.check_input": lambda: autograd.check_input(x, model),
+            "checkpoints.plain_checkpoints enter + exit": lambda: _entered(checkpoints.plain_checkpoints()),
+            "calm.calmly (nothing to do)": lambda: calm.calmly(_nothing)}
+
+
+def _entered(block) -> None:
+    with block:
+        pass
+
+
+def _nothing() -> None:
+    return None
+
+
+def worker(src: str) -> None:
+    """One side of ``--old-src``: salience from ``src``, each piece timed on request (best of 7 repeats of 300)."""
+    import timeit
+
+    import_from(src)
+    torch.set_num_threads(1)
+    built = {name: piece_functions(name) for name in ("resnet18", "shapes")}
+
+    def time_piece(model: str, label: str) -> dict:
+        return {"us": min(timeit.repeat(built[model][label], number=300, repeat=7)) / 300 * 1e6}
+    serve(src, {"piece": time_piece})
 
 
 def pieces(old_src: str) -> str:
-    """Each per-call piece of this checkout and of ``old_src`` timed alone, in us a call."""
-    import timeit
-
-    from salience._core import autograd, engine, fingerprint, guard
-    old_fp = _load(f"{old_src}/salience/_core/fingerprint.py", "old_fingerprint")
-    old_guard = _load(f"{old_src}/salience/_core/guard.py", "old_guard")
-
-    def old_weight_bytes(model):  # main's engine.weight_bytes: model.parameters(), three layout comparisons each
-        total = 0
-        for t in model.parameters():
-            if t.layout == torch.sparse_coo:
-                total += sum(q.numel() * q.element_size() for q in (t._values(), t._indices()))
-            elif t.layout in (torch.sparse_csr, torch.sparse_bsr) or t.layout in (torch.sparse_csc, torch.sparse_bsc):
-                raise AssertionError("no such parameter here")
-            else:
-                total += t.numel() * t.element_size()
-        return total
-
+    """Each per-call piece of this checkout and of ``old_src`` (a folder holding salience, or a git revision: its
+    whole ``src`` archived) timed alone, in us a call: each tree in a worker process of its own
+    (``sides_s55.py``), the two asked in turn, the order alternating from piece to piece."""
+    sides = {"old": Side(__file__, archive_src(old_src), "old"), "new": Side(__file__, str(SRC), "new")}
     out = ["piece | model | old us/call | new us/call | per SmoothGrad call (old code)"]
-    for name in ("resnet18", "shapes"):
-        model = build(name, 64)
-        x = torch.rand(1, 3, 64, 64)
-        mods = guard.modules_of(model)
-        assert old_fp.structure(model) == fingerprint.structure(model)
-        assert old_weight_bytes(model) == engine.weight_bytes(model)
-
-        def enter(g):
-            def f():
-                with g.model_guard(model):
-                    pass
-            return f
-
-        def nested(g):
-            def f():
-                with g.model_guard(model):
-                    with g.model_guard(model):
-                        pass
-            return f
-        rows = [("fingerprint.structure", old_fp.structure, fingerprint.structure, "3x"),
-                ("fingerprint._fold_key", old_fp._fold_key, fingerprint._fold_key, "0 (fold_batchnorm only)"),
-                ("engine.weight_bytes", old_weight_bytes, engine.weight_bytes, "1x"),
-                ("guard enter + leave", None, None, "1x (SmoothGrad's)"),
-                ("guard nested in another", None, None, "1x (the inner vanilla's)"),
-                ("guard._refuse_mixed_batches", lambda m: old_guard._refuse_mixed_batches(m, mods),
-                 lambda m: guard.entry._refuse_mixed_batches(m, mods), "1x (inside enter)"),
-                ("guard.modules_of (quick walk)", old_guard.modules_of, guard.modules_of, "4x (2 guards, 2 check_input)"),
-                ("autograd.check_input", None, lambda m: autograd.check_input(x, m), "2x")]
-        for label, fo, fn, per in rows:
-            if label == "guard enter + leave":
-                fo, fn = enter(old_guard), enter(guard)
-            elif label == "guard nested in another":
-                fo, fn = nested(old_guard), nested(guard)
-            else:
-                fo = (lambda f=fo: f(model)) if fo is not None else None
-                fn = (lambda f=fn: f(model))
-            tn = min(timeit.repeat(fn, number=300, repeat=7)) / 300 * 1e6
-            to = min(timeit.repeat(fo, number=300, repeat=7)) / 300 * 1e6 if fo is not None else float("nan")
-            out.append(f"{label} | {name} | {to:.1f} | {tn:.1f} | {per}")
+    try:
+        r = 0
+        for name in ("resnet18", "shapes"):
+            for label, per in PIECES_PER_CALL:
+                got = {}
+                for s in round_order(list(sides), r):
+                    got[s] = sides[s].ask(cmd="piece", model=name, label=label)["us"]
+                r += 1
+                out.append(f"{label} | {name} | {got['old']:.1f} | {got['new']:.1f} | {per}")
+    finally:
+        for side in sides.values():
+            side.close()
     return "\n".join(out)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=20)
-    ap.add_argument("--old-src", default=None)
+    ap.add_argument("--old-src", default=None, help="a folder holding salience (an archive's src), or a git revision")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    text = [f"salience from {salience.__file__}; torch {torch.__version__}; load {os.getloadavg()}",
+    if args.worker:
+        worker(args.worker)
+        return 0
+    import_from(str(SRC))  # this checkout's salience, whatever PYTHONPATH says
+    import salience
+    from _common import cpu_name
+
+    text = [f"salience from {salience.__file__}; torch {torch.__version__}; CPU {cpu_name()}, cores "
+            f"{sorted(os.sched_getaffinity(0))}; load {os.getloadavg()}",
             f"command: python benchmarks/fixed_cost_profile_s47.py {' '.join(argv or sys.argv[1:])}"]
     if args.old_src:
-        text += ["", "## per-call pieces timed alone (check_input: new only, its code is main's)", pieces(args.old_src)]
+        text += ["", "## per-call pieces timed alone, old and new each in a worker process", pieces(args.old_src)]
     for name in ("resnet18", "shapes"):
         model = build(name, 64)
         x = torch.rand(1, 3, 64, 64)

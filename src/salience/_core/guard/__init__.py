@@ -55,17 +55,20 @@ room           what it holds                                                    
                modules: ``record_state`` / ``state_changes`` / ``put_back_state``     holds, scripted, hooks
 ``found``      ``Found``: the state a call found, put back before each pass           values, containers, records,
                                                                                       holds, scripted, state
-``entry``      ``model_guard`` and ``run_guard``: the counted holds, eval mode,       values, containers, records,
-               the refusals, the hook sweep on release, Ctrl-C deferred               holds, hooks, state
+``refusals``   eval mode and what a first hold refuses: a graph exported in train     containers, records, holds
+               mode, inference tensors and lazy parameters, a BatchNorm without
+               running statistics given several images (its hook)
+``entry``      ``model_guard`` and ``run_guard``: the counted holds, the walk of      values, holds, hooks, state,
+               the model, the hook sweep on release, Ctrl-C deferred                  refusals
 ============== ====================================================================== ==============================
 """
 from __future__ import annotations
 
 from salience._core.guard.containers import copy_contents
-from salience._core.guard.entry import (
-    check_python_model, model_guard, modules_of, parameters_of, run_guard, train_mode_op)
+from salience._core.guard.entry import check_python_model, model_guard, modules_of, parameters_of, run_guard
 from salience._core.guard.found import Found
 from salience._core.guard.holds import ParamState, held_values
+from salience._core.guard.refusals import train_mode_op
 from salience._core.guard.state import (
     MODULE_OWN, ModuleState, put_back_state, record_state, settled, state_changes, user_module)
 from salience._core.guard.values import forget_copies

@@ -1,12 +1,13 @@
 """The guards' entry and exit: :func:`model_guard` and :func:`run_guard`.
 
 A guard holds each module and parameter, counted (:data:`~salience._core.guard.holds.registry`): the first holder
-records its state, puts the model in eval mode (:func:`_eval`, which refuses a graph exported in train mode) and
-freezes its parameters; the last holder to leave puts the state back, and sweeps the hooks registered meanwhile
-(:func:`_unhook`). A thread's nested blocks on the same model share its hold (:data:`_threads`). A run guard
-records a baseline once per run, put back after each call. The bookkeeping runs with Ctrl-C deferred
-(:func:`~salience._core.calm.calmly`). Refused: inference tensors and uninitialized lazy parameters in the model;
-a BatchNorm without running statistics gets a hook that refuses a pass of several images.
+records its state, puts the model in eval mode (:func:`~salience._core.guard.refusals.eval_mode`, which refuses a
+graph exported in train mode) and freezes its parameters; the last holder to leave puts the state back, and sweeps the
+hooks registered meanwhile (:func:`_unhook`). A thread's nested blocks on the same model share its hold
+(:data:`_threads`). A run guard records a baseline once per run, put back after each call. The bookkeeping runs with
+Ctrl-C deferred (:func:`~salience._core.calm.calmly`). What a first hold refuses (inference tensors, uninitialized
+lazy parameters, a BatchNorm without running statistics given a pass of several images) is in
+:mod:`~salience._core.guard.refusals`.
 
 Limits: a Ctrl-C in ``contextlib``'s ``__enter__`` just after the hold leaves the generator suspended (the model is
 put back when it is collected); a SIGINT handler installed from C is replaced by Python's by the first guard in the
@@ -28,10 +29,12 @@ from salience._core import layouts
 from salience._core.calm import calmly
 from salience._core.errors import SalienceError
 from salience._core.fingerprint import _modules
-from salience._core.guard.containers import MISSING
 from salience._core.guard.holds import ParamState, registry
 from salience._core.guard.hooks import ATTRS_OF, HOOKS_OF, drop_hooks
-from salience._core.guard.records import EMPTY
+# entry's own names for the checks it calls on entering (what tests/test_hygiene.py's Ctrl-C test interrupts, call by call)
+from salience._core.guard.refusals import eval_mode as _eval
+from salience._core.guard.refusals import refuse_inference_tensors as _refuse_inference_tensors
+from salience._core.guard.refusals import refuse_mixed_batches as _refuse_mixed_batches
 from salience._core.guard.state import ModuleState
 from salience._core.guard.values import copy_notes
 from salience._core.tensors import autocast_off
@@ -312,7 +315,7 @@ def _enter(model: nn.Module, modules: list, params: list, box: list, key: Option
                     for o in new:
                         registry[id(o)].run_eagerly()
                 _eval(model, modules)
-                _refuse_mixed_batches(model, new)
+                _refuse_mixed_batches(model, new, _guarding)
                 for p in params:
                     if p.requires_grad:
                         p.requires_grad_(False)
@@ -324,42 +327,6 @@ def _enter(model: nn.Module, modules: list, params: list, box: list, key: Option
             if not box:
                 _release(held)
             raise
-
-
-def _refuse_inference_tensors(model: nn.Module, new: list) -> None:
-    """A model made (or loaded) under ``torch.inference_mode()`` holds inference tensors, which keep
-    no version counter and cannot be saved for a backward pass: every method failed with torch's
-    raw RuntimeError ("Inference tensors do not track version counter"). A lazy module's uninitialized
-    parameters (torch's raw ValueError before) are refused too. Checked on the modules and
-    parameters no guard held yet (``new``): inside a call, a forward run under inference mode may
-    replace a buffer with an inference tensor, which the outer guard puts back at its end.
-
-    Only ``new``'s own tensors are looked at (a module's direct parameters and buffers), and nothing
-    when all is held already: walking every named parameter and buffer of the model under the lock
-    cost each call 0.66 ms on resnet50 even then (each guard of a dataset run's calls, +50%)."""
-    lazy = nn.parameter.UninitializedTensorMixin
-    for o in new:
-        for tensors in (o._parameters.values(), o._buffers.values()) if isinstance(o, nn.Module) else ((o,),):
-            for t in tensors:  # is_inference() after the lazy check: an uninitialized parameter raises there
-                if t is not None and (isinstance(t, lazy) or t.is_inference()):
-                    _refuse_tensor(model, t, isinstance(t, lazy))
-
-
-def _refuse_tensor(model: nn.Module, t: torch.Tensor, lazy: bool) -> None:
-    """The refusal of ``model``'s tensor ``t`` (an uninitialized lazy parameter, or an inference tensor), by name."""
-    name = next((n for n, u in list(model.named_parameters(remove_duplicate=False)) +
-                 list(model.named_buffers(remove_duplicate=False)) if u is t), "?")
-    owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    if lazy:
-        raise SalienceError(
-            f"the model's {name!r} ({type(owner).__name__}) is not initialized yet: a lazy module takes its "
-            "shapes from its first forward pass, which would change the model. Run one pass first, "
-            "model(x) under torch.no_grad() with an input of the shape you will explain, then explain it")
-    raise SalienceError(
-        f"the model's {name!r} is an inference tensor: the model was built or loaded (or a forward pass "
-        "stored it) under torch.inference_mode(), and such tensors can be neither tracked nor differentiated. Build or "
-        "load the model outside inference_mode (torch.no_grad() is fine), or explain a copy made "
-        "outside it: copy.deepcopy(model)")
 
 
 @contextmanager
@@ -450,120 +417,6 @@ def _leave_run(box: list, copies: list) -> None:
         with _lock:
             hold = box.pop()
             _release(hold[1], run=True, start=hold[3])
-
-
-def _eval(model: nn.Module, modules: Optional[list] = None) -> None:
-    """``model.eval()``, and a refusal of a graph that keeps train mode whatever the flags say
-    (``modules``: ``list(model.modules())``).
-
-    ``torch.export``'s ``ExportedProgram.module()`` refuses ``eval()`` (a raw NotImplementedError):
-    its graph is fixed in the mode it was exported in, so only the flags are set. A graph exported
-    in train mode (that flat module, or ``torch.export.unflatten`` of it, whose ``eval()`` succeeds)
-    would compute BatchNorm with the batch's statistics, mixing the images, and draw Dropout.
-
-    Where no class (nor instance) changes how ``train`` / ``eval`` switch the modules, the flags that are
-    on are turned off directly, nothing done if none is (``eval()`` cost 0.54 ms on resnet50 in eval mode),
-    and only modules that may have a ``graph`` are asked for it (a missing attribute costs a raised
-    AttributeError in ``nn.Module.__getattr__``: 0.23 ms)."""
-    if modules is None:
-        modules = list(model.modules())
-    kinds: dict[type, tuple[bool, bool]] = {}
-    plain = type(model).eval is _M.eval and "eval" not in model.__dict__
-    training = False
-    graphs = []
-    for m in modules:
-        kind = kinds.get(type(m))
-        if kind is None:
-            kind = kinds[type(m)] = _kind(type(m))
-        attrs = m.__dict__
-        if not kind[0] or "train" in attrs:
-            plain = False
-        if m.training:
-            training = True
-        if kind[1] or "graph" in attrs:
-            graphs.append(m)
-    if not plain:
-        try:
-            model.eval()
-        except NotImplementedError:
-            for m in modules:
-                m.training = False
-    elif training:
-        for m in modules:
-            if m.training:
-                m.training = False
-    for m in graphs:
-        graph = getattr(m, "graph", None)  # torch.fx.GraphModule, torch.export.unflatten's modules
-        op = train_mode_op(graph) if isinstance(graph, torch.fx.Graph) else None
-        if op is not None:
-            name = next((n for n, u in model.named_modules() if u is m), "?")
-            where = "the model's graph" if name == "" else f"the graph of its submodule {name!r}"
-            raise SalienceError(
-                f"{where} was exported in train mode ({op} with training on), and an exported graph keeps "
-                "that mode: BatchNorm would mix the images of a batch and Dropout draw at random. Export it "
-                "after model.eval()")
-
-
-def _kind(cls: type) -> tuple[bool, bool]:
-    """Whether ``cls``'s ``train`` switches its modules as nn.Module's does (no override of ``train``,
-    ``children``, ``named_children``, ``__setattr__``), and whether an instance may have a ``graph`` other
-    than in its ``__dict__`` (a class attribute or property, a custom ``__getattr__``)."""
-    switches = cls.train is _M.train and cls.children is _M.children and \
-        cls.named_children is _M.named_children and cls.__setattr__ is _M.__setattr__
-    graph = getattr(cls, "graph", None) is not None or cls.__getattr__ is not _M.__getattr__ or \
-        cls.__getattribute__ is not _M.__getattribute__
-    return switches, graph
-
-
-def _refuse_mixed_batches(model: nn.Module, new: list) -> None:
-    """A BatchNorm without running statistics (``track_running_stats=False``) normalizes by the
-    statistics of the batch it is given, in eval mode too: the images of a pass (a batch, or the
-    noisy copies / masked images a method runs together) changed each other's maps, silently. Such
-    a layer (among ``new``, the modules no guard held) gets a forward pre-hook for the block that
-    refuses a pass of more than one image."""
-    names: Optional[dict[int, str]] = None
-    for m in new:
-        # the buffer read from the module's dict (``m.running_mean`` went through nn.Module.__getattr__: 15 us a call
-        # on resnet18's 20 layers), the attribute where it is no buffer there (a subclass's property)
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and _running_mean(m) is None:
-            if names is None:
-                names = {id(u): n for n, u in model.named_modules()}
-            state = registry[id(m)]
-            if not state.handles:
-                state.handles = []
-            state.handles.append(m.register_forward_pre_hook(_one_image_per_pass(names.get(id(m), "?"))))
-
-
-def _running_mean(m: nn.Module) -> Any:
-    """``m.running_mean``, read from the module's buffers (through nn.Module.__getattr__ it cost 15 us a call on
-    resnet18's 20 layers), or as the attribute where it is no buffer there (a subclass's property)."""
-    found = m.__dict__.get("_buffers", EMPTY).get("running_mean", MISSING)
-    return m.running_mean if found is MISSING else found
-
-
-def _one_image_per_pass(name: str) -> Any:
-    def hook(module: nn.Module, args: tuple) -> None:
-        # only the passes of a thread inside a guard (salience's): the user's own batch in another thread is theirs
-        x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and x.dim() > 1 and x.shape[0] > 1 and threading.get_ident() in _guarding:
-            raise SalienceError(
-                f"the model's BatchNorm {name!r} has no running statistics (track_running_stats=False): even in "
-                f"eval mode it normalizes by the statistics of the batch it is given, so the {x.shape[0]} images "
-                "of this pass would change each other's maps. Explain one image at a time (x[i:i + 1]) and pass "
-                "chunk=1 to the methods that run several copies of it per pass (SmoothGrad, Integrated "
-                "Gradients, occlusion, RISE, Score-CAM, Ablation-CAM); or give the layer running statistics")
-    return hook
-
-
-def train_mode_op(graph: Any) -> Optional[str]:
-    """The first operation of a ``torch.fx`` graph (``torch.export``'s ATen graph) that runs BatchNorm
-    or Dropout in train mode (its ``training`` argument fixed to ``True``), or ``None``."""
-    for node in graph.nodes:
-        name = str(node.target) if node.op == "call_function" else ""
-        if ("batch_norm" in name and len(node.args) > 5 and node.args[5] is True) or \
-                ("dropout" in name and len(node.args) > 2 and node.args[2] is True):
-            return name
-    return None
 
 
 def check_python_model(model: nn.Module, method: str, why: str) -> None:

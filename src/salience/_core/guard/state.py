@@ -97,7 +97,7 @@ class ModuleState(Entry):
             self.tensors = self.contents = self.storages = NO_TENSORS
         else:
             self._take_attrs(module, attrs)
-        # hooks the guard put on the module for the block (see _refuse_mixed_batches), removed first; a list once
+        # hooks the guard put on the module for the block (see refusals.refuse_mixed_batches), removed first; a list once
         # there is one (an empty list per module and call was a third of the Python objects a call held)
         self.handles: Any = ()
         self.captured = True
