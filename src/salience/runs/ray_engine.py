@@ -548,12 +548,13 @@ def _join(ray: Any, address: Optional[str]) -> None:
 
 def _connection(ray: Any) -> Any:
     """Ray's object for this process's connection to its cluster (its ``Node``, or a Ray client's
-    context): a new one at each ``ray.init``."""
+    worker): a new one at each ``ray.init``. Not the client's context, which Ray keeps for the
+    process (the same object across ``ray.shutdown()`` and a new ``ray.init("ray://...")``)."""
     node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "_global_node", None)
     if node is not None:
         return node
     try:
-        return ray.util.client.ray.get_context()
+        return ray.util.client.ray.get_context().client_worker
     except Exception:  # noqa: BLE001 - no client connection, or a Ray that keeps it otherwise
         return None
 
