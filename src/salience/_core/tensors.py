@@ -48,9 +48,12 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     Separable, reflect padding, kernel cut at 3 sigma and, per axis, at that axis's size (reflect
     padding needs a radius below the side): a short side does not shorten the other axis's kernel,
     and a one-pixel side is left as it is while the other axis is blurred (a 1 x W image is blurred
-    along its width). ``sigma <= 0``, or a 1 x 1 image: a copy of ``x``.
+    along its width). ``sigma <= 0`` (or one ``x``'s dtype rounds to 0), or a 1 x 1 image: a copy of ``x``.
     """
-    full = int(math.ceil(3 * sigma)) if sigma > 0 else 0
+    # the radius is cut at the sides anyway: a huge finite sigma (3 * 1e308 is inf) was a raw OverflowError, and a
+    # sigma that x's dtype rounds to 0 (1e-300 in float32) a NaN kernel (0 / 0 at its centre) where it is no blur
+    tiny = torch.finfo(x.dtype).tiny if x.dtype.is_floating_point else 0.0
+    full = int(math.ceil(3 * min(sigma, max(x.shape[-2:])))) if sigma > 0 and sigma >= tiny else 0
     rw, rh = min(full, x.shape[-1] - 1), min(full, x.shape[-2] - 1)
     if rw < 1 and rh < 1:
         return x.clone()
@@ -244,14 +247,17 @@ def check_number(value: Any, name: str, *, minimum: Optional[float] = None, what
     """``value`` as a real number (``>= minimum`` when given), or a :class:`SalienceError` naming the option."""
     ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
     if ok:
-        v = float(value)
+        try:
+            v = float(value)
+        except OverflowError:  # an int past float's range, 10**400: was the raw OverflowError
+            v = math.inf
         ok = not math.isnan(v) and (not finite or math.isfinite(v)) and (minimum is None or v >= minimum)
     if not ok:
         bound = f" >= {minimum:g}" if minimum is not None else ""
         kind = "a finite number" if finite else "a number"
         hint = f" ({what})" if what else ""
         raise SalienceError(f"{name} must be {kind}{bound}{hint}, got {value!r}")
-    return float(value)
+    return v
 
 
 def check_fits(value: float, dtype: torch.dtype, name: str) -> float:

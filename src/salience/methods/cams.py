@@ -21,7 +21,7 @@ and why they differ from pytorch-grad-cam.
 """
 from __future__ import annotations
 
-import math
+import sys
 from typing import Optional, Sequence, Union
 
 import torch
@@ -182,8 +182,10 @@ def _fused_layercam(model: nn.Module, x: Tensor, target: TargetLike, layers: lis
     check_input(x, model)
     if not layers:
         raise SalienceError("layer=[] names no layer; give one layer, or a list of layers to fuse")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < math.inf:
+    # up to float's largest, not inf: an int past it (10**400) passed and was float()'s raw OverflowError below
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= sys.float_info.max:
         raise SalienceError(f"gamma must be a positive finite number (the paper's is 2), got {gamma!r}")
+    gamma = float(gamma)  # an int past 2**63 was torch's raw OverflowError in gamma * ratio
     targets, multi = split(target, x.shape[0])
     mods = [resolve_cam_layer(model, x, spec, checked=True) for spec in layers]
     with hooked_pass(model, x, "layercam"):  # precision (autocast) applies; compile does not

@@ -249,9 +249,13 @@ def _baseline(x: Tensor, baseline: Any, blur_sigma: Optional[float]) -> Tensor:
             return gaussian_blur(x.detach(), float(sigma))
         raise SalienceError(f"unknown baseline {baseline!r}; expected {BASELINE_WORDS}")
     if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool):  # numpy's numbers too
-        if not math.isfinite(float(baseline)):  # the path points are not checked one by one (they derive from these)
+        try:
+            value = float(baseline)
+        except OverflowError:  # an int past float's range, 10**400: was the raw OverflowError
+            value = math.inf
+        if not math.isfinite(value):  # the path points are not checked one by one (they derive from these)
             raise SalienceError(f"the baseline is {baseline!r}; give a finite number")
-        return torch.full_like(x, check_fits(float(baseline), x.dtype, "baseline"))
+        return torch.full_like(x, check_fits(value, x.dtype, "baseline"))
     if not isinstance(baseline, Tensor):
         raise SalienceError(f"baseline must be None, 'blur', a number or a tensor, got {type(baseline).__name__}")
     return baseline_tensor(baseline, x)
