@@ -286,6 +286,8 @@ REFUSED: list[tuple[set[str], set[str], str, str, str]] = [
      "a one-output model has no class 1"),
     (set(KINDS), {"layercam"}, "gamma=inf", "gamma must be a positive finite number",
      "an infinite slope (was a map of NaN where a layer's map is 0); checked before the model is looked at"),
+    (set(KINDS), {"layercam"}, "^gamma=", "only where several layers are fused",
+     "gamma beside one layer (was ignored: the map the same whatever its value); checked before the model"),
     (set(KINDS), {"integrated_gradients", "occlusion", "ablationcam"}, "=1e308", "does not fit the images' dtype",
      "a number float32 cannot hold (was a raw RuntimeError where it was filled in)"),
     (_SCRIPTS, set(salience.methods.HOOKED_METHODS), ".*", "TorchScript",

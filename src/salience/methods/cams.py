@@ -148,7 +148,7 @@ def layercam(
     layer: LayerOrLayers = None,
     upsample: bool = True,
     relu: bool = True,
-    gamma: float = 2.0,
+    gamma: Optional[float] = None,
     strip_softmax: bool = True,
     grid: Optional[tuple[int, int]] = None,
     prefix_tokens: Optional[int] = None,
@@ -159,13 +159,19 @@ def layercam(
     layer's map; each is upsampled (to the input, or without upsampling to the largest layer's
     size), scaled per image as the paper's Eq. 9, ``tanh(gamma * M / max |M|)`` (a map that is all 0
     stays 0), and fused by the element-wise maximum: values in ``[0, tanh(gamma)]``, no longer raw.
-    ``gamma``: the scaling's slope (2 in the paper); used only with a list of layers.
+    ``gamma``: the scaling's slope (``None``: the paper's 2); it scales only a list of layers, and given
+    with one layer it is refused (it would change nothing: an option silently lost).
     """
     upsample = check_flag(upsample, "upsample")
     relu = check_flag(relu, "relu")
     if isinstance(layer, (list, tuple)):
+        gamma = 2.0 if gamma is None else gamma
         return _fused_layercam(model, x, target, list(layer), upsample=upsample, relu=relu, gamma=gamma,
                                strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens)
+    if gamma is not None:
+        raise SalienceError(f"gamma={gamma!r} scales LayerCAM's maps only where several layers are fused "
+                            "(layer=[...]); with one layer it would change nothing: leave gamma out, or pass a list "
+                            "of layers")
     return gradient_cam(model, x, target, _layer_map, layer=layer, upsample=upsample, relu=relu,
                         strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens, method='layercam')
 
