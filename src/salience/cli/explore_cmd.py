@@ -130,18 +130,18 @@ def _left_out(given: str, max_pixels: int) -> Optional[str]:
 
 def _unreadable_folder(folder: Path, max_pixels: int) -> Optional[str]:
     """Why the page cannot show the folder ``folder``: no image file in it, or none of them readable (the first
-    one's error said), or ``None``. Its images are checked in the page's order up to the first readable one, each
-    cheaply (:func:`salience.explore.images.unreadable`: header and structure, no pixel decoded where it is sound),
-    so a folder of thousands of sound images costs one file's check."""
-    from salience.explore.images import IMAGE_SUFFIXES, folder_images, unreadable
+    one's error in the page's order said), or ``None``. Its images are checked in the folder's own order up to the
+    first readable one, each cheaply (:func:`salience.explore.images.unreadable`: header and structure, no pixel
+    decoded where it is sound), the folder read only that far (:func:`salience.explore.images.image_files`): a
+    folder of thousands of sound images costs one file's check, not a listing of all of it."""
+    from salience.explore.images import IMAGE_SUFFIXES, image_files, unreadable
 
-    files = folder_images(folder)
-    if not files:
-        return f"a folder without image files ({', '.join(IMAGE_SUFFIXES)})"
-    first = None
-    for f in files:
+    failed: dict[str, str] = {}
+    for f in image_files(folder):
         why = unreadable(f, max_pixels)
         if why is None:
             return None
-        first = first or why
-    return f"none of its {len(files)} image file(s) can be read; the first: {first}"
+        failed[f.name] = why
+    if not failed:
+        return f"a folder without image files ({', '.join(IMAGE_SUFFIXES)})"
+    return f"none of its {len(failed)} image file(s) can be read; the first: {failed[min(failed)]}"

@@ -23,7 +23,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Protocol, Sequence, Union
+from typing import Any, Iterator, Optional, Protocol, Sequence, Union
 
 from torch import Tensor
 
@@ -31,7 +31,7 @@ from salience._core.errors import SalienceError
 from salience.loading import remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, load_image
 
-__all__ = ["ImageEntry", "Source", "FileSource", "folder_images", "unreadable", "ImageStore", "ImageGone",
+__all__ = ["ImageEntry", "Source", "FileSource", "image_files", "folder_images", "unreadable", "ImageStore", "ImageGone",
            "IMAGE_SUFFIXES", "MAX_UPLOAD_BYTES", "DECODED_BYTES", "UPLOADS_BYTES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -77,9 +77,20 @@ class Source(Protocol):
     def entries(self) -> list[ImageEntry]: ...
 
 
+def image_files(folder: Path) -> Iterator[Path]:
+    """The image files directly inside ``folder`` (by suffix, :data:`IMAGE_SUFFIXES`), in the folder's own order,
+    read as they are asked for: whether a folder holds one, or a readable one, costs no listing of all of it. The
+    suffix is looked at before the file's kind, which the folder's entry says (no ``stat`` of each file where the
+    file system says it: a round trip each on a network folder)."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
+                yield Path(folder) / entry.name
+
+
 def folder_images(folder: Path) -> list[Path]:
-    """The image files directly inside ``folder`` (by suffix, :data:`IMAGE_SUFFIXES`), sorted: what the page lists."""
-    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    """The image files directly inside ``folder`` (:func:`image_files`), sorted by name: what the page lists."""
+    return [Path(folder) / name for name in sorted(f.name for f in image_files(folder))]
 
 
 def unreadable(path: Path, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Optional[str]:

@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from salience._core.errors import SalienceError
-from salience.explore.images import ImageEntry
+from salience.explore.images import ImageEntry, image_files
 from salience.loading import remote
 from salience.runs.job import constant_notes, flat_maps
 from salience.runs.store import BadIndex, Run, is_run_folder, number_columns, open_run, pyarrow
@@ -55,9 +55,15 @@ def row_index(text: str) -> Optional[int]:
 
 
 def is_run(path: Union[str, "os.PathLike[str]"]) -> bool:
-    """Whether ``path`` is a run folder: :func:`salience.runs.store.is_run_folder`, the one test (a run stopped
-    before it wrote its ``run.json`` is one, which :class:`RunSource` refuses as it opens it: no rows to show yet)."""
-    return is_run_folder(path)
+    """Whether the explorer takes ``path`` for a run folder: :func:`salience.runs.store.is_run_folder`, the one test
+    (a run stopped before it wrote its ``run.json`` is one, which :class:`RunSource` refuses as it opens it: no rows
+    to show yet), less a folder without a ``run.json`` that holds image files: a run's folder holds none of its own
+    (they are in ``thumbs/`` and ``overlays/``), so that is the user's folder of images with a table of theirs
+    (``index.parquet``), whose images the page shows (it left the folder out, session 55's merge)."""
+    folder = Path(path)
+    if not is_run_folder(folder):
+        return False
+    return (folder / "run.json").is_file() or next(image_files(folder), None) is None
 
 
 def _clean(v: Any) -> Any:
