@@ -12,6 +12,7 @@ before the call), glibc's heap after the call (``mallinfo2``: ``arena`` bytes of
 from __future__ import annotations
 
 import ctypes
+import importlib
 import json
 import os
 import sys
@@ -68,7 +69,7 @@ def one(method: str, impl: str) -> dict:
     """One measurement (see the module's docstring)."""
     warnings.simplefilter("ignore")
     torch, model, x, target = bench._setup()
-    import salience  # noqa: F401  (imported before the RSS is read, as benchmarks/perturbation.py does)
+    importlib.import_module("salience")  # imported before the RSS is read, as benchmarks/perturbation.py does
 
     torch.set_num_threads(bench.CONFIG["threads"])
     heap_before = _heap()
