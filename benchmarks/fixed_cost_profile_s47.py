@@ -32,7 +32,7 @@ from sides_s55 import SRC, Side, archive_src, import_from, round_order, serve  #
 
 PIECES = ("guard.py", "guard/", "fingerprint.py", "perf.py", "engine.py", "casts.py", "folding.py", "compiled.py")
 NAMED = ("_enter", "_leave", "_release", "_walk", "structure", "_capture", "take", "restore", "_eval", "_hold",
-         "modules_of", "own_hooks", "_fold_key")
+         "modules_of", "own_hooks", "_fold_key", "eval_mode")  # _eval: guard.py / guard/entry.py before session 55
 
 
 def case(model, x, method: str, calls: int) -> str:

@@ -39,6 +39,11 @@ def _ours(o: object) -> bool:
     an instance of its classes; another thread's garbage collected at the same time (a server a test left) is not."""
     code = getattr(o, "f_code", None) or getattr(o, "__code__", None) or getattr(o, "gi_code", None)
     if code is not None:
+        # generated code ("<eval_with_key>.30 from .../tests/conftest.py:158 in forward": a torch.fx GraphModule's
+        # forward, cyclic by torch's design, of a model an earlier test exported) is neither salience's nor a test's:
+        # such a GraphModule left by an earlier test and freed during the call failed the vanilla case (session 55)
+        if code.co_filename.startswith("<"):
+            return False
         return "salience" in code.co_filename or "/tests/" in code.co_filename
     return type(o).__module__.startswith("salience")
 
