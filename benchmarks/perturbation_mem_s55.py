@@ -89,4 +89,4 @@ def one(method: str, impl: str) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(one(sys.argv[1], sys.argv[2])))
+    print(json.dumps(one(sys.argv[1].strip(), sys.argv[2].strip())))  # the .sh pads them to fixed widths

@@ -21,8 +21,11 @@ fi
 for seed in $SEEDS; do
   for case in "$@"; do
     load=$(cut -d' ' -f1-3 /proc/loadavg)
-    out=$(PYTHONHASHSEED=$seed PYTHONPATH="$SRC" setarch -R taskset -c 0 "$PY" "$HERE/perturbation_mem_s55.py" $case \
-          | tail -n 1)
+    # the method and implementation padded to fixed widths: the layout follows the length of the command line (the
+    # stack's size moves the heap), so unpadded "salience" and "loop" ran in two different layouts (review s55)
+    method=$(printf '%-16s' "${case%% *}"); impl=$(printf '%-40s' "${case#* }")
+    out=$(PYTHONHASHSEED=$seed PYTHONPATH="$SRC" setarch -R taskset -c 0 "$PY" "$HERE/perturbation_mem_s55.py" \
+          "$method" "$impl" | tail -n 1)
     echo "{\"seed\": $seed, \"masks\": $MASKS, \"case\": \"$case\", \"src\": \"$SRC\", \"load\": \"$load\", \"result\": $out}"
   done
   first=$1; shift; set -- "$@" "$first"  # rotate the order

@@ -22,6 +22,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "perturbation_mem_s55.py"
+# The kernel's RSS counters (VmRSS, VmHWM) are per-CPU counters read approximately since Linux 6.2: two processes
+# of the same code and layout read 3 pages apart in the call's peak and 0.26 MiB apart in the RSS before it (review
+# s55; the exact comparison failed 1 run in 3). 1 MiB: above that, under the table's smallest difference (3.3 MiB).
+RSS_TOL_MIB = 1.0
 CONFIG = {"model": "resnet18", "size": 32, "images": 2, "layer": "layer1.0.conv1", "masks": 2, "threads": 1}
 
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc"
@@ -37,11 +41,14 @@ def _measure(method: str, impl: str, seed: str = "0") -> dict:
 
 
 def test_a_fixed_layout_gives_the_same_peak_in_two_fresh_processes() -> None:
-    """The same call, the same seed, no address randomization: the same resident peak and the same heap, to the page
-    (session 49's measure gave one configuration's figure 55-120 MiB over three processes)."""
+    """The same call, the same seed, no address randomization: the same heap (glibc's counts, exact) and the same
+    resident peak within RSS_TOL_MIB (session 49's measure gave one configuration's figure 55-120 MiB over three
+    processes). On this tiny model the resident figures move by about 0.2 MiB with the layout random or fixed alike
+    (review s55: 17.37-17.56 random, 17.43-17.71 fixed), so it is the heap's counts that tell a fixed layout from a
+    random one here (random: ``arena`` 156.36-156.79 MiB over four processes)."""
     a, b = _measure("rise", "salience"), _measure("rise", "salience")
     assert a["trimmed"] and b["trimmed"]
-    assert a["call_peak_mib"] == b["call_peak_mib"]
-    assert a["rss_before_mib"] == b["rss_before_mib"]
     assert a["heap_after"] == b["heap_after"]
+    assert abs(a["call_peak_mib"] - b["call_peak_mib"]) <= RSS_TOL_MIB
+    assert abs(a["rss_before_mib"] - b["rss_before_mib"]) <= RSS_TOL_MIB
 
