@@ -33,7 +33,10 @@ SRC = Path(salience.__file__).resolve().parents[1]
 
 
 def _descendants(root: int) -> dict[int, str]:
-    """The processes under ``root`` (children, theirs, ...), by pid, each with its command line."""
+    """The processes under ``root`` (children, theirs, ...), by pid, each with its command line; not Python's own
+    multiprocessing helpers (``multiprocessing.forkserver`` / ``resource_tracker``, which the local engine's worker
+    pool starts in this process and keeps for its life: another test of the same pytest worker may have started
+    them, and they are no Ray process)."""
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -45,8 +48,10 @@ def _descendants(root: int) -> dict[int, str]:
     out, todo = {}, [root]
     while todo:
         for c in children.get(todo.pop(), []):
-            out[c] = _cmdline(c)
-            todo.append(c)
+            cmd = _cmdline(c)
+            if "from multiprocessing." not in cmd:
+                out[c] = cmd
+                todo.append(c)
     return out
 
 
