@@ -88,8 +88,8 @@ def check_layer(model: nn.Module, given: dict[str, Any]) -> None:
 COMMAND_WORDS = {integrated.BASELINE_WORDS: "black (zeros), blur or a number (a pixel value, e.g. 0.5)",
                  perturbation.BASELINE_WORDS: "a number (a pixel value, e.g. 0.5) or blur",
                  perturbation.BASELINE_VALUES: "a pixel value or blur",
-                 integrated.BLUR_SIGMA_ALONE: "give --baseline blur, or leave --blur-sigma out",
-                 "blur_sigma is the blur of baseline='blur'": "it is the blur of --baseline blur"}
+                 integrated.BLUR_SIGMA_ALONE: ("it is the blur of --baseline blur and applies to it only; give "
+                                               "--baseline blur, or leave --blur-sigma out")}
 """The values the methods' refusals of a ``baseline`` name as Python gives them (``None``, a quoted name, a tensor:
 no command-line value), as ``--baseline`` takes them (integrated gradients' and occlusion's words), keyed on the
 methods' own constants: a change of their wording changes the key with it."""

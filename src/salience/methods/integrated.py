@@ -224,10 +224,12 @@ class IGResult:
 
 
 BASELINE_WORDS = "None/'black' (zeros), 'blur', a number or a tensor"
-BLUR_SIGMA_ALONE = "pass baseline='blur', or leave blur_sigma out"
-"""The end of the refusal of ``blur_sigma`` beside another baseline (the command line says it in its flags)."""
 """The ``baseline`` values :func:`integrated_gradients` takes, as its refusal of another says them (the command
 line says them in its words, :data:`salience.cli.options.COMMAND_WORDS`)."""
+BLUR_SIGMA_ALONE = ("blur_sigma is the blur of baseline='blur' and applies to it only; pass baseline='blur', or "
+                    "leave blur_sigma out")
+"""The refusal of ``blur_sigma`` beside another baseline (the command line says it in its flags,
+:data:`salience.cli.options.COMMAND_WORDS`)."""
 
 
 def _baseline(x: Tensor, baseline: Any, blur_sigma: Optional[float]) -> Tensor:
@@ -236,7 +238,7 @@ def _baseline(x: Tensor, baseline: Any, blur_sigma: Optional[float]) -> Tensor:
     infinite one an ``OverflowError``)."""
     if blur_sigma is not None:
         if not (isinstance(baseline, str) and baseline == "blur"):
-            raise SalienceError(f"blur_sigma is the blur of baseline='blur' and applies to it only; {BLUR_SIGMA_ALONE}")
+            raise SalienceError(BLUR_SIGMA_ALONE)
         check_number(blur_sigma, "blur_sigma", what="the blur's standard deviation in pixels, > 0")
     if baseline is None:
         return torch.zeros_like(x)
