@@ -39,6 +39,7 @@ _never = test_s53_cliaudit._never
 
 _opened: list[str] = []
 _watching: list[bool] = []
+_hooked: list[bool] = []
 
 
 def _audit(event: str, args: tuple) -> None:
@@ -47,11 +48,12 @@ def _audit(event: str, args: tuple) -> None:
         _opened.append(os.path.basename(os.fsdecode(args[0])))
 
 
-sys.addaudithook(_audit)
-
-
 def _opens(call) -> tuple[object, list[str]]:
-    """``call()``'s result and the names of the files it opened."""
+    """``call()``'s result and the names of the files it opened (the audit hook, added at the first call: it stays
+    for the process's life, a test of this file's own)."""
+    if not _hooked:
+        sys.addaudithook(_audit)
+        _hooked.append(True)
     _opened.clear()
     _watching.append(True)
     try:
