@@ -161,7 +161,11 @@ def test_explore_names_the_inputs_it_leaves_out_before_it_serves(files, capsys, 
 def test_explain_of_image_files_into_a_dataset_run_folder_is_refused(files, tmp_path, capsys, monkeypatch):
     """Decision 4: ``explain IMG --out RUN`` (RUN a dataset run's folder) wrote its figures among the run's
     files; now exit 2 before the model loads, naming the folder as a run's, the folder untouched. The store's
-    check (:func:`salience.runs.store.is_run_folder`) knows a run by its manifest or its tables."""
+    check (:func:`salience.runs.store.is_run_folder`) knows a run by its manifest or its tables (session 56: a table
+    of the store's columns, ``index`` and ``path`` here; a file of the name alone is not one)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from salience.runs.store import is_run_folder  # new in session 54: imported here, the other tests run without
 
     run = tmp_path / "run"
@@ -169,7 +173,7 @@ def test_explain_of_image_files_into_a_dataset_run_folder_is_refused(files, tmp_
     (run / "run.json").write_text("{}")
     begun = tmp_path / "begun"
     begun.mkdir()
-    (begun / "inputs.parquet").write_bytes(b"")
+    pq.write_table(pa.table({"index": pa.array([0], pa.int64()), "path": ["a.png"]}), begun / "inputs.parquet")
     assert is_run_folder(run) and is_run_folder(begun) and not is_run_folder(tmp_path) and not is_run_folder(files.a)
     monkeypatch.setattr(explain_cmd, "load_model_arg", _never)
     for folder in (run, begun):

@@ -56,7 +56,12 @@ def test_explore_shows_a_folder_of_images_that_holds_a_table_of_its_own(files, t
 
 
 def test_a_run_folder_without_images_is_still_a_run_to_the_explorer(tmp_path):
-    """What the fix keeps: the lock alone, or a table alone, without image files: a run (no rows to show yet)."""
+    """What the fix keeps: the lock alone, or a table of the store's columns alone, without image files: a run (no
+    rows to show yet). Session 56: a table is a run's by its columns (``runs.store.is_store_table``), not its name:
+    an empty file named ``inputs.parquet`` is not one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from salience.explore.runs import is_run
     from salience.runs.lock import LOCK_NAME
 
@@ -65,7 +70,10 @@ def test_a_run_folder_without_images_is_still_a_run_to_the_explorer(tmp_path):
         folder.mkdir()
         (folder / name).write_bytes(b"")
         (folder / "thumbs").mkdir()
-        assert is_run(folder)
+        assert is_run(folder) == (name == LOCK_NAME)
+        if name == "inputs.parquet":
+            pq.write_table(pa.table({"index": pa.array([0], pa.int64()), "path": ["a.png"]}), folder / name)
+            assert is_run(folder)
 
 
 def test_the_folder_check_reads_the_folder_only_up_to_its_first_readable_image(files, tmp_path, monkeypatch):

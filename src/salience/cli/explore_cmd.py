@@ -114,8 +114,7 @@ def _left_out(given: str, max_pixels: int) -> Optional[str]:
     path = Path(given)
     if is_run(path):
         if not (path / "run.json").is_file():  # its lock or tables only: no rows to show (RunSource needs run.json)
-            return ("a dataset run's folder without its run.json (a run stopped before it wrote it, or while "
-                    "--overwrite cleared it): nothing to show yet; run its command again")
+            return _begun_run(path)
         return None
     if path.is_dir():
         return _unreadable_folder(path, max_pixels)
@@ -126,6 +125,21 @@ def _left_out(given: str, max_pixels: int) -> Optional[str]:
     except SalienceError as e:
         return str(e)
     return None
+
+
+def _begun_run(folder: Path) -> str:
+    """Why the page cannot show the run folder ``folder`` without its ``run.json``: a live run is starting (its
+    lock is held, :func:`salience.runs.lock.lock_holder`: its ``run.json`` comes in a moment, once its inputs are
+    planned), or a run was stopped before it wrote it, or while ``--overwrite`` cleared it (its command starts it
+    there again)."""
+    from salience.runs.lock import lock_holder
+
+    holder = lock_holder(folder)
+    if holder is not None:
+        return (f"a dataset run that is starting ({holder} is writing it and has not written its run.json yet): "
+                "nothing to show yet; open it again in a moment")
+    return ("a dataset run's folder without its run.json (a run stopped before it wrote it, or while --overwrite "
+            "cleared it): nothing to show yet; run its command again")
 
 
 def _unreadable_folder(folder: Path, max_pixels: int) -> Optional[str]:

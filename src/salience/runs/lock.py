@@ -36,6 +36,8 @@ import errno
 import os
 import socket
 import secrets
+import struct
+import sys
 import threading
 import time
 import warnings
@@ -119,6 +121,57 @@ def _holder(path: Path) -> str:
     if "pid" not in fields:
         return "another salience process"
     return f"another salience process (pid {fields['pid']} on host {fields.get('host', '?')})"
+
+
+def lock_holder(folder: Path) -> Optional[str]:
+    """Who holds the run lock of ``folder`` now, as the lock file says (``another salience process (pid 123 on
+    host h)``; ``this process (pid 123)``), or ``None``: no live process does (no lock file, a run that ended
+    however it ended, a file system without locks). Checked without taking it (``F_GETLK`` asks the system who
+    holds byte 0): a run starting that moment is never refused for this look. In the process that holds it the
+    file is not opened (closing any descriptor of it would release the process's lock): its set of folders says."""
+    with _held_lock:
+        if os.path.realpath(folder) in _held:
+            return f"this process (pid {os.getpid()})"
+    path = Path(folder) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        held = _locked_elsewhere(fd)
+    except OSError:  # a file system that cannot lock: nobody holds it
+        held = False
+    finally:
+        os.close(fd)
+    return _holder(path) if held else None
+
+
+# ``struct flock`` as ``F_GETLK`` reads it: Linux's (type, whence, start, length, pid), macOS's and the BSDs' (start,
+# length, pid, type, whence); ``None`` elsewhere (Windows: the lock is taken for a moment there instead)
+if sys.platform.startswith("linux"):
+    _FLOCK: Optional[str] = "@hhqqi"
+elif sys.platform == "darwin" or "bsd" in sys.platform:
+    _FLOCK = "@qqihh"
+else:
+    _FLOCK = None
+
+
+def _locked_elsewhere(fd: int) -> bool:
+    """Whether another process holds byte 0 (the run's) of the lock file open as ``fd``: asked with ``F_GETLK``
+    (nothing taken) where the layout of ``struct flock`` is known, else by taking it shared for a moment."""
+    if fcntl is not None and _FLOCK is not None:
+        fields = (fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0) if _FLOCK == "@hhqqi" else (0, 1, 0, fcntl.F_WRLCK, os.SEEK_SET)
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(_FLOCK, *fields) + bytes(16))  # room for padding
+        kind = struct.unpack_from(_FLOCK, answer)[0 if _FLOCK == "@hhqqi" else 3]
+        return kind != fcntl.F_UNLCK
+    if not _try_lock(fd, shared=True):  # pragma: no cover - Windows, or a POSIX system of another layout
+        return True
+    if fcntl is not None:  # pragma: no cover
+        fcntl.lockf(fd, fcntl.LOCK_UN, 1, 0)
+    else:  # pragma: no cover - Windows
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    return False
 
 
 @contextlib.contextmanager

@@ -317,17 +317,42 @@ def check_folder(folder: Path, overwrite: bool) -> None:
 
 
 def is_run_folder(path: PathLike) -> bool:
-    """Whether ``path`` is a dataset run's folder: a folder holding the run's manifest (``run.json``), its store's
-    tables (``inputs.parquet``, ``index.parquet``) or its lock (:data:`salience.runs.lock.LOCK_NAME`). The one test
-    of a run folder: what another command checks before it writes its own files into a folder (``salience explain
-    IMAGE --out``), which a run would then hold beside its own, and what the explorer takes for a run
-    (:func:`salience.explore.runs.is_run`). A run writes its lock first, then ``run.json``, then ``inputs.parquet``
-    (before its first shard), and ``overwrite=`` removes ``run.json`` before the tables: a run stopped before its
-    ``run.json`` was written (its command starts it there again), or while ``overwrite=`` cleared it (started again
-    with ``overwrite=``), leaves a run folder without one."""
+    """Whether ``path`` is a dataset run's folder, known by salience's own marks: the run's manifest (``run.json``),
+    its lock (:data:`salience.runs.lock.LOCK_NAME`), or a table of the store's own columns (:func:`is_store_table`:
+    ``inputs.parquet``, ``index.parquet``). The one test of a run folder: what another command checks before it
+    writes its own files into a folder (``salience explain IMAGE --out``), which a run would then hold beside its
+    own, and what the explorer takes for a run (:func:`salience.explore.runs.is_run`). A run writes its lock first
+    (kept for good, :mod:`salience.runs.lock`), then ``run.json``, then ``inputs.parquet`` (before its first shard),
+    and ``overwrite=`` removes ``run.json`` before the tables: a run stopped before its ``run.json`` was written, or
+    while ``overwrite=`` cleared it, is known by its lock; a table of the store's columns without either (a run
+    folder copied without its hidden file, or begun by a salience before the lock) is one too. A table of the same
+    name with other columns (a user's own ``index.parquet`` beside their images) is not."""
     folder = Path(path)
-    return folder.is_dir() and any((folder / name).is_file() for name in ("run.json", "inputs.parquet",
-                                                                          "index.parquet", LOCK_NAME))
+    if not folder.is_dir():
+        return False
+    if (folder / "run.json").is_file() or (folder / LOCK_NAME).is_file():
+        return True
+    return any(is_store_table(folder / name) for name in ("inputs.parquet", "index.parquet"))
+
+
+def is_store_table(path: Path) -> bool:
+    """Whether the file ``path`` is a table a run's store writes, by its parquet schema (the footer only is
+    read): ``inputs.parquet``'s columns ``index`` (int64), ``path`` (string), then ``label`` (int64) and ``mask``
+    (string) where given (:meth:`Store.write_inputs`); ``index.parquet``'s and a shard's, ``index`` and ``path``
+    first and ``shard`` (string), ``offset`` (int32) last (:func:`row_schema`). A file that is not parquet, or
+    without pyarrow: ``False``."""
+    if not path.is_file():
+        return False
+    try:
+        schema = pyarrow().parquet.read_schema(path)
+    except Exception:  # noqa: BLE001 - pyarrow raises several types on a file that is not parquet
+        return False
+    fields = [(f.name, str(f.type)) for f in schema]
+    if fields[:2] != [("index", "int64"), ("path", "string")]:
+        return False
+    if path.name == "inputs.parquet":
+        return set(fields[2:]) <= {("label", "int64"), ("mask", "string")}
+    return fields[-2:] == [("shard", "string"), ("offset", "int32")]
 
 
 def done_indices(folder: PathLike) -> set[int]:
