@@ -13,8 +13,7 @@ from __future__ import annotations
 import operator
 import threading
 import weakref
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 from torch import nn
 
@@ -183,40 +182,58 @@ def own_hooks(model: nn.Module) -> Optional[str]:
     return None
 
 
-# The thread's open stretch (:func:`one_walk`): [the model, the walks made in it by name, the thread's count of
-# passes when it opened]; and that count (``passes``, moved by :func:`end_walk`).
-_stretch = threading.local()
+class _Stretch(threading.local):
+    """The thread's open stretch (:func:`one_walk`): ``open``, [the model, the walks made in it by name, the thread's
+    count of passes when it opened], or ``None``; and that count (``passes``, moved by :func:`end_walk`)."""
+    open: Optional[list] = None
+    passes = 0
 
 
-@contextmanager
-def one_walk(model: nn.Module) -> Iterator[None]:
+_stretch = _Stretch()
+
+
+class _OneWalk:
+    """:func:`one_walk`'s block (a plain class: a generator's context manager cost 1.5 us more a block)."""
+    __slots__ = ("model", "outer")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> None:
+        outer, passes = _stretch.open, _stretch.passes
+        if outer is not None and outer[0] is self.model and outer[2] == passes:
+            self.outer: Any = _JOINED  # the open stretch is this one
+        else:
+            self.outer = outer
+            _stretch.open = [self.model, {}, passes]
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.outer is not _JOINED:
+            _stretch.open = self.outer
+
+
+_JOINED = object()
+
+
+def one_walk(model: nn.Module) -> _OneWalk:
     """A stretch of salience's own code on ``model`` before its pass: the input checks, the model guard's entry,
     the fingerprint, the weights' sum walk the model once in it (:func:`walked`), not once each (a SmoothGrad call
-    walked resnet18 seven times before its first pass, 45 to 90 us each). None of the user's code runs between the
-    stretch's walks: the stretch ends for good at the first pass of any model in the thread (:func:`end_walk`,
+    walked resnet18 nine times, seven before its first pass, 45 to 90 us each). None of the user's code runs between
+    the stretch's walks: the stretch ends for good at the first pass of any model in the thread (:func:`end_walk`,
     called by :func:`~salience._core.autograd.model_call` and before a trace of the model), after which each walk
     is made anew; and at the block's end. Whatever the user changes between two calls (a module added or replaced,
     a parameter's dtype) is seen by the next call's stretch, which walks again. A stretch opened inside another on
     the same model where no pass ran since that one opened is that one; else one of its own (the outer one taken up
     again after it, spent where a pass ran)."""
-    outer = getattr(_stretch, "open", None)
-    passes = getattr(_stretch, "passes", 0)
-    if outer is not None and outer[0] is model and outer[2] == passes:
-        yield
-        return
-    _stretch.open = [model, {}, passes]
-    try:
-        yield
-    finally:
-        _stretch.open = outer
+    return _OneWalk(model)
 
 
 def walked(model: nn.Module, name: str, walk: Callable[[nn.Module], Any]) -> Any:
     """``walk(model)``, made once in this thread's :func:`one_walk` stretch on ``model`` (by ``name``) while no pass
     ran since it opened; else made each time. A walk that gives no list (a class listing its modules itself: a
     generator) is made each time."""
-    open_ = getattr(_stretch, "open", None)
-    if open_ is None or open_[0] is not model or open_[2] != getattr(_stretch, "passes", 0):
+    open_ = _stretch.open
+    if open_ is None or open_[0] is not model or open_[2] != _stretch.passes:
         return walk(model)
     found = open_[1].get(name)
     if found is None:
@@ -230,4 +247,4 @@ def walked(model: nn.Module, name: str, walk: Callable[[nn.Module], Any]) -> Any
 def end_walk() -> None:
     """A pass of a model (or its trace) begins in this thread: the user's code runs, which may change the model; the
     open :func:`one_walk` stretches keep no walk from here on."""
-    _stretch.passes = getattr(_stretch, "passes", 0) + 1
+    _stretch.passes += 1
