@@ -9,6 +9,7 @@ touched and no graph is built for parameters.
 from __future__ import annotations
 
 import inspect
+import operator
 import os
 import re
 import threading
@@ -28,7 +29,8 @@ from salience._core import derived as _derived
 from salience._core import perf as _perf
 from salience._core.checkpoints import plain_checkpoints
 from salience._core.errors import SalienceError, uncoloured, user_stacklevel
-from salience._core.guard import model_guard, modules_of
+from salience._core.fingerprint import end_walk, one_walk
+from salience._core.guard import model_guard, modules_of, parameters_of
 from salience._core.info import max_batch, model_info
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
 from salience._core.tensors import check_flag, first_tensor, model_device
@@ -164,7 +166,9 @@ def model_call(model: nn.Module, x: Tensor) -> Iterator[None]:
     Any other error propagates as it is (a bug in the model keeps its
     traceback). Before the pass, the options in force that concern every pass (:func:`salience._core.perf.before_pass`:
     ``allocator="reuse"`` on a CPU), and in an :func:`each_pass_from` block the model's own state put back as the
-    call found it."""
+    call found it. The model's pass (the user's code) ends the thread's
+    :func:`~salience._core.fingerprint.one_walk` stretches: each walk after it is made anew."""
+    end_walk()
     put_back = _EACH_PASS.get()
     if put_back is not None:
         put_back()
@@ -273,7 +277,10 @@ def _compute_dtype(model: nn.Module, modules: Optional[Sequence[nn.Module]] = No
     """The one floating dtype of all of ``model``'s parameters, which its input must have (PyTorch
     layers do not cast: a float32 image in a float64 model fails inside the model with a raw
     "Input type ... and bias type ... should be the same"); ``None`` when the parameters mix dtypes,
-    or there are none, or the model casts its input itself (Keras 3 layers do)."""
+    or there are none, or the model casts its input itself (Keras 3 layers do). ``modules`` not given: from the
+    guard's one walk of the modules and parameters (:func:`_walked_dtype`)."""
+    if modules is None:
+        return _walked_dtype(model)
     dtypes = set()  # every parameter's dtype, the floating ones picked from the few at the end (20 us less a call
     # on ViT-Ti's 152 parameters than asking each is_floating_point())
     # the modules' own dicts: module.parameters(recurse=False) walks again
@@ -292,6 +299,23 @@ def _compute_dtype(model: nn.Module, modules: Optional[Sequence[nn.Module]] = No
             if p is not None:
                 dtypes.add(p.dtype)
     floating = [d for d in dtypes if d.is_floating_point]
+    return floating[0] if len(floating) == 1 else None
+
+
+_DTYPE = operator.attrgetter("dtype")
+
+
+def _walked_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """:func:`_compute_dtype` from the guard's walk (one, shared in a
+    :func:`~salience._core.fingerprint.one_walk` stretch): each class of module looked at once for Keras's, the
+    parameters' dtypes gathered in C (resnet18: 62 parameters read once, not each module's dict asked)."""
+    with one_walk(model):
+        modules, params = modules_of(model), parameters_of(model)
+    for cls in set(map(type, modules)):
+        where = cls.__module__
+        if where == "keras" or where.startswith("keras."):
+            return None
+    floating = [d for d in set(map(_DTYPE, params)) if d.is_floating_point]
     return floating[0] if len(floating) == 1 else None
 
 
@@ -863,6 +887,8 @@ def backward(
         raise SalienceError("no target to differentiate")
     target_layer = _common_layer(targets)
     with ExitStack() as stack:
+        # the checks and the guard's entry before the pass share one walk of the model (a stretch that the pass ends)
+        stack.enter_context(one_walk(model))
         # the call's deferred checks (the targets' scores finite, the probabilities warning): one synchronization
         # after the backward pass, none in a many-pass call (its scope, which this joins, tests them at its end)
         stack.enter_context(_derived.run_scope())

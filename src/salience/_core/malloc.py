@@ -207,6 +207,8 @@ def raise_dynamic_threshold() -> bool:
     settings are heeded: no block, ``False``), or where glibc served the block from its heap (a process with that
     much free heap already: its free raises nothing); never raises. ``allocator="system"`` never calls it."""
     global _raise_tried, _raised, _own_trim
+    if _raise_tried:  # each pass after the first: no lock taken (a flag that only ever turns on)
+        return False
     with _lock:
         if _raise_tried:
             return False

@@ -108,7 +108,7 @@ from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.guard import forget_copies
 from salience._core.islands import HighResolutionFp32
 from salience._core.strided import ContiguousAttention, holds_attention
-from salience._core.fingerprint import _fold_key, _lock, observer, own_hooks, structure
+from salience._core.fingerprint import _fold_key, _lock, end_walk, observer, own_hooks, structure
 from salience._core.layouts import channels_last_data, copies_made, keep_only, keeping
 from salience._core.malloc import dynamic_threshold_raised, keep_freed_memory, raise_dynamic_threshold, thresholds_fixed
 from salience._core.tensors import is_numpy_bool
@@ -596,6 +596,7 @@ class Run:
         if self.options.fold_batchnorm:
             # bf16-mixed's float32 copy runs under its autocast only: a block of the forward at that dtype is served
             passes = self.dtype if self.options.backend is None and self._islands() else None
+            end_walk()  # the trace runs the model's forward (the user's code)
             self._folded, why = folded_model(model, self._fold_key, self._fold_dtype, passes)
             if self._folded is None:
                 warnings.warn(f"fold_batchnorm: {why}; running the model as it is", stacklevel=user_stacklevel())

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from salience._core import engine as _engine
 from salience._core import derived as _derived
 from salience._core import perf as _perf
+from salience._core.fingerprint import one_walk
 from salience import reduce as _reduce
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.autograd import check_input, forward_scores, seeing_output, unwrap_output
@@ -283,21 +284,23 @@ def input_gradient_maps(
     """The (ruled) input gradient of one or several targets (times ``x`` with ``times_input``),
     modified and reduced. ``method``: the name a ruled pass's warnings give (:func:`hooked_pass`).
 
-    ``x`` ``(B, C, H, W)`` -> ``(B, ...)`` for one target, ``(B, K, ...)`` for K targets.
+    ``x`` ``(B, C, H, W)`` -> ``(B, ...)`` for one target, ``(B, K, ...)`` for K targets. The input's checks,
+    the guard's entry and the rest before the pass walk the model once (:func:`~salience._core.fingerprint.one_walk`).
     """
-    check_input(x, model)
-    targets, multi = split(target, x.shape[0])
-    _reduce.get_grad_modifier(grad_modifier)
-    _reduce.get_reduction(reduce)
-    # A plain pass (no backprop rule) runs under the performance options in force, as one chunk of
-    # the engine's (perf.one_pass: nothing changes with the defaults, or inside a many-pass run); a ruled
-    # pass under those that apply to it (hooked_pass: not compiled, not folded).
-    ruled = hooked_pass(model, x, method) if extra_modes else None
-    with ruled if ruled is not None else _perf.one_pass(model, x, tag="input-gradient"):
-        # x checked above, nothing of the user's run since: not checked again (a second finiteness test and walk)
-        grads, _, _ = _engine.input_gradients(model, x, targets, strip_softmax=strip_softmax,
-                                              extra_modes=extra_modes, checked=True)
-        refuse_fp16_overflow(model, grads)
+    with one_walk(model):
+        check_input(x, model)
+        targets, multi = split(target, x.shape[0])
+        _reduce.get_grad_modifier(grad_modifier)
+        _reduce.get_reduction(reduce)
+        # A plain pass (no backprop rule) runs under the performance options in force, as one chunk of
+        # the engine's (perf.one_pass: nothing changes with the defaults, or inside a many-pass run); a ruled
+        # pass under those that apply to it (hooked_pass: not compiled, not folded).
+        ruled = hooked_pass(model, x, method) if extra_modes else None
+        with ruled if ruled is not None else _perf.one_pass(model, x, tag="input-gradient"):
+            # x checked above, nothing of the user's run since: not checked again (a second finiteness test and walk)
+            grads, _, _ = _engine.input_gradients(model, x, targets, strip_softmax=strip_softmax,
+                                                  extra_modes=extra_modes, checked=True)
+            refuse_fp16_overflow(model, grads)
     if times_input:  # x detached: a caller's x that requires grad must not put the map on its graph
         grads = grads * x.detach().unsqueeze(0)
     return finish(grads.transpose(0, 1), grad_modifier, reduce, multi, targets)

@@ -20,6 +20,7 @@ from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import check_input
 from salience._core.errors import SalienceError, suggest
+from salience._core.fingerprint import end_walk, one_walk
 from salience._core.tensors import check_int, check_number, check_flag, fresh_seed
 from salience._core.guard import Found, model_guard
 from salience.reduce import GradModifier, Reduction
@@ -117,7 +118,7 @@ def smoothgrad(
     _check_inner_passes(method, samples, options, x, calls)
 
     gaps = _CopyGaps(x.shape[0])
-    with model_guard(model), Found(model) as found:  # the state found: the engine puts it back before each pass
+    with one_walk(model), model_guard(model), Found(model) as found:  # the state found: put back before each pass
         resolved = targets if free else resolve(targets, model, x, strip_softmax=strip_softmax)
 
         @gaps.watch
@@ -473,6 +474,10 @@ def _tag(method: Callable[..., Tensor], targets: Sequence[Target], reduce: Any, 
 
 
 def _call(method: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Any, options: dict) -> Tensor:
+    """``method``'s maps of the copies ``x``. The call's guard entry, state found, run fingerprint and weights' sum
+    walked the model once (its :func:`~salience._core.fingerprint.one_walk`): the stretch ends here, the method
+    being possibly the user's code, which may change the model."""
+    end_walk()
     out = method(model, x, target, **options)
     if not isinstance(out, Tensor) or out.shape[:1] != x.shape[:1]:
         raise SalienceError(

@@ -28,7 +28,7 @@ from torch.utils.hooks import RemovableHandle as _Handle
 from salience._core import layouts
 from salience._core.calm import calmly
 from salience._core.errors import SalienceError
-from salience._core.fingerprint import _modules
+from salience._core.fingerprint import _modules, walked
 from salience._core.guard.holds import ParamState, registry
 from salience._core.guard.hooks import ATTRS_OF, HOOKS_OF, drop_hooks
 # entry's own names for the checks it calls on entering (what tests/test_hygiene.py's Ctrl-C test interrupts, call by call)
@@ -63,7 +63,15 @@ def _walk(model: nn.Module) -> tuple[list, list]:
     """``list(model.modules())`` and ``list(model.parameters())``: the same objects in the same order, from
     one walk of the modules' ``_modules`` (:func:`~salience._core.fingerprint._modules`, which
     :func:`~salience._core.fingerprint.structure` walks too) and their ``_parameters`` (the generators cost 0.38 ms
-    on resnet50), unless a class changes how modules or parameters are listed."""
+    on resnet50), unless a class changes how modules or parameters are listed. Once in a
+    :func:`~salience._core.fingerprint.one_walk` stretch (the lists shared: not to be changed)."""
+    if not isinstance(model, nn.Module):
+        raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
+    return walked(model, "guard", _walk_now)
+
+
+def _walk_now(model: nn.Module) -> tuple[list, list]:
+    """:func:`_walk`'s walk itself."""
     if not isinstance(model, nn.Module):
         raise SalienceError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
     root, attrs = type(model), model.__dict__
