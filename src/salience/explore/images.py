@@ -95,17 +95,17 @@ def folder_images(folder: Path) -> list[Path]:
 
 _WORDS_READ_BYTES = 64 * 2**20
 """A file the folder check cannot decode is read whole, once, for :func:`load_image`'s words when it is at most this
-large; a larger one is opened by ``load_image`` itself (a second open: such files are few)."""
+large; a larger one is opened by ``load_image`` itself (again, up to three times: such files are few)."""
 
 
 def unreadable(path: Path, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Optional[str]:
     """Why the page cannot show the image file ``path`` (:func:`salience.loading.load_image`'s one line), or ``None``.
-    The file is opened once (:func:`_decodes`; one over 64 MiB that fails: twice): its header read and its size
-    checked, then a PNG's structure verified (``PIL.Image.verify``: its chunks and their checksums, which a cut or
-    damaged file fails; no pixel inflated), and any other format decoded by Pillow (a JPEG at 1/8 of its size, the
-    decoder's DCT scaling: every coefficient is still read, so a cut data stream fails as in a full decode, at 0.3 to
-    0.65 of its cost from 12 to 0.26 megapixels). A file that fails that is read by ``load_image`` from the bytes
-    read here (the page's verdict and its words: a PNG whose image-data checksum alone is wrong still decodes). An
+    The file is opened once (:func:`_decodes`; one over 64 MiB that fails is opened again by ``load_image``): its
+    header read and its size checked, then a PNG's structure verified (``PIL.Image.verify``: its chunks and their
+    checksums, which a cut or damaged file fails; no pixel inflated), and any other format decoded by Pillow (a JPEG
+    at 1/8 of its size, the decoder's DCT scaling: every coefficient is still read, so a cut data stream fails as in
+    a full decode, at less than its cost). A file that fails that is read by ``load_image`` from the bytes read here
+    (the page's verdict and its words: a PNG whose image-data checksum alone is wrong still decodes). An
     image Pillow decodes that ``load_image`` then refuses (a float TIFF outside ``[0, 1]``, signed samples below 0)
     passes: the page says so, naming the file, when it is shown."""
     try:

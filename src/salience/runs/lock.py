@@ -7,7 +7,8 @@ operating-system lock on the file (a POSIX record lock, ``fcntl.lockf``, on Linu
 (``kill -9`` included), so a crashed run never leaves a lock that blocks its resume. A record lock
 belongs to the process, so the DataLoader workers it forks do not hold it (an ``flock`` is shared
 with forked children: a worker that outlived its killed parent for a few seconds kept the folder
-locked). Within one process a set of the folders locked refuses a second run too (a record lock
+locked). Within one process a set of the folders locked, and of their lock files by device and
+inode (the folder moved, or reached by a bind mount), refuses a second run too (a record lock
 does not: it is the process's), and that run never opens the file (closing any descriptor of a
 file drops the process's record locks on it). The file itself stays (removing a locked file
 would let a third process lock a new file of the same name while the second holds the old one);
@@ -65,6 +66,7 @@ FENCE_WAIT = 60.0
 
 _BUSY = {errno.EAGAIN, errno.EACCES, getattr(errno, "EWOULDBLOCK", errno.EAGAIN)}
 _held: set[str] = set()  # the folders this process holds (their real paths)
+_held_files: set[tuple[int, int]] = set()  # the lock files this process holds open ((st_dev, st_ino)), by any path
 _held_lock = threading.Lock()
 
 
@@ -127,23 +129,36 @@ def lock_holder(folder: Path) -> Optional[str]:
     """Who holds the run lock of ``folder`` now, as the lock file says (``another salience process (pid 123 on
     host h)``; ``this process (pid 123)``), or ``None``: no live process does (no lock file, a run that ended
     however it ended, a file system without locks). Checked without taking it (``F_GETLK`` asks the system who
-    holds byte 0): a run starting that moment is never refused for this look. In the process that holds it the
-    file is not opened (closing any descriptor of it would release the process's lock): its set of folders says."""
-    with _held_lock:
-        if os.path.realpath(folder) in _held:
-            return f"this process (pid {os.getpid()})"
+    holds byte 0; where the layout of ``struct flock`` is not known, Windows included, the lock is taken shared
+    for a moment, and a run starting that moment is refused): a run starting then is never refused for this look
+    on Linux, macOS and the BSDs. In the process that holds it the file is not opened (closing any descriptor of it
+    would release the process's lock): its folders and its lock files (by device and inode: a folder moved, or
+    reached by a bind mount, while it is held) say; the look is made under the lock of that record, so no run of
+    this process locks the file between the look and the close."""
     path = Path(folder) / LOCK_NAME
+    with _held_lock:
+        if os.path.realpath(folder) in _held or _file_id(path) in _held_files:
+            return f"this process (pid {os.getpid()})"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            held = _locked_elsewhere(fd)
+        except OSError:  # a file system that cannot lock: nobody holds it
+            held = False
+        finally:
+            os.close(fd)
+        return _holder(path) if held else None  # _holder opens the file too: still under the record's lock
+
+
+def _file_id(path: Path) -> Optional[tuple[int, int]]:
+    """The file ``path`` as the system knows it, whatever the path to it (device, inode); ``None``: not there."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        st = os.stat(path)
     except OSError:
         return None
-    try:
-        held = _locked_elsewhere(fd)
-    except OSError:  # a file system that cannot lock: nobody holds it
-        held = False
-    finally:
-        os.close(fd)
-    return _holder(path) if held else None
+    return (st.st_dev, st.st_ino)
 
 
 # ``struct flock`` as ``F_GETLK`` reads it: Linux's (type, whence, start, length, pid), macOS's and the BSDs' (start,
@@ -199,7 +214,7 @@ def run_lock(folder: Path) -> Iterator[Optional[Writer]]:
 def _locked_file(folder: Path, path: Path) -> Iterator[Optional[Writer]]:
     """The lock file open and locked (``None``: the file system cannot lock; warned), the run's
     token in it while the block runs."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd, ident = _open_lock_file(folder, path)
     try:
         try:
             locked = _try_lock(fd)
@@ -219,6 +234,24 @@ def _locked_file(folder: Path, path: Path) -> Iterator[Optional[Writer]]:
             _fence(fd, folder, None, refuse=False)  # from now on no commit of this run begins
     finally:
         os.close(fd)  # closing the file releases the lock (as the process's end does)
+        with _held_lock:
+            _held_files.discard(ident)
+
+
+def _open_lock_file(folder: Path, path: Path) -> tuple[int, tuple[int, int]]:
+    """The lock file of ``folder`` open for writing, and its (device, inode), recorded before it is locked
+    (:func:`lock_holder` never opens a file recorded). A file this process holds already, reached by another path
+    (the folder moved, a bind mount), is refused without being opened: closing it would release the other run's
+    lock."""
+    with _held_lock:
+        if _file_id(path) in _held_files:
+            raise SalienceError(f"{folder} is being written by another run of this process (pid {os.getpid()}); "
+                                "wait for it to finish, or choose another out=")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        st = os.fstat(fd)
+        ident = (st.st_dev, st.st_ino)
+        _held_files.add(ident)
+    return fd, ident
 
 
 def _fence(fd: int, folder: Path, token: Optional[str], *, refuse: bool) -> None:

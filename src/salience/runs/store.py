@@ -335,12 +335,13 @@ def is_run_folder(path: PathLike) -> bool:
     return any(is_store_table(folder / name) for name in ("inputs.parquet", "index.parquet"))
 
 
-def is_store_table(path: Path) -> bool:
+def is_store_table(path: PathLike) -> bool:
     """Whether the file ``path`` is a table a run's store writes, by its parquet schema (the footer only is
     read): ``inputs.parquet``'s columns ``index`` (int64), ``path`` (string), then ``label`` (int64) and ``mask``
     (string) where given (:meth:`Store.write_inputs`); ``index.parquet``'s and a shard's, ``index`` and ``path``
     first and ``shard`` (string), ``offset`` (int32) last (:func:`row_schema`). A file that is not parquet, or
     without pyarrow: ``False``."""
+    path = Path(path)
     if not path.is_file():
         return False
     try:
