@@ -485,7 +485,7 @@ def _accumulate(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tensor
                 progress: bool, desc: str, device: Optional[torch.device], inference: bool,
                 run: Optional[_perf.Run], put_back: bool = False) -> Sums:
     """:func:`accumulate` in its scope (``put_back``: ``compute`` puts the model's found state back itself)."""
-    sums = _Adder(n_images, weights, squares)
+    sums = _Adder(n_images, weights, squares, total)
     limit = max_batch(run.model) if run is not None else None  # a program exported with a bounded batch
     if limit is not None:
         chunk = min(chunk, limit) if chunk is not None else None
@@ -573,7 +573,7 @@ def _probe_apart(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tenso
     ``compute`` puts the call's found state back before each chunk (``put_back``), else by a
     :class:`~salience._core.guard.Found` of its own around it (session 50: a forward counting its calls made a first
     call's chunks see one count more than a later call's, which runs no probe: integrated gradients 1.5x)."""
-    probe, scratch = MemoryProbe(first), _Adder(n_images, weights, squares)
+    probe, scratch = MemoryProbe(first), _Adder(n_images, weights, squares, first)
     token = _DISCARDED.set(True)
     kept = len(run.layouts)
     # a model that draws random numbers in its forward (dropout-like noise, stochastic depth) must see the same
@@ -736,22 +736,43 @@ def _run_planned(compute: Callable, sums: "_Adder", run: _perf.Run, start: int, 
 
 
 class _Adder:
-    """The running sums per image (float64), and the per-item scores ``compute`` returned."""
+    """The running sums per image (float64), and the per-item scores ``compute`` returned, written into one buffer of
+    the call's ``total`` items (:meth:`_keep_scores`)."""
 
-    def __init__(self, n_images: int, weights: Optional[Sequence[float]], squares: bool) -> None:
-        self.n_images, self.squares = n_images, squares
+    def __init__(self, n_images: int, weights: Optional[Sequence[float]], squares: bool, total: int) -> None:
+        self.n_images, self.squares, self.total = n_images, squares, total
         self.w = None if weights is None else torch.as_tensor(list(weights), dtype=torch.float64)
         self._w_on: Optional[Tensor] = None  # the weights on the maps' device, in their sums' dtype: copied once
         self.acc: Optional[Tensor] = None
         self.acc2: Optional[Tensor] = None
-        self.item_scores: list[Tensor] = []
+        self.item_scores: Optional[Tensor] = None  # (total, ...): each item's scores at its position
+        self.kept = 0  # how many items' scores are in it
         self.sizes: list[int] = []
+
+    def _keep_scores(self, start: int, scores: Tensor) -> None:
+        """The chunk's ``scores`` ``(n, ...)`` written at items ``start..start+n-1`` of one buffer made at the first
+        chunk for all ``total`` items. A small tensor kept per chunk (a list of them, concatenated at the end) lay
+        between a pass's freed activations, where glibc had carved it from their free blocks, and split them: the next
+        pass's large blocks did not fit there and the heap grew (Ablation-CAM, whose ``compute`` returns its scores:
+        session 56; the CPU :meth:`~salience._core.derived.Derived.note_scores` fix of session 43, the same cause)."""
+        scores = scores.detach()
+        n = scores.shape[0]
+        buf = self.item_scores
+        if buf is None or torch.promote_types(buf.dtype, scores.dtype) != buf.dtype:  # a wider chunk: as torch.cat
+            dtype = scores.dtype if buf is None else torch.promote_types(buf.dtype, scores.dtype)
+            grown = torch.empty((max(self.total, start + n),) + tuple(scores.shape[1:]), dtype=dtype,
+                                device=scores.device)
+            if buf is not None:
+                grown[:self.kept] = buf[:self.kept]
+            self.item_scores = buf = grown
+        buf[start:start + n] = scores
+        self.kept = max(self.kept, start + n)
 
     def add(self, start: int, result: Union[Tensor, tuple[Tensor, Tensor]]) -> None:
         maps = result
         if isinstance(result, tuple):
             maps = result[0]
-            self.item_scores.append(result[1].detach())
+            self._keep_scores(start, result[1])
         n = maps.shape[0]
         if self.acc is None:
             dt = acc_dtype(maps)
@@ -778,7 +799,7 @@ class _Adder:
 
     def result(self, per_item: Optional[int], run: Optional[_perf.Run]) -> Sums:
         assert self.acc is not None
-        scores = torch.cat(self.item_scores) if self.item_scores else None
+        scores = self.item_scores[:self.kept] if self.item_scores is not None else None
         return Sums(self.acc, self.acc2, scores, self.sizes, per_item, list(run.layouts) if run is not None else [])
 
 

@@ -117,16 +117,24 @@ def score_items(model: nn.Module, xs: Tensor, targets: Sequence[Target], probabi
     ``False``). ``owner``: each item's image, where the items are not the engine's chunk in order (Score-CAM's
     live channels): a refusal of NaN scores names those images."""
     out = forward_scores(model, xs, strip_softmax=strip_softmax, compiled=plain)
-    return scores_of(out, targets, probabilities, already=already, owner=owner)
+    return scores_of(out, targets, probabilities, already=already, owner=owner, fp16=half_passes(model))
+
+
+def half_passes(model: nn.Module) -> bool:
+    """Whether ``model``'s passes run under a float16 autocast (``precision="fp16"``, the run in force on it): a refusal
+    of their NaN / infinite scores then names float16's overflow as the likely cause."""
+    run = _perf.active(model)
+    return run is not None and run.dtype is torch.float16
 
 
 def scores_of(out: Tensor, targets: Sequence[Target], probabilities: Sequence[bool], *, already: bool,
-              owner: Optional[Tensor] = None) -> Tensor:
+              owner: Optional[Tensor] = None, fp16: bool = False) -> Tensor:
     """The K targets' scores ``(n, K)`` of a model output ``(n, ...)``: target ``k``'s of its class
     probabilities (:func:`salience._core.autograd.class_probabilities`) when ``probabilities[k]``,
     else of ``out``. ``already``: whether ``(n, classes)`` rows are kept as they are or softmaxed,
     the call's one judgement (:func:`judge`), never this chunk's own: a chunk of perturbed images
-    whose raw rows happened to be non-negative and sum to 1 would have been read on another scale."""
+    whose raw rows happened to be non-negative and sum to 1 would have been read on another scale. ``fp16``: the pass
+    ran under ``precision="fp16"`` (:func:`half_passes`): a refusal of NaN / infinite scores says float16's overflow."""
     n = out.shape[0]
     soft = class_probabilities(out, already) if any(probabilities) else None  # use_probabilities checked the shape
     cols = []
@@ -148,14 +156,21 @@ def scores_of(out: Tensor, targets: Sequence[Target], probabilities: Sequence[bo
     if scope is not None:  # in the passes: tested with the call's one synchronization at the end
         bad = ~torch.isfinite(scores)  # (n, K), read only for the refusal's message
         scope.note_scores("finite:scores", bad, targets, owner)
-        scope.defer("finite:scores", bad.any(), lambda: _refuse_scores(scope, len(targets)))
+        scope.defer("finite:scores", bad.any(), lambda: _refuse_scores(scope, len(targets), fp16))
     return scores
 
 
-def _refuse_scores(scope: _derived.Derived, k: int) -> None:
+# the refusal's advice where the passes ran in float16 (session 56: it named the masked pixels only, while the likely
+# cause is float16's range, as integrated gradients' refusal says: _multi.refuse_fp16_overflow)
+FP16_SCORES = ("; under precision='fp16' they probably overflow float16 (NaN or infinite values: float16 holds "
+               "magnitudes up to 65504): use precision='bf16' (float32's range) or 'fp32'")
+
+
+def _refuse_scores(scope: _derived.Derived, k: int, fp16: bool = False) -> None:
     raise _derived.refusal(scope, "finite:scores", k, "the model's scores of the perturbed images are NaN or infinite",
-                           ", which makes the map NaN; check what the model gives for such images (e.g. "
-                           "model(torch.zeros_like(x)) for masked pixels), or use a gradient method")
+                           ", which makes the map NaN" + (FP16_SCORES if fp16 else "") + "; check what the model "
+                           "gives for such images (e.g. model(torch.zeros_like(x)) for masked pixels), or use a "
+                           "gradient method")
 
 
 def clean_scores(model: nn.Module, x: Tensor, out: Tensor, targets: Sequence[Target],
@@ -420,7 +435,7 @@ def occlusion(
             if scores is None:
                 scores = score_items(model, xs, tg, probs, strip_softmax, already=already)
             else:
-                scores = scores_of(scores, tg, probs, already=already)
+                scores = scores_of(scores, tg, probs, already=already, fp16=run.dtype is torch.float16)
             drop = clean[owner] - scores  # (n, K)
             return drop[:, :, None, None] * m  # (n, K, H, W)
 
