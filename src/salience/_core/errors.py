@@ -11,7 +11,7 @@ import threading
 import warnings
 from typing import Any, Iterator, Sequence
 
-__all__ = ["SalienceError", "suggest", "user_stacklevel", "uncoloured", "first_line"]
+__all__ = ["SalienceError", "ArgumentError", "suggest", "user_stacklevel", "uncoloured", "first_line"]
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -21,6 +21,12 @@ class SalienceError(ValueError):
 
     It subclasses ``ValueError`` so that code catching ``ValueError`` keeps working.
     """
+
+
+class ArgumentError(SalienceError, TypeError):
+    """A method called with arguments its signature does not take (a keyword it has no option for, a positional
+    argument missing or too many): a :class:`SalienceError` saying what it takes, and a ``TypeError`` as Python's own
+    error for such a call is, so that code catching ``TypeError`` keeps working."""
 
 
 def first_line(e: BaseException, *, empty: str | None = None) -> str:

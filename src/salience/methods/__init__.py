@@ -5,6 +5,12 @@ and reports use to turn strings into methods. Every entry has the same contract,
 ``fn(model, x, target, **options)``: a target-free method (Eigen-CAM) is held through
 :func:`as_method`, which takes the target and gives the one map for it (or for each of K targets).
 A function from a user goes through :func:`as_method` too.
+
+The public methods (``METHODS``' entries and this package's names for them, which ``salience.gradcam`` is) are the
+functions as :func:`~salience.methods._multi.checked` holds them: the same function, name, docstring and signature,
+but a call with a keyword the method has no option for, or a positional argument missing or too many, is an
+:class:`~salience._core.errors.ArgumentError` (a :class:`SalienceError` and a ``TypeError``) naming the method, the
+closest option and the options it takes.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from salience.methods.gradcam import default_layer_readable, gradcam, guided_gra
 from salience.methods.cams import eigencam, gradcam_plus_plus, hirescam, layercam, xgradcam
 from salience import rules
 from salience.methods._tokens import _check_grid, _check_prefix, patch_embeddings
-from salience.methods._multi import apply_method, as_method, is_target_free
+from salience.methods._multi import apply_method, as_method, checked, is_target_free
 from salience.methods.smoothgrad import smoothgrad
 from salience.methods.integrated import input_x_gradient, integrated_gradients
 from salience.methods.class_model import class_model
@@ -35,7 +41,9 @@ from salience.methods.transformer import attention_rollout, transformer_attribut
 from salience.methods.scorecam import ablationcam, scorecam
 from salience.methods.perturbation import occlusion, rise
 
-METHODS: dict[str, Callable] = {
+eigencam = checked(eigencam)  # its METHODS entry takes the target: as_method of it, checked too
+
+METHODS: dict[str, Callable] = {name: checked(fn) for name, fn in {
     "vanilla": vanilla,
     "guided_backprop": guided_backprop,
     "deconvnet": deconvnet,
@@ -55,7 +63,17 @@ METHODS: dict[str, Callable] = {
     "rise": rise,
     "attention_rollout": attention_rollout,
     "transformer_attribution": transformer_attribution,
-}
+}.items()}
+
+# this package's names are the registry's checked methods (salience.gradcam is METHODS["gradcam"]); Eigen-CAM's
+# function takes no target, its entry does
+vanilla, guided_backprop, deconvnet = METHODS["vanilla"], METHODS["guided_backprop"], METHODS["deconvnet"]
+gradcam, guided_gradcam, gradcam_plus_plus = METHODS["gradcam"], METHODS["guided_gradcam"], METHODS["gradcam_plus_plus"]
+hirescam, xgradcam, layercam = METHODS["hirescam"], METHODS["xgradcam"], METHODS["layercam"]
+smoothgrad, integrated_gradients = METHODS["smoothgrad"], METHODS["integrated_gradients"]
+input_x_gradient, scorecam, ablationcam = METHODS["input_x_gradient"], METHODS["scorecam"], METHODS["ablationcam"]
+occlusion, rise = METHODS["occlusion"], METHODS["rise"]
+attention_rollout, transformer_attribution = METHODS["attention_rollout"], METHODS["transformer_attribution"]
 
 TARGET_FREE_METHODS = frozenset(n for n, f in METHODS.items() if is_target_free(f))
 """The methods whose map does not depend on the target (Eigen-CAM): one map per image whatever the

@@ -29,7 +29,7 @@ from salience._core import derived as _derived
 from salience._core import perf as _perf
 from salience._core.fingerprint import one_walk
 from salience import reduce as _reduce
-from salience._core.errors import SalienceError, user_stacklevel
+from salience._core.errors import ArgumentError, SalienceError, suggest, user_stacklevel
 from salience._core.autograd import check_input, forward_scores, seeing_output, unwrap_output
 from salience._core.layers import resolve_layer
 from salience.targets import Target, check_output, checked_on_output, split
@@ -66,6 +66,78 @@ def is_target_free(method: Callable[..., Any]) -> bool:
     return bool(getattr(method, "target_free", False))
 
 
+class Checked(functools.partial):
+    """A public method as users call it (``salience.gradcam``, ``METHODS["gradcam"]``): the function, called as it
+    is, but a call its signature does not take (a keyword it has no option for, a positional argument missing or too
+    many) is an :class:`~salience._core.errors.ArgumentError` naming the method, the keyword, the closest option and
+    the method's options (Python's raw ``TypeError`` before; it is still a ``TypeError``). Only a failed call pays for
+    the check: the signature is read after a ``TypeError``. A ``functools.partial`` that binds nothing, so that code
+    looking through partials for the function (:func:`salience._core.engine.unbind`, the runs' seed rules, pickle)
+    finds the function itself; its name, docstring and signature are the function's (:func:`checked`)."""
+
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.func(*args, **kwargs)
+        except TypeError as e:
+            if isinstance(e, SalienceError):
+                raise
+            problem = call_problem(self, args, kwargs)
+            if problem is None:  # raised inside the method: not about the call
+                raise
+            raise ArgumentError(problem) from None
+
+    def __repr__(self) -> str:
+        return repr(self.func)
+
+
+# a message that names what it got by its type (``methods=salience.vanilla`` where a dict was due: "got function")
+# names a public method as it did when it was the plain function
+Checked.__name__ = "function"
+
+
+def checked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` as a :class:`Checked` public method (``fn`` itself if it is one): the same name, docstring, signature
+    and marks (:func:`several_targets`, :func:`target_free`)."""
+    if isinstance(fn, Checked):
+        return fn
+    wrapper = Checked(fn)
+    functools.update_wrapper(wrapper, fn)
+    return wrapper
+
+
+def call_problem(method: Callable[..., Any], args: tuple, kwargs: dict) -> Optional[str]:
+    """What is wrong with calling ``method`` with ``args`` and ``kwargs`` as its signature says (the message of
+    :class:`Checked`'s :class:`~salience._core.errors.ArgumentError`), or ``None`` where the signature takes them."""
+    try:
+        sig = inspect.signature(method)
+        sig.bind(*args, **kwargs)
+    except TypeError as e:
+        return _said(getattr(method, "__name__", "the method"), sig, args, kwargs, str(e))
+    except ValueError:  # no signature to read: nothing to say
+        return None
+    return None
+
+
+def _said(name: str, sig: inspect.Signature, args: tuple, kwargs: dict, bound: str) -> str:
+    """The message for a call of method ``name`` (signature ``sig``) that ``sig.bind`` refused with ``bound``."""
+    kinds = inspect.Parameter
+    params = sig.parameters
+    positional = [n for n, p in params.items() if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    options = [n for n, p in params.items() if p.kind is kinds.KEYWORD_ONLY]
+    shown = [n if params[n].default is kinds.empty else f"{n}={params[n].default!r}" for n in positional]
+    takes = f"called as {name}({', '.join(shown)}{', *, options' if options else ''})"
+    takes += f"; its options: {', '.join(options)}" if options else ""
+    any_keyword = any(p.kind is kinds.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in kwargs if k not in params or params[k].kind is kinds.POSITIONAL_ONLY]
+    if unknown and not any_keyword:
+        word = unknown[0]
+        return f"{name} has no option {word!r}{suggest(word, [*options, *positional], n=1)} ({takes})"
+    if len(args) > len(positional) and not any(p.kind is kinds.VAR_POSITIONAL for p in params.values()):
+        return (f"{name} takes {len(positional)} positional arguments ({', '.join(positional)}), got {len(args)}: "
+                f"its options are keywords ({takes})")
+    return f"{name}: {bound} ({takes})"
+
+
 def as_method(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """``method`` under the registry's contract ``method(model, x, target=None, **options)``.
 
@@ -81,7 +153,8 @@ def as_method(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
     output) the model does not have, out of range or negative, checked against the model's output."""
     if not is_target_free(method) or getattr(method, "adapts", None) is not None:
         return method
-    if isinstance(method, types.FunctionType) and method in _ADAPTED:
+    cached = isinstance(method, (types.FunctionType, Checked))  # not partials, which callers make per call
+    if cached and method in _ADAPTED:
         return _ADAPTED[method]
 
     def call(model: nn.Module, x: Tensor, target: Any = None, **options: Any) -> Tensor:
@@ -102,9 +175,10 @@ def as_method(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
     call.target_free = True  # type: ignore[attr-defined]
     call.several_targets = True  # type: ignore[attr-defined]  # K targets cost the one map
     call.adapts = method  # type: ignore[attr-defined]
-    if isinstance(method, types.FunctionType):  # the same adapter for the same function (not for partials,
-        _ADAPTED[method] = call                   # which callers make per call)
-    return call  # type: ignore[return-value]
+    adapter = checked(call) if isinstance(method, Checked) else call  # a checked method's adapter is checked
+    if cached:  # the same adapter for the same function
+        _ADAPTED[method] = adapter
+    return adapter  # type: ignore[return-value]
 
 
 _ADAPTED: dict[Callable[..., Any], Callable[..., Tensor]] = {}
