@@ -6,13 +6,12 @@
 2. ``refuse_inference_tensors``'s quick check looked at the modules' buffers and at the parameters the walk lists:
    where the model's class lists only some (``parameters()`` overridden), an inference parameter was not refused
    (a raw RuntimeError from autograd instead of the SalienceError).
-3. A Ctrl-C at the stretch's own bookkeeping (its ``__exit__``'s start, ``ExitStack.enter_context`` in
-   ``autograd.backward``) left the thread's stretch open: the next call on the same model joined it and used its walk
+3. A Ctrl-C at the stretch's own bookkeeping (its ``__exit__``'s start; also ``ExitStack.enter_context`` in
+   ``autograd.backward``, not tested here) left the thread's stretch open: the next call on the same model joined it and used its walk
    of the model as it was (a layer the user added then was not put in eval mode: a Dropout dropped).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dis
 import signal
@@ -131,10 +130,10 @@ _BOOKKEEPING = {"one_walk", "walked", "end_walk", "__enter__", "__exit__"}
 
 
 def _stretch_code(code: types.CodeType) -> bool:
-    """The stretch's own bookkeeping: fingerprint's functions that open, use, end and close one, and the ExitStack
-    entry that opened one."""
-    return (code.co_filename == fingerprint.__file__ and code.co_name in _BOOKKEEPING) or \
-        code is contextlib.ExitStack.enter_context.__code__
+    """The stretch's own bookkeeping: fingerprint's functions that open, use, end and close one. (Not contextlib's
+    ExitStack, where the merge's autograd.backward entered one: a Ctrl-C there leaves other blocks of the call
+    unclosed, perf's among them, which later tests of this process then see; main's code as much.)"""
+    return code.co_filename == fingerprint.__file__ and code.co_name in _BOOKKEEPING
 
 
 def _interrupted(call, k: int) -> bool:
@@ -180,8 +179,9 @@ def test_a_ctrl_c_in_the_stretchs_bookkeeping_leaves_no_stretch_open(method):
     """Ctrl-C at each point of the stretch's bookkeeping in a call, in turn: afterwards no stretch is open (each walk
     outside a call is its own), and the next call on the model, changed meanwhile (a Dropout added, in train mode as
     made), is a fresh copy's: its guard holds the new layer (eval mode), after a call refused before its pass (a
-    float64 image) that walked the model again. The merge's code left a stretch open at 2 points of gradcam (the
-    ExitStack's entry in autograd.backward, its block's exit) and 1 of vanilla and SmoothGrad (the exit)."""
+    float64 image) that walked the model again. The merge's code left a stretch open where a Ctrl-C fell at the start
+    of its ``__exit__`` (gradcam's and SmoothGrad's input check); a vanilla call's stretch is spent (a pass ran) when
+    its block closes."""
     model, x = _body().eval(), _x()
     call = {"gradcam": lambda: salience.gradcam(model, x, 1, layer="0"),
             "vanilla": lambda: salience.vanilla(model, x, 1),
@@ -189,7 +189,7 @@ def test_a_ctrl_c_in_the_stretchs_bookkeeping_leaves_no_stretch_open(method):
     call()  # warm: the same points passed in each call from here on
     _interrupted(call, 0)
     n = _interrupted.seen
-    assert n > 10  # the bookkeeping was reached
+    assert n > 5  # the bookkeeping was reached
     for k in range(1, n + 1):
         assert _interrupted(call, k), k
         assert modules_of(model) is not modules_of(model), k  # no stretch left: each walk its own

@@ -151,18 +151,23 @@ def smoothgrad(
     finally:
         close_walk(outer)
     gaps.report()
-    mean = sums.total / samples
-    if variant == "mean":
-        out = mean
-    else:
-        assert sums.squares is not None
-        sq = sums.squares / samples
-        out = sq if variant == "squared" else (sq - mean * mean).clamp_min(0)
-    out = out.to(x.dtype)
+    out = _statistic(sums, samples, variant, x.dtype)
     if free:  # one map for every target
         out = out if reduce_each else _finish(out, mod, red, False, resolved)
         return out.unsqueeze(1).repeat(1, len(targets), *([1] * (out.dim() - 1))) if multi else out
     return out if reduce_each else _finish(out, mod, red, multi, resolved)
+
+
+def _statistic(sums: _engine.Sums, samples: int, variant: str, dtype: torch.dtype) -> Tensor:
+    """The variant's map from the copies' sums (:func:`salience._core.engine.accumulate`'s ``total`` and ``squares``):
+    their mean (SmoothGrad), the mean of their squares (SmoothGrad-squared) or their variance (VarGrad), in ``dtype``
+    (the input's)."""
+    mean = sums.total / samples
+    if variant == "mean":
+        return mean.to(dtype)
+    assert sums.squares is not None
+    sq = sums.squares / samples
+    return (sq if variant == "squared" else (sq - mean * mean).clamp_min(0)).to(dtype)
 
 
 class _CopyGaps:
