@@ -225,13 +225,15 @@ def test_one_walk_per_stretch(method, most):
 
 
 def test_a_pass_ends_the_stretch():
-    """Inside a one_walk block the walk is made once while no pass ran; after a pass (model_call) it is made anew, so
+    """Inside a one_walk stretch the walk is made once while no pass ran; after a pass (model_call) it is made anew, so
     a module added by the user's forward is seen by the walks after it."""
     from salience._core.autograd import model_call
     from salience._core.guard import modules_of
 
     model = _net()
-    with fingerprint.one_walk(model):
+    outer = fingerprint.walk_state()
+    try:
+        fingerprint.one_walk(model)
         first = modules_of(model)
         assert modules_of(model) is first  # shared
         with model_call(model, _x()):
@@ -239,4 +241,6 @@ def test_a_pass_ends_the_stretch():
         after = modules_of(model)
         assert after is not first and len(after) == len(first) + 1
         assert modules_of(model) is not after  # spent: each walk anew until the block ends
+    finally:
+        fingerprint.close_walk(outer)
     assert modules_of(model) is not modules_of(model)  # no stretch: each walk its own

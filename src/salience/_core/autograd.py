@@ -29,7 +29,7 @@ from salience._core import derived as _derived
 from salience._core import perf as _perf
 from salience._core.checkpoints import plain_checkpoints
 from salience._core.errors import SalienceError, uncoloured, user_stacklevel
-from salience._core.fingerprint import end_walk, one_walk
+from salience._core.fingerprint import close_walk, end_walk, one_walk, walk_state
 from salience._core.guard import model_guard, modules_of, parameters_of
 from salience._core.info import max_batch, model_info
 from salience._core.layers import LayerSpec, layer_name, resolve_layer
@@ -309,8 +309,12 @@ def _walked_dtype(model: nn.Module) -> Optional[torch.dtype]:
     """:func:`_compute_dtype` from the guard's walk (one, shared in a
     :func:`~salience._core.fingerprint.one_walk` stretch): each class of module looked at once for Keras's, the
     parameters' dtypes gathered in C (resnet18: 62 parameters read once, not each module's dict asked)."""
-    with one_walk(model):
+    outer = walk_state()
+    try:  # one walk for both (a stretch of its own, or the caller's)
+        one_walk(model)
         modules, params = modules_of(model), parameters_of(model)
+    finally:
+        close_walk(outer)
     for cls in set(map(type, modules)):
         where = cls.__module__
         if where == "keras" or where.startswith("keras."):
@@ -887,8 +891,6 @@ def backward(
         raise SalienceError("no target to differentiate")
     target_layer = _common_layer(targets)
     with ExitStack() as stack:
-        # the checks and the guard's entry before the pass share one walk of the model (a stretch that the pass ends)
-        stack.enter_context(one_walk(model))
         # the call's deferred checks (the targets' scores finite, the probabilities warning): one synchronization
         # after the backward pass, none in a many-pass call (its scope, which this joins, tests them at its end)
         stack.enter_context(_derived.run_scope())

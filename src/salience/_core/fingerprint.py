@@ -10,6 +10,7 @@ this one, and this one imports none of them.
 """
 from __future__ import annotations
 
+import functools
 import operator
 import threading
 import weakref
@@ -17,7 +18,7 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
-__all__ = ["structure", "observer", "own_hooks", "one_walk", "walked", "end_walk"]
+__all__ = ["structure", "observer", "own_hooks", "one_walk", "walk_state", "close_walk", "walked", "end_walk"]
 
 # The lock of the process state of perf, compiled and folding (one lock, as when they were one module).
 _lock = threading.Lock()
@@ -192,40 +193,35 @@ class _Stretch(threading.local):
 _stretch = _Stretch()
 
 
-class _OneWalk:
-    """:func:`one_walk`'s block (a plain class: a generator's context manager cost 1.5 us more a block)."""
-    __slots__ = ("model", "outer")
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> None:
-        outer, passes = _stretch.open, _stretch.passes
-        if outer is not None and outer[0] is self.model and outer[2] == passes:
-            self.outer: Any = _JOINED  # the open stretch is this one
-        else:
-            self.outer = outer
-            _stretch.open = [self.model, {}, passes]
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.outer is not _JOINED:
-            _stretch.open = self.outer
-
-
-_JOINED = object()
-
-
-def one_walk(model: nn.Module) -> _OneWalk:
-    """A stretch of salience's own code on ``model`` before its pass: the input checks, the model guard's entry,
+def one_walk(model: nn.Module) -> None:
+    """Open a stretch of salience's own code on ``model`` before its pass: the input checks, the model guard's entry,
     the fingerprint, the weights' sum walk the model once in it (:func:`walked`), not once each (a SmoothGrad call
     walked resnet18 nine times, seven before its first pass, 45 to 90 us each). None of the user's code runs between
-    the stretch's walks: the stretch ends for good at the first pass of any model in the thread (:func:`end_walk`,
-    called by :func:`~salience._core.autograd.model_call` and before a trace of the model), after which each walk
-    is made anew; and at the block's end. Whatever the user changes between two calls (a module added or replaced,
-    a parameter's dtype) is seen by the next call's stretch, which walks again. A stretch opened inside another on
-    the same model where no pass ran since that one opened is that one; else one of its own (the outer one taken up
-    again after it, spent where a pass ran)."""
-    return _OneWalk(model)
+    the stretch's walks: the stretch ends for good at the first thing of the thread that runs the user's code (a
+    pass of any model, a trace of one, the model's own ``train``; :func:`end_walk`, called by
+    :func:`~salience._core.autograd.model_call`, before a trace and by the guard's eval mode), after which each walk
+    is made anew; and where its block closes it. Whatever the user changes between two calls (a module added or
+    replaced, a parameter's dtype) is seen by the next call's stretch, which walks again. A stretch opened inside
+    another on the same model where no pass ran since that one opened is that one; else one of its own.
+
+    The block, Ctrl-C safe (a context manager's ``__exit__`` starts a frame, where SIGINT's handler may raise before
+    it closed anything: the stretch stayed open, and the next call on the model, changed meanwhile, took its walk)::
+
+        outer = walk_state()  # no Python frame: nothing to interrupt
+        try:
+            one_walk(model)
+            ...
+        finally:
+            close_walk(outer)  # the outer stretch (or none) back, in C"""
+    open_, passes = _stretch.open, _stretch.passes
+    if open_ is None or open_[0] is not model or open_[2] != passes:
+        _stretch.open = [model, {}, passes]
+
+
+# The thread's open stretch (to put back with close_walk) and its put-back: C calls (functools.partial of getattr and
+# setattr on the thread-local), so that a Ctrl-C cannot fall between a stretch's block and its closing
+walk_state: Callable[[], Optional[list]] = functools.partial(getattr, _stretch, "open")
+close_walk: Callable[[Optional[list]], None] = functools.partial(setattr, _stretch, "open")
 
 
 def walked(model: nn.Module, name: str, walk: Callable[[nn.Module], Any]) -> Any:

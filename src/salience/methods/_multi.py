@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from salience._core import engine as _engine
 from salience._core import derived as _derived
 from salience._core import perf as _perf
-from salience._core.fingerprint import one_walk
+from salience._core.fingerprint import close_walk, one_walk, walk_state
 from salience import reduce as _reduce
 from salience._core.errors import ArgumentError, SalienceError, suggest, user_stacklevel
 from salience._core.autograd import check_input, forward_scores, seeing_output, unwrap_output
@@ -361,7 +361,9 @@ def input_gradient_maps(
     ``x`` ``(B, C, H, W)`` -> ``(B, ...)`` for one target, ``(B, K, ...)`` for K targets. The input's checks,
     the guard's entry and the rest before the pass walk the model once (:func:`~salience._core.fingerprint.one_walk`).
     """
-    with one_walk(model):
+    outer = walk_state()
+    try:
+        one_walk(model)
         check_input(x, model)
         targets, multi = split(target, x.shape[0])
         _reduce.get_grad_modifier(grad_modifier)
@@ -375,6 +377,8 @@ def input_gradient_maps(
             grads, _, _ = _engine.input_gradients(model, x, targets, strip_softmax=strip_softmax,
                                                   extra_modes=extra_modes, checked=True)
             refuse_fp16_overflow(model, grads)
+    finally:
+        close_walk(outer)
     if times_input:  # x detached: a caller's x that requires grad must not put the map on its graph
         grads = grads * x.detach().unsqueeze(0)
     return finish(grads.transpose(0, 1), grad_modifier, reduce, multi, targets)

@@ -20,7 +20,7 @@ from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import check_input
 from salience._core.errors import SalienceError, suggest
-from salience._core.fingerprint import end_walk, one_walk
+from salience._core.fingerprint import close_walk, end_walk, one_walk, walk_state
 from salience._core.tensors import check_int, check_number, check_flag, fresh_seed
 from salience._core.guard import Found, model_guard
 from salience.reduce import GradModifier, Reduction
@@ -118,44 +118,56 @@ def smoothgrad(
     _check_inner_passes(method, samples, options, x, calls)
 
     gaps = _CopyGaps(x.shape[0])
-    with one_walk(model), model_guard(model), Found(model) as found:  # the state found: put back before each pass
-        resolved = targets if free else resolve(targets, model, x, strip_softmax=strip_softmax)
+    outer = walk_state()
+    try:  # the guard's entry, the state found, the run's fingerprint: one walk (fingerprint.one_walk)
+        one_walk(model)
+        with model_guard(model), Found(model) as found:  # the state found: the engine puts it back before each pass
+            resolved = targets if free else resolve(targets, model, x, strip_softmax=strip_softmax)
 
-        @gaps.watch
-        def compute(start: int, stop: int) -> Tensor:
-            xs, owner = copies(start, stop)
-            if free:  # its one map; the targets checked against the output of its pass on the copies
-                checked = [t.for_items(owner) for t in checked_on_output(resolved)]
-                m = free_maps(lambda: _call(method, model, xs, None, raw_options), model, xs, checked)
-                _check_channels(m, reduce, False, method)
-                return _finish(m, mod, red, False, resolved) if reduce_each else m
-            tgts = [t.for_items(owner) for t in resolved]
-            if shared:
-                maps = _call(method, model, xs, tgts, raw_options)  # (n, K, ...)
-            else:
-                outs = [_call(method, model, xs, t, raw_options) for t in tgts]
-                maps = torch.stack(outs, dim=1) if multi else outs[0]
-            _check_channels(maps, reduce, multi, method)
-            return _finish(maps, mod, red, multi, resolved) if reduce_each else maps
+            @gaps.watch
+            def compute(start: int, stop: int) -> Tensor:
+                xs, owner = copies(start, stop)
+                if free:  # its one map; the targets checked against the output of its pass on the copies
+                    checked = [t.for_items(owner) for t in checked_on_output(resolved)]
+                    m = free_maps(lambda: _call(method, model, xs, None, raw_options), model, xs, checked)
+                    _check_channels(m, reduce, False, method)
+                    return _finish(m, mod, red, False, resolved) if reduce_each else m
+                tgts = [t.for_items(owner) for t in resolved]
+                if shared:
+                    maps = _call(method, model, xs, tgts, raw_options)  # (n, K, ...)
+                else:
+                    outs = [_call(method, model, xs, t, raw_options) for t in tgts]
+                    maps = torch.stack(outs, dim=1) if multi else outs[0]
+                _check_channels(maps, reduce, multi, method)
+                return _finish(maps, mod, red, multi, resolved) if reduce_each else maps
 
-        with _engine.passes_within(samples, calls):  # the method's own many passes (Score-CAM's channels) check the product
-            sums = _engine.accumulate(
-                compute, samples * x.shape[0], x.shape[0], squares=variant != "mean", chunk=chunk,
-                max_memory=budget, progress=progress, desc="smoothgrad", device=x.device,
-                run=_perf.Run(model, x, perf, tag=_tag(method, targets, reduce, reduce_each, raw_options)), found=found)
+            # the method's own many passes (Score-CAM's channels) check the product
+            with _engine.passes_within(samples, calls):
+                sums = _engine.accumulate(
+                    compute, samples * x.shape[0], x.shape[0], squares=variant != "mean", chunk=chunk,
+                    max_memory=budget, progress=progress, desc="smoothgrad", device=x.device,
+                    run=_perf.Run(model, x, perf, tag=_tag(method, targets, reduce, reduce_each, raw_options)),
+                    found=found)
+    finally:
+        close_walk(outer)
     gaps.report()
-    mean = sums.total / samples
-    if variant == "mean":
-        out = mean
-    else:
-        assert sums.squares is not None
-        sq = sums.squares / samples
-        out = sq if variant == "squared" else (sq - mean * mean).clamp_min(0)
-    out = out.to(x.dtype)
+    out = _statistic(sums, samples, variant, x.dtype)
     if free:  # one map for every target
         out = out if reduce_each else _finish(out, mod, red, False, resolved)
         return out.unsqueeze(1).repeat(1, len(targets), *([1] * (out.dim() - 1))) if multi else out
     return out if reduce_each else _finish(out, mod, red, multi, resolved)
+
+
+def _statistic(sums: _engine.Sums, samples: int, variant: str, dtype: torch.dtype) -> Tensor:
+    """The variant's map from the copies' sums (:func:`salience._core.engine.accumulate`'s ``total`` and ``squares``):
+    their mean (SmoothGrad), the mean of their squares (SmoothGrad-squared) or their variance (VarGrad), in ``dtype``
+    (the input's)."""
+    mean = sums.total / samples
+    if variant == "mean":
+        return mean.to(dtype)
+    assert sums.squares is not None
+    sq = sums.squares / samples
+    return (sq if variant == "squared" else (sq - mean * mean).clamp_min(0)).to(dtype)
 
 
 class _CopyGaps:

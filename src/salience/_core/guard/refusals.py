@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from salience._core.errors import SalienceError
+from salience._core.fingerprint import end_walk
 from salience._core.guard.containers import MISSING
 from salience._core.guard.holds import registry
 from salience._core.guard.records import EMPTY
@@ -57,6 +58,7 @@ def eval_mode(model: nn.Module, modules: Optional[list] = None) -> None:
         if kind[1] or "graph" in attrs:
             graphs.append(m)
     if not plain:
+        end_walk()  # the model's own train() runs (the user's code, which may change the model): walks anew after it
         try:
             model.eval()
         except NotImplementedError:
@@ -87,6 +89,15 @@ def _kind(cls: type) -> tuple[bool, bool]:
     graph = getattr(cls, "graph", None) is not None or cls.__getattr__ is not _Module.__getattr__ or \
         cls.__getattribute__ is not _Module.__getattribute__
     return switches, graph
+
+
+def _lists_all_parameters(model: nn.Module) -> bool:
+    """Whether the guard's walk of ``model`` lists every parameter of its modules (each then among the objects held,
+    looked at when first held): no class changes how ``model`` lists them (one that lists only some, its head's
+    for an optimizer, left an inference tensor of the others unrefused by the quick check: a raw RuntimeError)."""
+    root = type(model)
+    return root.parameters is _Module.parameters and root.named_parameters is _Module.named_parameters and \
+        root._named_members is _Module._named_members and "parameters" not in model.__dict__
 
 
 def refuse_mixed_batches(model: nn.Module, new: list, guarding: dict[int, int]) -> None:
@@ -157,8 +168,9 @@ def refuse_inference_tensors(model: nn.Module, new: list) -> None:
     objects the guard holds, looked at when first held; resnet18's 62 looked at twice cost 0.05 ms a call), and in
     the order of before (a module's parameters, then its buffers) only where one is refused, to name the same one."""
     lazy = nn.parameter.UninitializedTensorMixin
-    if not any(t is not None and (isinstance(t, lazy) or t.is_inference())
-               for o in new for t in (o._buffers.values() if isinstance(o, nn.Module) else (o,))):
+    if _lists_all_parameters(model) and not any(
+            t is not None and (isinstance(t, lazy) or t.is_inference())
+            for o in new for t in (o._buffers.values() if isinstance(o, nn.Module) else (o,))):
         return
     for o in new:
         for tensors in (o._parameters.values(), o._buffers.values()) if isinstance(o, nn.Module) else ((o,),):
