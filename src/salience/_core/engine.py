@@ -751,10 +751,11 @@ class _Adder:
 
     def _keep_scores(self, start: int, scores: Tensor) -> None:
         """The chunk's ``scores`` ``(n, ...)`` written at items ``start..start+n-1`` of one buffer made at the first
-        chunk for all ``total`` items. A small tensor kept per chunk (a list of them, concatenated at the end) lay
-        between a pass's freed activations, where glibc had carved it from their free blocks, and split them: the next
-        pass's large blocks did not fit there and the heap grew (Ablation-CAM, whose ``compute`` returns its scores:
-        session 56; the CPU :meth:`~salience._core.derived.Derived.note_scores` fix of session 43, the same cause)."""
+        chunk for all ``total`` items. A small tensor kept per chunk (a list of them, concatenated at the end) stayed
+        between a pass's freed activations, where glibc can carve it from their free blocks and split them for the
+        next pass's large blocks (Ablation-CAM, whose ``compute`` returns its scores: session 56; the cause session 43
+        found for :meth:`~salience._core.derived.Derived.note_scores`); on resnet50 the resident peak did not fall
+        measurably with this (benchmarks/perturbation-resnet50-8images-s56-mem.md)."""
         scores = scores.detach()
         n = scores.shape[0]
         buf = self.item_scores

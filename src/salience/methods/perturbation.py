@@ -134,7 +134,8 @@ def scores_of(out: Tensor, targets: Sequence[Target], probabilities: Sequence[bo
     else of ``out``. ``already``: whether ``(n, classes)`` rows are kept as they are or softmaxed,
     the call's one judgement (:func:`judge`), never this chunk's own: a chunk of perturbed images
     whose raw rows happened to be non-negative and sum to 1 would have been read on another scale. ``fp16``: the pass
-    ran under ``precision="fp16"`` (:func:`half_passes`): a refusal of NaN / infinite scores says float16's overflow."""
+    ran under ``precision="fp16"`` (:func:`half_passes`): a refusal of NaN / infinite scores says float16's overflow
+    (:func:`overflow_advice`)."""
     n = out.shape[0]
     soft = class_probabilities(out, already) if any(probabilities) else None  # use_probabilities checked the shape
     cols = []
@@ -156,7 +157,8 @@ def scores_of(out: Tensor, targets: Sequence[Target], probabilities: Sequence[bo
     if scope is not None:  # in the passes: tested with the call's one synchronization at the end
         bad = ~torch.isfinite(scores)  # (n, K), read only for the refusal's message
         scope.note_scores("finite:scores", bad, targets, owner)
-        scope.defer("finite:scores", bad.any(), lambda: _refuse_scores(scope, len(targets), fp16))
+        advice = overflow_advice(out, fp16)
+        scope.defer("finite:scores", bad.any(), lambda: _refuse_scores(scope, len(targets), advice))
     return scores
 
 
@@ -164,11 +166,27 @@ def scores_of(out: Tensor, targets: Sequence[Target], probabilities: Sequence[bo
 # cause is float16's range, as integrated gradients' refusal says: _multi.refuse_fp16_overflow)
 FP16_SCORES = ("; under precision='fp16' they probably overflow float16 (NaN or infinite values: float16 holds "
                "magnitudes up to 65504): use precision='bf16' (float32's range) or 'fp32'")
+# ... and where the model itself gives float16 (its parameters and images made float16 by the user): no precision=
+# puts it back (precision='fp32' runs it in float16 still; review of session 56)
+FP16_MODEL = ("; the model's output is float16 (its parameters or images are float16): they probably overflow float16 "
+              "(NaN or infinite values: float16 holds magnitudes up to 65504): run it in float32 (model.float() and "
+              "x.float()), with precision='bf16' where you want a 16-bit pass")
 
 
-def _refuse_scores(scope: _derived.Derived, k: int, fp16: bool = False) -> None:
+def overflow_advice(out: Tensor, fp16: bool) -> str:
+    """The refusal's words on float16 for scores of the model output ``out`` (``fp16``: the pass ran under
+    ``precision="fp16"``): :data:`FP16_MODEL` where ``out`` is float16 (an autocast's output is cast back to the images'
+    dtype, so this one is the model's own), :data:`FP16_SCORES` under ``precision="fp16"`` unless ``out`` is float64
+    (an autocast casts no float64 operator: that pass ran in float64, which float16's range cannot explain), else
+    nothing. Reads dtypes only: no cost to a pass."""
+    if out.dtype is torch.float16:
+        return FP16_MODEL
+    return FP16_SCORES if fp16 and out.dtype is not torch.float64 else ""
+
+
+def _refuse_scores(scope: _derived.Derived, k: int, advice: str = "") -> None:
     raise _derived.refusal(scope, "finite:scores", k, "the model's scores of the perturbed images are NaN or infinite",
-                           ", which makes the map NaN" + (FP16_SCORES if fp16 else "") + "; check what the model "
+                           ", which makes the map NaN" + advice + "; check what the model "
                            "gives for such images (e.g. model(torch.zeros_like(x)) for masked pixels), or use a "
                            "gradient method")
 
