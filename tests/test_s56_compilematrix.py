@@ -23,7 +23,7 @@ from salience import SalienceError
 from salience._core import perf as _perf
 from salience.methods import _multi
 from conftest import unchanged
-from test_s55_matrix import KINDS, expected_refusal, image
+from test_s55_matrix import KINDS, built, expected_refusal, image  # noqa: F401 (built: a fixture)
 
 COMPILING = ("smoothgrad", "integrated_gradients", "scorecam", "ablationcam", "occlusion", "rise")
 """The methods that take ``compile=``."""
@@ -44,19 +44,6 @@ EAGER: list[tuple[set[str], set[str], str, str]] = [
     ({"scripted", "traced"}, set(COMPILING), "torch.compile does not take a TorchScript model; running eagerly",
      "TorchScript runs its own graph (Score-CAM and Ablation-CAM refuse it: hooks)"),
 ]
-
-_BUILT: dict[str, nn.Module] = {}
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], nn.Module]:
-    def get(kind: str) -> nn.Module:
-        if kind not in _BUILT:
-            builder = KINDS[kind][0]
-            _BUILT[kind] = builder(tmp_path_factory.mktemp("pt2")) if kind == "exported" else builder()
-        return _BUILT[kind]
-    return get
-
 
 def methods_of(kind: str) -> tuple[str, ...]:
     """The methods of :data:`COMPILING` run on ``kind``: on resnet18 not Score-CAM and Ablation-CAM (a masked pass

@@ -18,20 +18,10 @@ from torch import nn
 
 import salience
 from salience import SalienceError
+from test_s56_mem import XL, _loud
 
 PRECISION_ADVICE = "use precision='bf16' (float32's range) or 'fp32'"
 
-
-def _loud() -> nn.Module:
-    """Scores about 1e5 for these images: past float16's 65504, finite in float32 and float64."""
-    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-    with torch.no_grad():
-        net[0].weight.fill_(1.0), net[0].bias.zero_()
-        net[4].weight.copy_(torch.tensor([[3e4] * 4, [-3e4] * 4])), net[4].bias.zero_()
-    return net.eval()
-
-
-XL = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
 CALLS = {
     "occlusion": lambda m, x, **kw: salience.occlusion(m, x, 0, window=4, stride=2, **kw),
