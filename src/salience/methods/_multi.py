@@ -89,6 +89,21 @@ class Checked(functools.partial):
     def __repr__(self) -> str:
         return repr(self.func)
 
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        """Bound to an instance as the function is (a class attribute): a descriptor, so that ``inspect.isroutine``
+        holds and ``help()`` shows the signature (it showed ``gradcam = <function gradcam>``)."""
+        return self if obj is None else types.MethodType(self, obj)
+
+    def __reduce__(self) -> tuple:
+        """Pickled by reference, as the function is: :func:`checked` of it (Eigen-CAM's entry: :func:`as_method` of
+        its checked function), which gives this very object back (pickle, ``copy``, Ray's cloudpickle). The
+        ``functools.partial`` state carried the docstring (1.3 kB a method), came back as another object, and
+        Eigen-CAM's entry (a local function) did not pickle."""
+        adapts = getattr(self.func, "adapts", None)
+        if isinstance(adapts, Checked) and _ADAPTED.get(adapts) is self:
+            return as_method, (adapts,)
+        return checked, (self.func,)
+
 
 # a message that names what it got by its type (``methods=salience.vanilla`` where a dict was due: "got function")
 # names a public method as it did when it was the plain function
@@ -96,13 +111,19 @@ Checked.__name__ = "function"
 
 
 def checked(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` as a :class:`Checked` public method (``fn`` itself if it is one): the same name, docstring, signature
-    and marks (:func:`several_targets`, :func:`target_free`)."""
+    """``fn`` as a :class:`Checked` public method (``fn`` itself if it is one; the same object for the same ``fn``):
+    the same name, docstring, signature and marks (:func:`several_targets`, :func:`target_free`)."""
     if isinstance(fn, Checked):
         return fn
-    wrapper = Checked(fn)
-    functools.update_wrapper(wrapper, fn)
+    wrapper = _CHECKED.get(fn)
+    if wrapper is None:
+        wrapper = _CHECKED[fn] = Checked(fn)
+        functools.update_wrapper(wrapper, fn)
     return wrapper
+
+
+_CHECKED: dict[Callable[..., Any], Checked] = {}
+"""The one :class:`Checked` of each function (the public methods and Eigen-CAM's adapter): what unpickling finds."""
 
 
 def call_problem(method: Callable[..., Any], args: tuple, kwargs: dict) -> Optional[str]:
