@@ -203,3 +203,24 @@ def test_checked_twice_is_one_object() -> None:
     """``checked`` of a function gives one object however often asked (what pickle's identity rests on)."""
     raw = unbind(salience.gradcam)[0]
     assert _multi.checked(raw) is salience.gradcam is _multi.checked(salience.gradcam)
+
+
+# ------------------------------------------------------------------------------------ dataset runs
+
+@pytest.mark.parametrize("checked", [True, False], ids=["public-method", "users-function"])
+def test_dataset_run_refuses_a_bound_keyword_before_making_the_run_folder(tmp_path, checked) -> None:
+    """``methods={"mine": functools.partial(salience.vanilla, reduc="abs")}``: an ArgumentError naming the method's
+    options before the run folder is made. It was the method's TypeError at the first image, after ``run.json`` was
+    written, and the corrected command was then refused as "a run of a different command" (overwrite=True needed)."""
+    model = seeded_small_cnn().eval()
+    images = torch.utils.data.TensorDataset(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    fn = salience.vanilla if checked else unbind(salience.vanilla)[0]
+    out = tmp_path / "run"
+    with unchanged(model), pytest.raises(ArgumentError) as caught:
+        salience.explain_dataset(model, images, {"mine": functools.partial(fn, reduc="abs")}, out, workers=0)
+    assert str(caught.value).startswith("methods['mine']: vanilla has no option 'reduc' (bound to it by "
+                                        "functools.partial); did you mean 'reduce'? (vanilla's options: reduce, "
+                                        "grad_modifier, strip_softmax)"), caught.value
+    assert not out.exists()
+    salience.explain_dataset(model, images, {"mine": functools.partial(fn, reduce="abs")}, out, workers=0)
+    assert out.exists()

@@ -159,6 +159,31 @@ def _said(name: str, sig: inspect.Signature, args: tuple, kwargs: dict, bound: s
     return f"{name}: {bound} ({takes})"
 
 
+def options_of(method: Callable[..., Any]) -> list[str]:
+    """The options of ``method`` as its signature says, for a message: its keywords past ``model, x, target``."""
+    kinds = inspect.Parameter
+    params = _engine.signature_of(method).parameters.values()
+    positional = [p.name for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    return positional[3:] + [p.name for p in params if p.kind is kinds.KEYWORD_ONLY]
+
+
+def bound_problem(method: Callable[..., Any]) -> Optional[str]:
+    """What is wrong with the keywords ``functools.partial`` binds to ``method`` (the first its function does not
+    take, with the closest option and the function's options: the message of an
+    :class:`~salience._core.errors.ArgumentError`), or ``None``. Such a keyword was Python's ``TypeError`` at the
+    method's first call, inside a SmoothGrad or a dataset run (after the run folder was made, so that the corrected
+    command was refused as another run's)."""
+    root, bound = _engine.unbind(method)
+    for name in bound:
+        if not _engine.accepts(root, name):
+            called = getattr(root, "__name__", None) or "the method"
+            theirs = options_of(root)
+            listed = f"{called}'s options: {', '.join(theirs)}" if theirs else f"{called} takes no options"
+            return f"{called} has no option {name!r} (bound to it by functools.partial){suggest(name, theirs, n=1)} " \
+                   f"({listed})"
+    return None
+
+
 def as_method(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """``method`` under the registry's contract ``method(model, x, target=None, **options)``.
 

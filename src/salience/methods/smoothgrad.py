@@ -25,7 +25,8 @@ from salience._core.tensors import check_int, check_number, check_flag, fresh_se
 from salience._core.guard import Found, model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.methods import perturbation
-from salience.methods._multi import as_method, free_maps, is_target_free, takes_several_targets
+from salience.methods._multi import (as_method, bound_problem, free_maps, is_target_free, options_of,
+                                     takes_several_targets)
 from salience.methods.integrated import GapReport, collect_gaps, gaps_to_report, report_gaps
 from salience.methods.vanilla import vanilla
 from salience.targets import Target, checked_on_output, layers_tag, resolve, split
@@ -229,29 +230,20 @@ def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options:
     check_number(noise, "noise", minimum=0, what="a fraction of each image's range, e.g. 0.15")
     if variant not in VARIANTS:
         raise SalienceError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
-    root, bound = _engine.unbind(method)  # the function under functools.partial (and the public methods' Checked)
-    called = getattr(root, "__name__", None) or getattr(method, "__name__", "method")
-    theirs = _own_options(root)
-    listed = f"{called}'s options: {', '.join(theirs)}" if theirs else f"{called} takes no options"
-    listed += f"; smoothgrad's: {', '.join(_own_options(smoothgrad))}"
-    for name in bound:  # a keyword bound to the method that it does not take: Python's TypeError inside the engine
-        if not _engine.accepts(root, name):
-            raise ArgumentError(f"{called} has no option {name!r} (bound to it by functools.partial)"
-                                f"{suggest(name, theirs, n=1)} ({listed})")
+    problem = bound_problem(method)  # a keyword bound to it that it does not take: Python's TypeError in the engine
+    if problem is not None:
+        raise ArgumentError(problem)
     for name in options:
         if not _engine.accepts(method, name):
+            root = _engine.unbind(method)[0]  # the function under functools.partial (and a public method's Checked)
+            called = getattr(root, "__name__", None) or "the method"
+            theirs = options_of(root)
+            listed = f"{called}'s options: {', '.join(theirs)}" if theirs else f"{called} takes no options"
             where = (f"; {name} is a setting of how the passes run: salience.set_performance({name}=...) or "
                      f"`with salience.performance({name}=...):`" if name in _PERF_SETTINGS
                      else suggest(name, _option_names(method), n=1))
-            raise ArgumentError(f"{called} has no option {name!r} (nor has smoothgrad){where} ({listed})")
-
-
-def _own_options(fn: Callable[..., Any]) -> list[str]:
-    """The options of method ``fn`` as its signature says (for a message): its keywords past ``model, x, target``."""
-    kinds = inspect.Parameter
-    params = _engine.signature_of(fn).parameters.values()
-    positional = [p.name for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
-    return positional[3:] + [p.name for p in params if p.kind is kinds.KEYWORD_ONLY]
+            raise ArgumentError(f"{called} has no option {name!r} (nor has smoothgrad){where} ({listed}; "
+                                f"smoothgrad's: {', '.join(options_of(smoothgrad))})")
 
 
 def _check_inner_passes(method: Callable[..., Any], samples: int, options: dict, x: Tensor, calls: int = 1) -> None:
