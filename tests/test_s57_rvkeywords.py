@@ -224,3 +224,20 @@ def test_dataset_run_refuses_a_bound_keyword_before_making_the_run_folder(tmp_pa
     assert not out.exists()
     salience.explain_dataset(model, images, {"mine": functools.partial(fn, reduce="abs")}, out, workers=0)
     assert out.exists()
+
+
+@pytest.mark.parametrize("where", ["given", "bound"])
+def test_smoothgrad_of_smoothgrad_refuses_an_inner_keyword_before_any_pass(model_x, where) -> None:
+    """A SmoothGrad inside a SmoothGrad hands its method what it does not take: a keyword that method does not take
+    either is refused before any pass (the inner SmoothGrad's check ran after the outer one's first pass)."""
+    model, x = model_x
+    inner = dict(method=salience.gradcam, samples=2)
+    given = {"layers": "features"}
+    method = functools.partial(salience.smoothgrad, **inner, **(given if where == "bound" else {}))
+    with _Forwards(model) as seen, unchanged(model), pytest.raises(ArgumentError) as caught:
+        salience.smoothgrad(model, x, samples=2, method=method, **(given if where == "given" else {}))
+    assert str(caught.value).startswith("gradcam has no option 'layers' (nor has smoothgrad); did you mean 'layer'?")
+    assert seen.n == 0
+    layer = salience.smoothgrad(model, x, samples=2, method=functools.partial(salience.smoothgrad, **inner),
+                                layer="features.3", seed=1)
+    assert layer.shape == (1, 16, 16)

@@ -230,6 +230,14 @@ def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options:
     check_number(noise, "noise", minimum=0, what="a fraction of each image's range, e.g. 0.15")
     if variant not in VARIANTS:
         raise SalienceError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+    _check_keywords(method, options)
+
+
+def _check_keywords(method: Callable[..., Any], options: dict, depth: int = 0) -> None:
+    """An :class:`~salience._core.errors.ArgumentError` for a keyword given to SmoothGrad (``options``, which it hands
+    to ``method``) or bound to ``method`` by ``functools.partial`` that ``method`` does not take, naming the closest
+    option and the options of both; through a SmoothGrad inside, to every level, what it hands on to its own method
+    (refused before any pass: the inner SmoothGrad's own check came after the outer one's first pass)."""
     problem = bound_problem(method)  # a keyword bound to it that it does not take: Python's TypeError in the engine
     if problem is not None:
         raise ArgumentError(problem)
@@ -244,6 +252,12 @@ def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options:
                      else suggest(name, _option_names(method), n=1))
             raise ArgumentError(f"{called} has no option {name!r} (nor has smoothgrad){where} ({listed}; "
                                 f"smoothgrad's: {', '.join(options_of(smoothgrad))})")
+    root, bound = _engine.unbind(method)
+    if root is smoothgrad and depth < 32:  # a SmoothGrad inside: what it hands on to its method
+        handed, own = {**bound, **options}, _engine.signature_of(smoothgrad).parameters
+        inner = handed.get("method", own["method"].default)
+        if callable(inner):
+            _check_keywords(inner, {k: v for k, v in handed.items() if k not in own}, depth + 1)
 
 
 def _check_inner_passes(method: Callable[..., Any], samples: int, options: dict, x: Tensor, calls: int = 1) -> None:
