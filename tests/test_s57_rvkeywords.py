@@ -7,7 +7,10 @@ What failed on the base commit (30e60efd) and is fixed here:
   method's options nor SmoothGrad's;
 * a keyword bound to SmoothGrad's method by ``functools.partial`` that the method does not take
   (``method=functools.partial(my_vanilla, reduc="abs")``) was Python's raw ``TypeError`` from deep inside the
-  engine, after the model had run;
+  engine, after the model had run; one a SmoothGrad inside a SmoothGrad hands its method was refused only after the
+  outer one's first pass;
+* the same bound keyword in a dataset run's ``methods`` was the method's error at the first image, after the run
+  folder was made: the corrected command was then refused as "a run of a different command";
 * ``salience.class_model(model, 0, step=3)`` was Python's raw ``TypeError`` (not checked);
 * ``help(salience.gradcam)`` showed no signature (``gradcam = <function gradcam>``): a ``functools.partial`` is no
   routine to ``inspect`` / ``pydoc``; and, stored as a class attribute, a public method no longer bound as the

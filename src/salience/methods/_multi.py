@@ -72,8 +72,9 @@ class Checked(functools.partial):
     many) is an :class:`~salience._core.errors.ArgumentError` naming the method, the keyword, the closest option and
     the method's options (Python's raw ``TypeError`` before; it is still a ``TypeError``). Only a failed call pays for
     the check: the signature is read after a ``TypeError``. A ``functools.partial`` that binds nothing, so that code
-    looking through partials for the function (:func:`salience._core.engine.unbind`, the runs' seed rules, pickle)
-    finds the function itself; its name, docstring and signature are the function's (:func:`checked`)."""
+    looking through partials for the function (:func:`salience._core.engine.unbind`, the runs' seed rules) finds the
+    function itself; its name, docstring and signature are the function's (:func:`checked`); a descriptor as a
+    function is (``help()``, a class attribute); pickled by reference, to this very object."""
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         try:
