@@ -181,16 +181,19 @@ def test_a_scripted_model_takes_fp16_after_bf16(method, options):
 
 @pytest.mark.parametrize("call, hint", [
     (lambda: salience.smoothgrad(SmallCNN().eval(), X, 0, samples=2, method=salience.gradcam, layers="features"),
-     r"gradcam has no option 'layers' \(nor has smoothgrad\); did you mean 'layer'\?$"),
+     r"gradcam has no option 'layers' \(nor has smoothgrad\); did you mean 'layer'\? \(gradcam's options: layer, .*; "
+     r"smoothgrad's: method, samples, .*\)$"),
     (lambda: salience.smoothgrad(SmallCNN().eval(), X, 0, sample=2),
-     r"vanilla has no option 'sample' \(nor has smoothgrad\); did you mean 'samples'\?$"),
+     r"vanilla has no option 'sample' \(nor has smoothgrad\); did you mean 'samples'\? \(vanilla's options: reduce, "
+     r"grad_modifier, strip_softmax; smoothgrad's: method, samples, .*\)$"),
     (lambda: salience.methods.options.with_options(salience.METHODS, "gradcam", {"layers": "features"}),
      r"method 'gradcam' takes no option 'layers' \(it takes: layer, .*\); did you mean 'layer'\?$"),
 ], ids=["smoothgrad-inner", "smoothgrad-own", "method_options"])
 def test_an_unknown_option_where_salience_forwards_it_says_the_close_one(call, hint):
     """Where salience hands the user's keywords on (SmoothGrad's ``**options`` to its method, ``method_options`` of
     dataset runs and evaluations), an unknown one named no close option: a typo of SmoothGrad's own ``samples``
-    was "vanilla has no option 'sample'". A direct call keeps Python's TypeError (no wrapper slows every call)."""
+    was "vanilla has no option 'sample'". SmoothGrad's says both methods' options (session 57; a direct call of a
+    method is an ArgumentError naming its options since session 56, tests/test_s56_keywords.py)."""
     with pytest.raises(SalienceError, match=hint):
         call()
 

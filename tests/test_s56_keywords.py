@@ -23,10 +23,11 @@ from salience._core.errors import ArgumentError
 from salience.methods import _multi, as_method
 from conftest import seeded_small_cnn, unchanged
 
-PUBLIC = {**{name: salience.METHODS[name] for name in salience.METHODS}, "eigencam (function)": salience.eigencam}
-"""Every public method: the registry's entries and Eigen-CAM's function (the registry holds its adapter). Not
-``salience.class_model``, which is not in the registry: ``tests/test_class_model.py::test_exported`` holds it to be
-the module's function itself."""
+PUBLIC = {**{name: salience.METHODS[name] for name in salience.METHODS}, "eigencam (function)": salience.eigencam,
+          "class_model": salience.class_model}
+"""Every public method: the registry's entries, Eigen-CAM's function (the registry holds its adapter) and
+``salience.class_model``, which is not in the registry (checked since session 57: it was Python's raw ``TypeError``;
+``tests/test_class_model.py::test_exported``)."""
 
 
 def _name(key: str) -> str:
@@ -65,9 +66,9 @@ def test_an_unknown_keyword_names_the_method_the_closest_option_and_the_options(
 
 def test_smoothgrad_names_an_option_neither_it_nor_its_method_takes(model_x) -> None:
     """SmoothGrad takes its method's options (``**options``), so the call binds; SmoothGrad's own check names the
-    keyword (a SalienceError; not a TypeError: methods/smoothgrad.py raises it, another helper's file)."""
+    keyword, an ArgumentError as the others' (session 57; a plain SalienceError before, not a TypeError)."""
     model, x = model_x
-    with pytest.raises(SalienceError, match=r"vanilla has no option 'sample' \(nor has smoothgrad\); did you mean "
+    with pytest.raises(ArgumentError, match=r"vanilla has no option 'sample' \(nor has smoothgrad\); did you mean "
                                             r"'samples'\?"):
         salience.smoothgrad(model, x, sample=3)
 

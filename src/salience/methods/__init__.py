@@ -6,11 +6,12 @@ and reports use to turn strings into methods. Every entry has the same contract,
 :func:`as_method`, which takes the target and gives the one map for it (or for each of K targets).
 A function from a user goes through :func:`as_method` too.
 
-The public methods (``METHODS``' entries and this package's names for them, which ``salience.gradcam`` is) are the
-functions as :func:`~salience.methods._multi.checked` holds them: the same function, name, docstring and signature,
-but a call with a keyword the method has no option for, or a positional argument missing or too many, is an
+The public methods (``METHODS``' entries, this package's names for them, which ``salience.gradcam`` is, and
+``class_model``, which is not in ``METHODS``) are the functions as :func:`~salience.methods._multi.checked` holds
+them: the same function, name, docstring and signature (``help()``), pickled by reference, but a call with a keyword
+the method has no option for, or a positional argument missing or too many, is an
 :class:`~salience._core.errors.ArgumentError` (a :class:`SalienceError` and a ``TypeError``) naming the method, the
-closest option and the options it takes.
+closest option and the options it takes (SmoothGrad's, for a keyword neither it nor its method takes, too).
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from salience.methods.scorecam import ablationcam, scorecam
 from salience.methods.perturbation import occlusion, rise
 
 eigencam = checked(eigencam)  # its METHODS entry takes the target: as_method of it, checked too
+class_model = checked(class_model)  # a public method, not in METHODS (it makes an image, it does not explain one)
 
 METHODS: dict[str, Callable] = {name: checked(fn) for name, fn in {
     "vanilla": vanilla,

@@ -72,8 +72,9 @@ class Checked(functools.partial):
     many) is an :class:`~salience._core.errors.ArgumentError` naming the method, the keyword, the closest option and
     the method's options (Python's raw ``TypeError`` before; it is still a ``TypeError``). Only a failed call pays for
     the check: the signature is read after a ``TypeError``. A ``functools.partial`` that binds nothing, so that code
-    looking through partials for the function (:func:`salience._core.engine.unbind`, the runs' seed rules, pickle)
-    finds the function itself; its name, docstring and signature are the function's (:func:`checked`)."""
+    looking through partials for the function (:func:`salience._core.engine.unbind`, the runs' seed rules) finds the
+    function itself; its name, docstring and signature are the function's (:func:`checked`); a descriptor as a
+    function is (``help()``, a class attribute); pickled by reference, to this very object."""
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -89,6 +90,21 @@ class Checked(functools.partial):
     def __repr__(self) -> str:
         return repr(self.func)
 
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        """Bound to an instance as the function is (a class attribute): a descriptor, so that ``inspect.isroutine``
+        holds and ``help()`` shows the signature (it showed ``gradcam = <function gradcam>``)."""
+        return self if obj is None else types.MethodType(self, obj)
+
+    def __reduce__(self) -> tuple:
+        """Pickled by reference, as the function is: :func:`checked` of it (Eigen-CAM's entry: :func:`as_method` of
+        its checked function), which gives this very object back (pickle, ``copy``, Ray's cloudpickle). The
+        ``functools.partial`` state carried the docstring (1.3 kB a method), came back as another object, and
+        Eigen-CAM's entry (a local function) did not pickle."""
+        adapts = getattr(self.func, "adapts", None)
+        if isinstance(adapts, Checked) and _ADAPTED.get(adapts) is self:
+            return as_method, (adapts,)
+        return checked, (self.func,)
+
 
 # a message that names what it got by its type (``methods=salience.vanilla`` where a dict was due: "got function")
 # names a public method as it did when it was the plain function
@@ -96,13 +112,19 @@ Checked.__name__ = "function"
 
 
 def checked(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` as a :class:`Checked` public method (``fn`` itself if it is one): the same name, docstring, signature
-    and marks (:func:`several_targets`, :func:`target_free`)."""
+    """``fn`` as a :class:`Checked` public method (``fn`` itself if it is one; the same object for the same ``fn``):
+    the same name, docstring, signature and marks (:func:`several_targets`, :func:`target_free`)."""
     if isinstance(fn, Checked):
         return fn
-    wrapper = Checked(fn)
-    functools.update_wrapper(wrapper, fn)
+    wrapper = _CHECKED.get(fn)
+    if wrapper is None:
+        wrapper = _CHECKED[fn] = Checked(fn)
+        functools.update_wrapper(wrapper, fn)
     return wrapper
+
+
+_CHECKED: dict[Callable[..., Any], Checked] = {}
+"""The one :class:`Checked` of each function (the public methods and Eigen-CAM's adapter): what unpickling finds."""
 
 
 def call_problem(method: Callable[..., Any], args: tuple, kwargs: dict) -> Optional[str]:
@@ -136,6 +158,31 @@ def _said(name: str, sig: inspect.Signature, args: tuple, kwargs: dict, bound: s
         return (f"{name} takes {len(positional)} positional arguments ({', '.join(positional)}), got {len(args)}: "
                 f"its options are keywords ({takes})")
     return f"{name}: {bound} ({takes})"
+
+
+def options_of(method: Callable[..., Any]) -> list[str]:
+    """The options of ``method`` as its signature says, for a message: its keywords past ``model, x, target``."""
+    kinds = inspect.Parameter
+    params = _engine.signature_of(method).parameters.values()
+    positional = [p.name for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    return positional[3:] + [p.name for p in params if p.kind is kinds.KEYWORD_ONLY]
+
+
+def bound_problem(method: Callable[..., Any]) -> Optional[str]:
+    """What is wrong with the keywords ``functools.partial`` binds to ``method`` (the first its function does not
+    take, with the closest option and the function's options: the message of an
+    :class:`~salience._core.errors.ArgumentError`), or ``None``. Such a keyword was Python's ``TypeError`` at the
+    method's first call, inside a SmoothGrad or a dataset run (after the run folder was made, so that the corrected
+    command was refused as another run's)."""
+    root, bound = _engine.unbind(method)
+    for name in bound:
+        if not _engine.accepts(root, name):
+            called = getattr(root, "__name__", None) or "the method"
+            theirs = options_of(root)
+            listed = f"{called}'s options: {', '.join(theirs)}" if theirs else f"{called} takes no options"
+            return f"{called} has no option {name!r} (bound to it by functools.partial){suggest(name, theirs, n=1)} " \
+                   f"({listed})"
+    return None
 
 
 def as_method(method: Callable[..., Tensor]) -> Callable[..., Tensor]:

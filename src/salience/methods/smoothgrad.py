@@ -19,13 +19,14 @@ from salience._core import derived as _derived
 from salience._core import engine as _engine
 from salience._core import perf as _perf
 from salience._core.autograd import check_input
-from salience._core.errors import SalienceError, suggest
+from salience._core.errors import ArgumentError, SalienceError, suggest
 from salience._core.fingerprint import close_walk, end_walk, one_walk, walk_state
 from salience._core.tensors import check_int, check_number, check_flag, fresh_seed
 from salience._core.guard import Found, model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.methods import perturbation
-from salience.methods._multi import as_method, free_maps, is_target_free, takes_several_targets
+from salience.methods._multi import (as_method, bound_problem, free_maps, is_target_free, options_of,
+                                     takes_several_targets)
 from salience.methods.integrated import GapReport, collect_gaps, gaps_to_report, report_gaps
 from salience.methods.vanilla import vanilla
 from salience.targets import Target, checked_on_output, layers_tag, resolve, split
@@ -229,13 +230,34 @@ def _check_options(method: Any, samples: Any, noise: Any, variant: Any, options:
     check_number(noise, "noise", minimum=0, what="a fraction of each image's range, e.g. 0.15")
     if variant not in VARIANTS:
         raise SalienceError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+    _check_keywords(method, options)
+
+
+def _check_keywords(method: Callable[..., Any], options: dict, depth: int = 0) -> None:
+    """An :class:`~salience._core.errors.ArgumentError` for a keyword given to SmoothGrad (``options``, which it hands
+    to ``method``) or bound to ``method`` by ``functools.partial`` that ``method`` does not take, naming the closest
+    option and the options of both; through a SmoothGrad inside, to every level, what it hands on to its own method
+    (refused before any pass: the inner SmoothGrad's own check came after the outer one's first pass)."""
+    problem = bound_problem(method)  # a keyword bound to it that it does not take: Python's TypeError in the engine
+    if problem is not None:
+        raise ArgumentError(problem)
     for name in options:
         if not _engine.accepts(method, name):
+            root = _engine.unbind(method)[0]  # the function under functools.partial (and a public method's Checked)
+            called = getattr(root, "__name__", None) or "the method"
+            theirs = options_of(root)
+            listed = f"{called}'s options: {', '.join(theirs)}" if theirs else f"{called} takes no options"
             where = (f"; {name} is a setting of how the passes run: salience.set_performance({name}=...) or "
                      f"`with salience.performance({name}=...):`" if name in _PERF_SETTINGS
                      else suggest(name, _option_names(method), n=1))
-            raise SalienceError(f"{getattr(method, '__name__', 'method')} has no option {name!r} (nor has smoothgrad)"
-                                f"{where}")
+            raise ArgumentError(f"{called} has no option {name!r} (nor has smoothgrad){where} ({listed}; "
+                                f"smoothgrad's: {', '.join(options_of(smoothgrad))})")
+    root, bound = _engine.unbind(method)
+    if root is smoothgrad and depth < 32:  # a SmoothGrad inside: what it hands on to its method
+        handed, own = {**bound, **options}, _engine.signature_of(smoothgrad).parameters
+        inner = handed.get("method", own["method"].default)
+        if callable(inner):
+            _check_keywords(inner, {k: v for k, v in handed.items() if k not in own}, depth + 1)
 
 
 def _check_inner_passes(method: Callable[..., Any], samples: int, options: dict, x: Tensor, calls: int = 1) -> None:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from salience._core import perf as _perf
-from salience._core.errors import SalienceError
+from salience._core.errors import ArgumentError, SalienceError
 from salience._core.files import atomic_write, folder_name
 from salience._core.guard import run_guard
 from salience._core.malloc import kept_free_bytes, release_shared_heap
@@ -42,6 +42,7 @@ from salience.loading import load_model, remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, preprocessing_record
 from salience.loading.models import name_classes, resolve_device
 from salience.methods import METHODS, as_method
+from salience.methods._multi import bound_problem
 from salience.methods.options import check_bound_values, with_options
 from salience.render import viz
 from salience.runs import gallery, job, sources
@@ -308,6 +309,10 @@ def _methods(methods: Any, options: Optional[Mapping[str, Any]]) -> tuple[dict[s
     for name in fns:
         if not name or "/" in name or name.startswith("."):
             raise SalienceError(f"method name {name!r} cannot name a folder of the store; rename it")
+    for name, fn in fns.items():  # a keyword a user's functools.partial binds that its function does not take
+        problem = bound_problem(fn)
+        if problem is not None:
+            raise ArgumentError(f"methods[{name!r}]: {problem}")
     for name, given in (options or {}).items():
         fns[name] = with_options(fns, name, given)
     record = {n: {k: repr(v) for k, v in getattr(fn, "keywords", {}).items()} for n, fn in fns.items()}
