@@ -72,7 +72,7 @@ def label_text(label: Optional[int]) -> str:
     return "none" if label is None else str(label)
 
 
-TABLE_MARK = b"salience.table"
+TABLE_MARK = b"salience"
 """The key of salience's mark in the key-value metadata of each table a run's store writes (the parquet schema's):
 its value is the table's kind, ``inputs`` (``inputs.parquet``), ``shard`` (``shards/*.parquet``) or ``index``
 (``index.parquet``). What tells a run's table from a user's of the same columns (:func:`is_store_table`). The tables
