@@ -1,5 +1,5 @@
-"""Bytes read to tell a folder's ``inputs.parquet`` for a run's table (session 57): ``salience.runs.store.is_store_table``
-on a sparse file whose parquet footer claims ``CLAIM`` bytes of metadata (``PAR1`` at both ends), each claim in a fresh
+"""Bytes read to tell a folder's ``inputs.parquet`` for a run's table (session 57):
+``salience.runs.store.is_store_table`` on a sparse file whose parquet footer claims ``CLAIM`` bytes of metadata (``PAR1`` at both ends), each claim in a fresh
 process, its ``rchar`` (``/proc/self/io``: every ``read``, pyarrow's C++ ones too), resident peak and seconds. Bytes
 read do not change with the machine's load; the seconds do. Run it against the base and the branch by PYTHONPATH:
 

@@ -361,6 +361,20 @@ def test_a_shard_still_written_after_its_run_ended_is_said(tmp_path, monkeypatch
     assert commit_holder(folder) is None and _left_out(str(folder), 10**6).endswith("run its command again")
 
 
+def test_a_run_that_begins_between_the_looks_is_said_to_be_starting(tmp_path, monkeypatch):
+    """The run's lock free at the first look, the commits' byte held at the second (a run beginning then holds it a
+    moment, writing its token): the run's lock is asked again, and the run said to be starting, not an ended run's
+    commit."""
+    from salience.runs import store
+
+    looks = iter([None, "another salience process (pid 7 on host h)"])
+    monkeypatch.setattr(store, "lock_holder", lambda folder: next(looks))
+    monkeypatch.setattr(store, "commit_holder", lambda folder: "another salience process (pid 7)")
+    assert store.unwritten_run(tmp_path) == (
+        "a dataset run that is starting (another salience process (pid 7 on host h) is writing it and has not "
+        "written its run.json yet): nothing to show yet; open it again in a moment")
+
+
 def test_commit_holder_in_the_process_holding_the_run_never_opens_the_lock_file(tmp_path):
     """In the process that holds the run's lock, ``commit_holder`` answers ``None`` without opening the file (closing
     a descriptor of it would release the run's lock)."""

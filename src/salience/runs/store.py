@@ -347,13 +347,17 @@ def unwritten_run(folder: PathLike) -> str:
     run is starting (its lock is held, :func:`salience.runs.lock.lock_holder`: its ``run.json`` comes in a moment,
     once its inputs are planned), a process still writes a shard of a run that has ended
     (:func:`salience.runs.lock.commit_holder`: wait for it), or a run was stopped before it wrote it, or while
-    ``overwrite`` cleared it (its command starts it there again). What :func:`open_run` (and so :func:`salience.explore`) raises and what
-    ``salience explore`` says as it leaves the folder out, in the same words."""
+    ``overwrite`` cleared it (its command starts it there again). What :func:`open_run` (and so
+    :func:`salience.explore`) raises and what ``salience explore`` says as it leaves the folder out, in the same
+    words. A run that begins between the looks holds the commits' byte a moment (writing its token): the run's lock
+    is asked again then, and such a run is said to be starting."""
     holder = lock_holder(Path(folder))
+    writing = commit_holder(Path(folder)) if holder is None else None
+    if writing is not None:  # a run that began since the first look holds the commits' byte while it writes its token
+        holder = lock_holder(Path(folder))
     if holder is not None:
         return (f"a dataset run that is starting ({holder} is writing it and has not written its run.json yet): "
                 "nothing to show yet; open it again in a moment")
-    writing = commit_holder(Path(folder))
     if writing is not None:  # a Ray actor of a run that has ended, its end done waiting for it (FENCE_WAIT)
         return (f"a dataset run's folder without its run.json, where {writing} is still writing a shard of a run "
                 "that has ended: nothing to show yet; wait for it to finish (or stop it), then run its command again")
