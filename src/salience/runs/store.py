@@ -414,13 +414,13 @@ def manifest_format(path: PathLike) -> Optional[str]:
 
 def is_store_table(path: PathLike) -> bool:
     """Whether the file ``path`` is a table a run's store wrote: salience's mark in its parquet schema's key-value
-    metadata (:data:`TABLE_MARK`) and the columns of its kind: ``inputs``, ``index`` (int64) and ``path`` (string),
-    then ``label`` (int64) and ``mask`` (string) where given (:meth:`Store.write_inputs`); ``index`` and ``shard``,
-    ``index`` and ``path`` first and ``shard`` (string), ``offset`` (int32) last (:func:`row_schema`). Only the
-    footer is read, by this function (8 bytes, then the metadata length they state, at most :data:`FOOTER_CAP`):
-    a file whose footer claims more, or more than the file holds, is not a store table and costs those 8 bytes. A
-    file that is not parquet, an unmarked table (a user's; or a run's written before the mark), or without pyarrow:
-    ``False``."""
+    metadata (:data:`TABLE_MARK`) and the columns of its kind: kind ``inputs``, ``index`` (int64) and ``path``
+    (string), then ``label`` (int64) and ``mask`` (string) where given (:meth:`Store.write_inputs`); kind ``index`` or
+    ``shard``, ``index`` and ``path`` first and ``shard`` (string), ``offset`` (int32) last (:func:`row_schema`).
+    Only the footer is read, by this function (the file's first 4 and last 8 bytes, then the metadata length those
+    state, at most :data:`FOOTER_CAP`), and parsed from memory: a file whose footer claims more, or more than the file
+    holds, is not a store table and costs those 12 bytes. A file that is not parquet, an unmarked table (a user's; or
+    a run's written before the mark), or without pyarrow: ``False``."""
     try:
         footer = _parquet_footer(Path(path))
     except OSError:
@@ -570,7 +570,7 @@ class Store:
                 return
             clear_run(f)
         elif overwrite:  # a run stopped while overwrite= cleared it (check_folder: its lock, its files): its
-            clear_run(f)  # inputs.parquet was kept, and this run's images were its command's (session 57)
+            clear_run(f)  # inputs.parquet, kept, would stand for this run's planned images (write_inputs keeps one)
         make_folder(f)
         atomic_write(existing, json.dumps(self.manifest, indent=2).encode("utf-8"))
 
