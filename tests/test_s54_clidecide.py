@@ -162,18 +162,20 @@ def test_explain_of_image_files_into_a_dataset_run_folder_is_refused(files, tmp_
     """Decision 4: ``explain IMG --out RUN`` (RUN a dataset run's folder) wrote its figures among the run's
     files; now exit 2 before the model loads, naming the folder as a run's, the folder untouched. The store's
     check (:func:`salience.runs.store.is_run_folder`) knows a run by its manifest or its tables (session 56: a table
-    of the store's columns, ``index`` and ``path`` here; a file of the name alone is not one)."""
+    of the store's columns, ``index`` and ``path`` here; a file of the name alone is not one; session 57: the manifest
+    of salience's format, the table marked by the store)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from salience.runs.store import is_run_folder  # new in session 54: imported here, the other tests run without
+    from salience.runs.store import TABLE_MARK, is_run_folder  # new in session 54: imported here
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "run.json").write_text("{}")
+    (run / "run.json").write_text('{"format": "salience-run/2"}')  # session 57: a manifest of salience's format
     begun = tmp_path / "begun"
     begun.mkdir()
-    pq.write_table(pa.table({"index": pa.array([0], pa.int64()), "path": ["a.png"]}), begun / "inputs.parquet")
+    pq.write_table(pa.table({"index": pa.array([0], pa.int64()), "path": ["a.png"]}).replace_schema_metadata(
+        {TABLE_MARK: b"inputs"}), begun / "inputs.parquet")  # session 57: marked as the store marks its tables
     assert is_run_folder(run) and is_run_folder(begun) and not is_run_folder(tmp_path) and not is_run_folder(files.a)
     monkeypatch.setattr(explain_cmd, "load_model_arg", _never)
     for folder in (run, begun):

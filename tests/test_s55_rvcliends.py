@@ -64,6 +64,7 @@ def test_a_run_folder_without_images_is_still_a_run_to_the_explorer(tmp_path):
 
     from salience.explore.runs import is_run
     from salience.runs.lock import LOCK_NAME
+    from salience.runs.store import TABLE_MARK
 
     for name in (LOCK_NAME, "inputs.parquet"):
         folder = tmp_path / name.strip(".")
@@ -72,7 +73,10 @@ def test_a_run_folder_without_images_is_still_a_run_to_the_explorer(tmp_path):
         (folder / "thumbs").mkdir()
         assert is_run(folder) == (name == LOCK_NAME)
         if name == "inputs.parquet":
-            pq.write_table(pa.table({"index": pa.array([0], pa.int64()), "path": ["a.png"]}), folder / name)
+            table = pa.table({"index": pa.array([0], pa.int64()), "path": ["a.png"]})
+            pq.write_table(table, folder / name)
+            assert not is_run(folder)  # session 57: a user's table of those columns; the store marks its own
+            pq.write_table(table.replace_schema_metadata({TABLE_MARK: b"inputs"}), folder / name)
             assert is_run(folder)
 
 

@@ -63,11 +63,15 @@ def _opens(call) -> tuple[object, list[str]]:
 
 
 def _store_table(path: Path) -> None:
-    """A table of the store's ``inputs.parquet`` columns (index, path)."""
+    """A table of the store's ``inputs.parquet`` columns (index, path), marked as the store marks it (session 57:
+    ``runs.store.TABLE_MARK``; an unmarked one is a user's)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"index": pa.array([0, 1], pa.int64()), "path": ["a.png", "b.png"]}), path)
+    from salience.runs.store import TABLE_MARK
+
+    table = pa.table({"index": pa.array([0, 1], pa.int64()), "path": ["a.png", "b.png"]})
+    pq.write_table(table.replace_schema_metadata({TABLE_MARK: b"inputs"}), path)
 
 
 # --------------------------------------------------------------------------------- 1. a run by salience's own marks

@@ -104,8 +104,9 @@ def test_is_store_table_takes_a_str_path(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from salience.runs.store import is_store_table
+    from salience.runs.store import TABLE_MARK, is_store_table
 
-    table = tmp_path / "inputs.parquet"
-    pq.write_table(pa.table({"index": pa.array([0], pa.int64()), "path": ["a.png"]}), table)
+    table = tmp_path / "inputs.parquet"  # marked as the store marks it (session 57)
+    pq.write_table(pa.table({"index": pa.array([0], pa.int64()), "path": ["a.png"]}).replace_schema_metadata(
+        {TABLE_MARK: b"inputs"}), table)
     assert is_store_table(str(table)) and not is_store_table(str(tmp_path / "index.parquet"))

@@ -128,18 +128,12 @@ def _left_out(given: str, max_pixels: int) -> Optional[str]:
 
 
 def _begun_run(folder: Path) -> str:
-    """Why the page cannot show the run folder ``folder`` without its ``run.json``: a live run is starting (its
-    lock is held, :func:`salience.runs.lock.lock_holder`: its ``run.json`` comes in a moment, once its inputs are
-    planned), or a run was stopped before it wrote it, or while ``--overwrite`` cleared it (its command starts it
-    there again)."""
-    from salience.runs.lock import lock_holder
+    """Why the page cannot show the run folder ``folder`` without its ``run.json``
+    (:func:`salience.runs.store.unwritten_run`: a run starting, or stopped before it wrote it), in the words
+    :func:`salience.open_run` and :func:`salience.explore` raise."""
+    from salience.runs.store import unwritten_run
 
-    holder = lock_holder(folder)
-    if holder is not None:
-        return (f"a dataset run that is starting ({holder} is writing it and has not written its run.json yet): "
-                "nothing to show yet; open it again in a moment")
-    return ("a dataset run's folder without its run.json (a run stopped before it wrote it, or while --overwrite "
-            "cleared it): nothing to show yet; run its command again")
+    return unwritten_run(folder)
 
 
 def _unreadable_folder(folder: Path, max_pixels: int) -> Optional[str]:

@@ -52,10 +52,11 @@ def explore(model: Union[str, nn.Module], images: Optional[Sequence[Union[str, "
     (:class:`salience.explore.server.Explorer`: ``.url``, ``.stop()``).
 
     ``images``: image files or folders to pick from (only these and uploads are served); a folder
-    holding ``run.json`` is a dataset run (``salience explain DIR --out RUN``), as is ``run`` (one
+    holding a salience run's ``run.json`` is a dataset run (``salience explain DIR --out RUN``), as is ``run`` (one
     run folder or several, or the :class:`~salience.runs.store.Run` that :func:`salience.explain_dataset`
     and :func:`salience.open_run` return): its rows are a gallery to sort and filter, each opened in the
-    explorer.
+    explorer. A run folder without its ``run.json`` yet (a run starting, or stopped before it wrote it) raises a
+    :class:`~salience.SalienceError` in ``salience explore``'s words (:func:`salience.runs.store.unwritten_run`).
     ``compare``: another model shown side by side, or a list of them (each a column of its own). ``host`` / ``port``: where to listen (default
     loopback and a free port; another host prints a warning). ``show``: display the page inline
     when in a Jupyter notebook (default), else print the URL: an IFrame of the URL, or of

@@ -91,7 +91,8 @@ def build_hub(model: ModelLike, images: Sequence[Any] = (), *, compare: CompareL
               runs: Sequence[Any] = (), compare_load: CompareLoad = None) -> Hub:
     """The server's state: the model (slot ``a``) and each ``compare`` model (``b``, ``c``, ... in
     order; one model or a list), loaded once, and the images. A folder among ``images`` that holds
-    ``run.json`` is a dataset run, as are ``runs``. ``load``: :func:`load_model`'s keywords for a
+    a salience run's ``run.json`` (or its lock, or its marked tables: :func:`salience.explore.runs.is_run`) is a
+    dataset run, as are ``runs``. ``load``: :func:`load_model`'s keywords for a
     model spec; ``compare_load``: over them for the compared models (e.g. other ``weights``), one
     dict for all or a list of one per model (:func:`compared`)."""
     others = compared(compare, compare_load)

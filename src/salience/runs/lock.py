@@ -134,7 +134,8 @@ def lock_holder(folder: Path) -> Optional[str]:
     on Linux, macOS and the BSDs. In the process that holds it the file is not opened (closing any descriptor of it
     would release the process's lock): its folders and its lock files (by device and inode: a folder moved, or
     reached by a bind mount, while it is held) say; the look is made under the lock of that record, so no run of
-    this process locks the file between the look and the close."""
+    this process locks the file between the look and the close. The run's lock only: a process still writing a
+    shard of a run that has ended holds the commits' byte, not this one (:func:`commit_holder`)."""
     path = Path(folder) / LOCK_NAME
     with _held_lock:
         if os.path.realpath(folder) in _held or _file_id(path) in _held_files:
@@ -150,6 +151,36 @@ def lock_holder(folder: Path) -> Optional[str]:
         finally:
             os.close(fd)
         return _holder(path) if held else None  # _holder opens the file too: still under the record's lock
+
+
+def commit_holder(folder: Path) -> Optional[str]:
+    """Who writes a shard into the run folder ``folder`` now while no run holds it (``another salience process (pid
+    123)``), or ``None``. A process that writes shards for a run (a Ray actor) holds the lock file's commits' byte
+    while it writes one (:func:`commit_fence`); a run's end waits :data:`FENCE_WAIT` seconds for its commits, then
+    ends with a warning, and a commit still under way goes on holding that byte while :func:`lock_holder` (the run's
+    byte) says nobody holds the folder. Asked as :func:`lock_holder` asks (``F_GETLK``, nothing taken; elsewhere the
+    byte taken shared for a moment, which a commit shares); in a process that holds the folder's run lock: ``None``
+    without opening the file (that run's own commits are its own). Where ``fcntl`` is missing (Windows) there is no
+    commits' byte: ``None``."""
+    if fcntl is None:  # pragma: no cover - Windows: commits check the token alone
+        return None
+    path = Path(folder) / LOCK_NAME
+    with _held_lock:
+        if os.path.realpath(folder) in _held or _file_id(path) in _held_files:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            pid = _locker(fd, 1)
+        except OSError:  # a file system that cannot lock
+            pid = None
+        finally:
+            os.close(fd)
+    if pid is None:
+        return None
+    return f"another salience process (pid {pid})" if pid > 0 else "another salience process"
 
 
 def _file_id(path: Path) -> Optional[tuple[int, int]]:
@@ -174,19 +205,29 @@ else:
 def _locked_elsewhere(fd: int) -> bool:
     """Whether another process holds byte 0 (the run's) of the lock file open as ``fd``: asked with ``F_GETLK``
     (nothing taken) where the layout of ``struct flock`` is known, else by taking it shared for a moment."""
+    return _locker(fd, 0) is not None
+
+
+def _locker(fd: int, start: int) -> Optional[int]:
+    """The pid of a process other than this one that holds byte ``start`` of the lock file open as ``fd`` (0: one
+    does, its pid not known), or ``None``: none. Asked with ``F_GETLK`` for an exclusive lock (any lock of another
+    process is in its way; nothing taken) where the layout of ``struct flock`` is known, else by taking the byte
+    shared for a moment."""
     if fcntl is not None and _FLOCK is not None:
-        fields = (fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0) if _FLOCK == "@hhqqi" else (0, 1, 0, fcntl.F_WRLCK, os.SEEK_SET)
-        answer = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(_FLOCK, *fields) + bytes(16))  # room for padding
-        kind = struct.unpack_from(_FLOCK, answer)[0 if _FLOCK == "@hhqqi" else 3]
-        return kind != fcntl.F_UNLCK
-    if not _try_lock(fd, shared=True):  # pragma: no cover - Windows, or a POSIX system of another layout
-        return True
+        linux = _FLOCK == "@hhqqi"
+        fields = (fcntl.F_WRLCK, os.SEEK_SET, start, 1, 0) if linux else (start, 1, 0, fcntl.F_WRLCK, os.SEEK_SET)
+        answer = struct.unpack_from(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK,
+                                                        struct.pack(_FLOCK, *fields) + bytes(16)))  # room: padding
+        kind, pid = (answer[0], answer[4]) if linux else (answer[3], answer[2])
+        return None if kind == fcntl.F_UNLCK else max(int(pid), 0)
+    if not _try_lock(fd, shared=True, start=start):  # pragma: no cover - Windows, or a POSIX system of another layout
+        return 0
     if fcntl is not None:  # pragma: no cover
-        fcntl.lockf(fd, fcntl.LOCK_UN, 1, 0)
+        fcntl.lockf(fd, fcntl.LOCK_UN, 1, start)
     else:  # pragma: no cover - Windows
-        os.lseek(fd, 0, os.SEEK_SET)
+        os.lseek(fd, start, os.SEEK_SET)
         msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-    return False
+    return None
 
 
 @contextlib.contextmanager

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
-import json
 import os
 import pickle
 import traceback
@@ -108,16 +107,13 @@ def _outside_runs(files: list[str], base: Path) -> list[str]:
     ``run.json`` of a salience run: its thumbnails and overlays are not inputs), so that a run
     written into the folder it explains (``explain imgs/ --out imgs/run``) lists the same images
     when its command runs again."""
+    from salience.runs.store import manifest_format  # the one test of a salience manifest (store imports this)
+
     is_run: dict[Path, bool] = {}
 
     def run_folder(d: Path) -> bool:
         if d not in is_run:
-            try:
-                is_run[d] = (d / "run.json").is_file() and str(
-                    json.loads((d / "run.json").read_text(encoding="utf-8")).get("format", "")).startswith(
-                    "salience-run/")
-            except (OSError, ValueError, AttributeError):
-                is_run[d] = False
+            is_run[d] = manifest_format(d / "run.json") is not None
         return is_run[d]
 
     base = base.absolute()

@@ -36,7 +36,7 @@ import numpy as np
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_path, atomic_write, make_folder
 from salience._core.tensors import check_int
-from salience.runs.lock import LOCK_NAME
+from salience.runs.lock import LOCK_NAME, commit_holder, lock_holder
 
 FORMAT = "salience-run/2"
 """What this salience writes: each method's refusal of an image in a column of its own (``METHOD.error``,
@@ -71,6 +71,21 @@ def label_text(label: Optional[int]) -> str:
     """``3``, or ``none`` for ``None`` (an image without a label): how a refusal writes a label."""
     return "none" if label is None else str(label)
 
+
+TABLE_MARK = b"salience"
+"""The key of salience's mark in the key-value metadata of each table a run's store writes (the parquet schema's):
+its value is the table's kind, ``inputs`` (``inputs.parquet``), ``shard`` (``shards/*.parquet``) or ``index``
+(``index.parquet``). What tells a run's table from a user's of the same columns (:func:`is_store_table`). The tables
+of runs written before session 57 carry none: their folders are known by their ``run.json`` or their lock."""
+FOOTER_CAP = 4 << 20
+"""The most bytes of a parquet footer's metadata :func:`is_store_table` reads (4 MiB): a run's own tables' footers
+are a few KiB (a row group's column statistics and pyarrow's schema, per column); a file whose footer claims more is
+no run's table, and is not read (a crafted footer claiming 1 GiB made pyarrow read 1 GiB)."""
+MANIFEST_CAP = 1 << 20
+"""The most bytes of a ``run.json`` read whole to find its ``format`` (:func:`manifest_format`) when its first key is
+not ``format`` (salience writes it first: there its first 4 KiB are read)."""
+_MANIFEST_HEAD = 4096
+_FORMAT_FIRST = re.compile(rb'\A\s*\{\s*"format"\s*:\s*"(salience-run/[0-9A-Za-z._-]{1,32})"')
 
 _RUN_FILES = ("run.json", "inputs.parquet", "index.parquet", "index.html")
 _RUN_FOLDERS = ("maps", "shards", "thumbs", "overlays")
@@ -305,55 +320,151 @@ def _remove_temporaries(folder: Path) -> None:
 
 
 def check_folder(folder: Path, overwrite: bool) -> None:
-    """Refuse a file, or a folder that holds other files than a run's (the lock file aside), as ``--out``."""
+    """Refuse a file, a folder whose ``run.json`` is not a salience run's manifest (:func:`manifest_format`: a
+    user's folder, which ``overwrite`` would have cleared), or a folder that holds other files than a run's (the lock
+    file aside), as ``--out``."""
     if folder.exists() and not folder.is_dir():
         raise SalienceError(f"{folder} is a file, not a run folder; choose another out=")
-    if not folder.is_dir() or (folder / "run.json").exists():
+    if not folder.is_dir():
+        return
+    if (folder / "run.json").exists():
+        if manifest_format(folder / "run.json") is None:
+            raise SalienceError(f"{folder} holds a run.json that is not a salience run's manifest (no \"format\": "
+                                "\"salience-run/N\" in it: another program's file, or a damaged one); choose another "
+                                "out= (an empty or new folder), or move that run.json away")
         return
     names = [p.name for p in folder.iterdir() if p.name != LOCK_NAME]
-    if names and (not overwrite or any(n not in _RUN_FILES + _RUN_FOLDERS for n in names)):
+    # overwrite= clears a run's files from a folder without run.json (a run stopped while overwrite= cleared it) only
+    # where salience's marks say it is a run's (its lock, a marked table): never a user's files of the same names
+    if names and (not overwrite or any(n not in _RUN_FILES + _RUN_FOLDERS for n in names)
+                  or not is_run_folder(folder)):
         raise SalienceError(f"{folder} exists and is not a salience run; choose another out= (an empty or new "
                             "folder)")
 
 
+def unwritten_run(folder: PathLike) -> str:
+    """Why the run folder ``folder`` (:func:`is_run_folder`) without its ``run.json`` has nothing to read yet: a live
+    run is starting (its lock is held, :func:`salience.runs.lock.lock_holder`: its ``run.json`` comes in a moment,
+    once its inputs are planned), a process still writes a shard of a run that has ended
+    (:func:`salience.runs.lock.commit_holder`: wait for it), or a run was stopped before it wrote it, or while
+    ``overwrite`` cleared it (its command starts it there again). What :func:`open_run` (and so
+    :func:`salience.explore`) raises and what ``salience explore`` says as it leaves the folder out, in the same
+    words. A run that begins between the looks holds the commits' byte a moment (writing its token): the run's lock
+    is asked again then, and such a run is said to be starting."""
+    holder = lock_holder(Path(folder))
+    writing = commit_holder(Path(folder)) if holder is None else None
+    if writing is not None:  # a run that began since the first look holds the commits' byte while it writes its token
+        holder = lock_holder(Path(folder))
+    if holder is not None:
+        return (f"a dataset run that is starting ({holder} is writing it and has not written its run.json yet): "
+                "nothing to show yet; open it again in a moment")
+    if writing is not None:  # a Ray actor of a run that has ended, its end done waiting for it (FENCE_WAIT)
+        return (f"a dataset run's folder without its run.json, where {writing} is still writing a shard of a run "
+                "that has ended: nothing to show yet; wait for it to finish (or stop it), then run its command again")
+    return ("a dataset run's folder without its run.json (a run stopped before it wrote it, or while --overwrite "
+            "cleared it): nothing to show yet; run its command again")
+
+
 def is_run_folder(path: PathLike) -> bool:
-    """Whether ``path`` is a dataset run's folder, known by salience's own marks: the run's manifest (``run.json``),
-    its lock (:data:`salience.runs.lock.LOCK_NAME`), or a table of the store's own columns (:func:`is_store_table`:
-    ``inputs.parquet``, ``index.parquet``). The one test of a run folder: what another command checks before it
-    writes its own files into a folder (``salience explain IMAGE --out``), which a run would then hold beside its
-    own, and what the explorer takes for a run (:func:`salience.explore.runs.is_run`). A run writes its lock first
-    (kept for good, :mod:`salience.runs.lock`), then ``run.json``, then ``inputs.parquet`` (before its first shard),
-    and ``overwrite=`` removes ``run.json`` before the tables: a run stopped before its ``run.json`` was written, or
-    while ``overwrite=`` cleared it, is known by its lock; a table of the store's columns without either (a run
-    folder copied without its hidden file, or begun by a salience before the lock) is one too. A table of the same
-    name with other columns (a user's own ``index.parquet`` beside their images) is not."""
+    """Whether ``path`` is a dataset run's folder, known by salience's own marks: the run's manifest (a ``run.json``
+    whose ``format`` is salience's, :func:`manifest_format`), its lock (:data:`salience.runs.lock.LOCK_NAME`), or a
+    table the store wrote and marked (:func:`is_store_table`: ``inputs.parquet``, ``index.parquet``). The one test of
+    a run folder: what another command checks before it writes its own files into a folder (``salience explain IMAGE
+    --out``), which a run would then hold beside its own, and what the explorer takes for a run
+    (:func:`salience.explore.runs.is_run`). A run writes its lock first (kept for good, :mod:`salience.runs.lock`),
+    then ``run.json``, then ``inputs.parquet`` (before its first shard), and ``overwrite=`` removes ``run.json``
+    before the tables: a run stopped before its ``run.json`` was written, or while ``overwrite=`` cleared it, is
+    known by its lock; a marked table without either (a run folder copied without its hidden file) is one too. A
+    user's own ``run.json`` (another program's manifest), or a table of the same name that salience did not mark (a
+    user's ``inputs.parquet`` of columns ``index`` and ``path``), is not: the tables of runs written before the mark
+    (session 57) are known only with their ``run.json`` or lock. Reads at most 4 KiB of ``run.json`` (1 MiB where its
+    first key is not ``format``) and each table's footer (at most :data:`FOOTER_CAP`)."""
     folder = Path(path)
     if not folder.is_dir():
         return False
-    if (folder / "run.json").is_file() or (folder / LOCK_NAME).is_file():
+    if manifest_format(folder / "run.json") is not None or (folder / LOCK_NAME).is_file():
         return True
     return any(is_store_table(folder / name) for name in ("inputs.parquet", "index.parquet"))
 
 
-def is_store_table(path: PathLike) -> bool:
-    """Whether the file ``path`` is a table a run's store writes, by its parquet schema (the footer only is
-    read): ``inputs.parquet``'s columns ``index`` (int64), ``path`` (string), then ``label`` (int64) and ``mask``
-    (string) where given (:meth:`Store.write_inputs`); ``index.parquet``'s and a shard's, ``index`` and ``path``
-    first and ``shard`` (string), ``offset`` (int32) last (:func:`row_schema`). A file that is not parquet, or
-    without pyarrow: ``False``."""
-    path = Path(path)
-    if not path.is_file():
-        return False
+def manifest_format(path: PathLike) -> Optional[str]:
+    """The ``format`` of the salience run manifest ``path`` (``salience-run/2``), or ``None``: no such file, or not a
+    salience run's manifest (not JSON, not an object, no ``format`` of salience's ``salience-run/N``: another
+    program's ``run.json``). Cheap whatever the file: salience writes ``format`` first, so its first 4 KiB say; a
+    file whose first key is another is read whole only up to :data:`MANIFEST_CAP` (1 MiB; a larger one is not a
+    manifest of salience's)."""
     try:
-        schema = pyarrow().parquet.read_schema(path)
-    except Exception:  # noqa: BLE001 - pyarrow raises several types on a file that is not parquet
+        with open(path, "rb") as f:
+            head = f.read(_MANIFEST_HEAD)
+            found = _FORMAT_FIRST.match(head)
+            if found is not None:
+                return found.group(1).decode("ascii")
+            rest = f.read(MANIFEST_CAP + 1 - len(head)) if len(head) == _MANIFEST_HEAD else b""
+    except OSError:  # not there, a folder, unreadable
+        return None
+    if len(head) + len(rest) > MANIFEST_CAP:
+        return None
+    try:
+        manifest = json.loads(head + rest)
+    except ValueError:  # not JSON, not UTF-8
+        return None
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    return found if isinstance(found, str) and found.startswith("salience-run/") else None
+
+
+def is_store_table(path: PathLike) -> bool:
+    """Whether the file ``path`` is a table a run's store wrote: salience's mark in its parquet schema's key-value
+    metadata (:data:`TABLE_MARK`) and the columns of its kind: kind ``inputs``, ``index`` (int64) and ``path``
+    (string), then ``label`` (int64) and ``mask`` (string) where given (:meth:`Store.write_inputs`); kind ``index`` or
+    ``shard``, ``index`` and ``path`` first and ``shard`` (string), ``offset`` (int32) last (:func:`row_schema`).
+    Only the footer is read, by this function (the file's first 4 and last 8 bytes, then the metadata length those
+    state, at most :data:`FOOTER_CAP`), and parsed from memory: a file whose footer claims more, or more than the file
+    holds, is not a store table and costs those 12 bytes. A file that is not parquet, an unmarked table (a user's; or
+    a run's written before the mark), or without pyarrow: ``False``."""
+    try:
+        footer = _parquet_footer(Path(path))
+    except OSError:
         return False
+    if footer is None:
+        return False
+    pa = pyarrow()
+    try:  # pyarrow parses the footer from memory: it reads nothing more of the file
+        schema = pa.parquet.read_schema(pa.BufferReader(footer))
+    except Exception:  # noqa: BLE001 - pyarrow raises several types on a footer that is not parquet's
+        return False
+    kind = (schema.metadata or {}).get(TABLE_MARK)
     fields = [(f.name, str(f.type)) for f in schema]
     if fields[:2] != [("index", "int64"), ("path", "string")]:
         return False
-    if path.name == "inputs.parquet":
+    if kind == b"inputs":
         return set(fields[2:]) <= {("label", "int64"), ("mask", "string")}
-    return fields[-2:] == [("shard", "string"), ("offset", "int32")]
+    return kind in (b"shard", b"index") and fields[-2:] == [("shard", "string"), ("offset", "int32")]
+
+
+def _parquet_footer(path: Path) -> Optional[bytes]:
+    """The footer of the parquet file ``path`` as a parquet file of its own (``PAR1``, the metadata, its 4-byte
+    little-endian length, ``PAR1``), for pyarrow to read the schema from memory; ``None``: not a file, no parquet
+    magic at both ends, or a metadata length of 0, over :data:`FOOTER_CAP`, or over what the file holds (its
+    metadata is then never read)."""
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 12 or f.read(4) != b"PAR1":
+            return None
+        f.seek(size - 8)
+        tail = f.read(8)
+        length = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or not 0 < length <= min(FOOTER_CAP, size - 12):
+            return None
+        f.seek(size - 8 - length)
+        meta = f.read(length)
+    return b"PAR1" + meta + tail if len(meta) == length else None
+
+
+def _marked(table: Any, kind: bytes) -> Any:
+    """``table`` with salience's mark of a run's table of ``kind`` in its schema's metadata (:data:`TABLE_MARK`)."""
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), TABLE_MARK: kind})
 
 
 def done_indices(folder: PathLike) -> set[int]:
@@ -458,6 +569,8 @@ class Store:
                 _remove_temporaries(f)
                 return
             clear_run(f)
+        elif overwrite:  # a run stopped while overwrite= cleared it (check_folder: its lock, its files): its
+            clear_run(f)  # inputs.parquet, kept, would stand for this run's planned images (write_inputs keeps one)
         make_folder(f)
         atomic_write(existing, json.dumps(self.manifest, indent=2).encode("utf-8"))
 
@@ -479,7 +592,7 @@ class Store:
         if masks is not None:
             cols["mask"] = pa.array(list(masks), pa.string())
         with atomic_path(target) as tmp:
-            pa.parquet.write_table(pa.table(cols), tmp)
+            pa.parquet.write_table(_marked(pa.table(cols), b"inputs"), tmp)
 
     def _restore_labels(self, target: Path, labels: Sequence[Optional[int]]) -> None:
         """Write ``labels`` into the existing ``inputs.parquet`` when it does not hold them (no ``label``
@@ -499,7 +612,7 @@ class Store:
             table = pa.parquet.read_table(target)
             table = table.add_column(table.column_names.index("path") + 1, "label", pa.array(list(labels), pa.int64()))
         with atomic_path(target) as tmp:
-            pa.parquet.write_table(table, tmp)
+            pa.parquet.write_table(_marked(table, b"inputs"), tmp)
 
     def input_paths(self) -> list[str]:
         """Each image's path as the run's first command gave it (``inputs.parquet``): the rows' ``path``."""
@@ -550,13 +663,13 @@ class Store:
             row["shard"], row["offset"] = shard, offset
         table = pa.Table.from_pylist(rows, schema=self.schema)
         with atomic_path(self.folder / "shards" / f"{shard}.parquet") as tmp:
-            pa.parquet.write_table(table, tmp)
+            pa.parquet.write_table(_marked(table, b"shard"), tmp)
 
     def merge_index(self) -> Any:
         """``index.parquet``: every committed row, sorted by index (a repeated index kept once)."""
         table = read_shards(self.folder, self.schema)
         with atomic_path(self.folder / "index.parquet") as tmp:
-            pyarrow().parquet.write_table(table, tmp)
+            pyarrow().parquet.write_table(_marked(table, b"index"), tmp)
         return table
 
 
@@ -654,7 +767,13 @@ class Run:
         self.folder = Path(folder)
         manifest = self.folder / "run.json"
         if not manifest.is_file():
+            if is_run_folder(self.folder):  # its lock or its tables: a run starting, or stopped before its run.json
+                raise SalienceError(f"{self.folder}: {unwritten_run(self.folder)}")
             raise SalienceError(f"{self.folder} is not a salience run (no run.json); give the folder of a run (out= of "
+                                "salience.explain_dataset, --out of 'salience explain DIR --out RUN')")
+        if manifest_format(manifest) is None:
+            raise SalienceError(f"{self.folder} is not a salience run (its run.json is not a salience run's manifest: "
+                                "no \"format\": \"salience-run/N\" in it); give the folder of a run (out= of "
                                 "salience.explain_dataset, --out of 'salience explain DIR --out RUN')")
         self.manifest = _read_json(manifest)
         if self.manifest.get("format") not in (FORMAT, JOINED_ERRORS):
