@@ -22,14 +22,16 @@ never is (:meth:`Store.shard_name`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, BinaryIO, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -175,7 +177,7 @@ def joined_errors(error: Optional[str], methods: Sequence[str]) -> tuple[dict[st
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: arrays nested past Python's limit
         raise SalienceError(f"{path}: cannot read the run's manifest ({e}); use overwrite=True to start again") from None
 
 
@@ -394,19 +396,21 @@ def manifest_format(path: PathLike) -> Optional[str]:
     file whose first key is another is read whole only up to :data:`MANIFEST_CAP` (1 MiB; a larger one is not a
     manifest of salience's)."""
     try:
-        with open(path, "rb") as f:
+        with _open_regular(Path(path)) as f:
+            if f is None:  # not a regular file: a FIFO named run.json would block the open, and its reads
+                return None
             head = f.read(_MANIFEST_HEAD)
             found = _FORMAT_FIRST.match(head)
             if found is not None:
                 return found.group(1).decode("ascii")
             rest = f.read(MANIFEST_CAP + 1 - len(head)) if len(head) == _MANIFEST_HEAD else b""
-    except OSError:  # not there, a folder, unreadable
+    except OSError:  # not there, unreadable
         return None
     if len(head) + len(rest) > MANIFEST_CAP:
         return None
     try:
         manifest = json.loads(head + rest)
-    except ValueError:  # not JSON, not UTF-8
+    except (ValueError, RecursionError):  # not JSON, not UTF-8; arrays nested deeper than Python's recursion limit
         return None
     found = manifest.get("format") if isinstance(manifest, dict) else None
     return found if isinstance(found, str) and found.startswith("salience-run/") else None
@@ -446,9 +450,9 @@ def _parquet_footer(path: Path) -> Optional[bytes]:
     little-endian length, ``PAR1``), for pyarrow to read the schema from memory; ``None``: not a file, no parquet
     magic at both ends, or a metadata length of 0, over :data:`FOOTER_CAP`, or over what the file holds (its
     metadata is then never read)."""
-    if not path.is_file():
-        return None
-    with open(path, "rb") as f:
+    with _open_regular(path) as f:
+        if f is None:
+            return None
         size = os.fstat(f.fileno()).st_size
         if size < 12 or f.read(4) != b"PAR1":
             return None
@@ -460,6 +464,26 @@ def _parquet_footer(path: Path) -> Optional[bytes]:
         f.seek(size - 8 - length)
         meta = f.read(length)
     return b"PAR1" + meta + tail if len(meta) == length else None
+
+
+@contextlib.contextmanager
+def _open_regular(path: Path) -> Iterator[Optional[BinaryIO]]:
+    """``path`` open for reading when it is a regular file (a link to one included), else ``None``, nothing read: a
+    FIFO (or a device) of a run file's name is never opened for reading as a file, where ``open`` waits for a writer
+    (a FIFO named ``run.json`` hung :func:`is_run_folder`). Opened without waiting, then checked (no race between a
+    look and the open); ``OSError``: not there, unreadable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        os.close(fd)
+        raise
+    if not regular:
+        os.close(fd)
+        yield None
+        return
+    with os.fdopen(fd, "rb") as f:  # O_NONBLOCK changes nothing for a regular file's reads
+        yield f
 
 
 def _marked(table: Any, kind: bytes) -> Any:
@@ -520,7 +544,12 @@ class Store:
         check_folder(f, overwrite)
         existing = f / "run.json"
         if existing.exists():
-            old = _read_json(existing)
+            try:
+                old = _read_json(existing)
+            except SalienceError:  # a salience manifest (check_folder) that cannot be read: damaged, cut short
+                if not overwrite:  # its words say to start again with overwrite=, which must then do so
+                    raise
+                old = {}  # no command of its own: differs from this one, so cleared below (clear_run)
             if old.get("format") != FORMAT and not overwrite:
                 raise _format_refusal(f, old.get("format"))
             was, now = old.get("command", {}), self.manifest["command"]
