@@ -1,6 +1,6 @@
 """Session 57: review of the change "ends2" (merge 0845b703: runs' tables marked, the footer read bounded, run.json
-known by its format, ``unwritten_run``, ``lock.commit_holder``). Tests 1-4 fail on that merge (as each docstring
-says); 5-7 pin answers of the review that held there already (old runs resumed with marked shards, the footer parsed
+known by its format, ``unwritten_run``, ``lock.commit_holder``). Tests 1-5 fail on that merge (as each docstring
+says); 6-8 pin answers of the review that held there already (old runs resumed with marked shards, the footer parsed
 from memory equal to pyarrow's own read, the cap's boundary).
 
 1. A FIFO named ``run.json`` (in a run folder, a user's folder, a folder of images listed for a run): the merge's
@@ -15,6 +15,8 @@ from memory equal to pyarrow's own read, the cap's boundary).
    manifest "cannot be read", a ``SalienceError``.
 4. A salience manifest cut short (its ``format`` first): ``explain_dataset`` said "cannot read the run's manifest
    ...; use overwrite=True to start again", and with ``overwrite=True`` raised the same words. Now it starts again.
+5. A ``run.json`` this process may not open: said to be no salience run's manifest, "another program's file". Now
+   said as unreadable, with what to do.
 """
 from __future__ import annotations
 
@@ -182,7 +184,44 @@ def test_a_manifest_cut_short_is_started_again_with_overwrite_as_its_refusal_say
     assert done.manifest["command"] == fresh.manifest["command"]
 
 
-# --------------------------------------------------------------------------------- 5-7. pinned: held on the merge
+# --------------------------------------------------------------------------------- 5. a manifest not readable
+
+
+def test_a_manifest_this_process_cannot_read_is_said_so_not_another_programs(tmp_path, monkeypatch):
+    """A run's ``run.json`` this process may not open (another user's, mode 600; the tests run as root, so the
+    system's ``open`` is made to refuse it): ``open_run`` said the folder "is not a salience run (its run.json is not
+    a salience run's manifest ...)" and ``explain_dataset`` that it "holds a run.json that is not a salience run's
+    manifest (... another program's file ...)". Now both say it cannot be read, why, and what to do; nothing
+    touched."""
+    import errno
+
+    from salience.runs.store import open_run
+
+    run = tmp_path / "run"
+    _a_run(run)
+    before = test_s57_ends2._files_of(run)
+    real_open = os.open
+
+    def refusing_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if os.fspath(path).endswith("run.json"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    with pytest.raises(SalienceError) as e:
+        open_run(run)
+    assert str(e.value) == (f"{run / 'run.json'}: cannot read the run's manifest (Permission denied); give this "
+                            "process read access to it, then open the run again")
+    for overwrite in (False, True):
+        with pytest.raises(SalienceError) as e:
+            _a_run(run, overwrite=overwrite)
+        assert str(e.value) == (f"{run / 'run.json'}: cannot read the run's manifest (Permission denied); give this "
+                                "process read access to it, or choose another out=")
+    monkeypatch.undo()
+    assert test_s57_ends2._files_of(run) == before
+
+
+# --------------------------------------------------------------------------------- 6-8. pinned: held on the merge
 
 
 def test_an_old_run_resumed_holds_unmarked_and_marked_shards_and_reads_whole(tmp_path):

@@ -331,6 +331,7 @@ def check_folder(folder: Path, overwrite: bool) -> None:
         return
     if (folder / "run.json").exists():
         if manifest_format(folder / "run.json") is None:
+            _refuse_unreadable(folder / "run.json", "or choose another out=")
             raise SalienceError(f"{folder} holds a run.json that is not a salience run's manifest (no \"format\": "
                                 "\"salience-run/N\" in it: another program's file, or a damaged one); choose another "
                                 "out= (an empty or new folder), or move that run.json away")
@@ -414,6 +415,19 @@ def manifest_format(path: PathLike) -> Optional[str]:
         return None
     found = manifest.get("format") if isinstance(manifest, dict) else None
     return found if isinstance(found, str) and found.startswith("salience-run/") else None
+
+
+def _refuse_unreadable(path: Path, then: str) -> None:
+    """A :class:`SalienceError` when the manifest ``path`` is there but cannot be opened (``Permission denied``):
+    :func:`manifest_format` says no manifest of it, which is no reason to call it another program's file."""
+    try:
+        with _open_regular(path):
+            return
+    except FileNotFoundError:  # gone since: said as the caller says a folder without one
+        return
+    except OSError as e:
+        raise SalienceError(f"{path}: cannot read the run's manifest ({e.strerror or e}); give this process read "
+                            f"access to it, {then}") from None
 
 
 def is_store_table(path: PathLike) -> bool:
@@ -801,6 +815,7 @@ class Run:
             raise SalienceError(f"{self.folder} is not a salience run (no run.json); give the folder of a run (out= of "
                                 "salience.explain_dataset, --out of 'salience explain DIR --out RUN')")
         if manifest_format(manifest) is None:
+            _refuse_unreadable(manifest, "then open the run again")
             raise SalienceError(f"{self.folder} is not a salience run (its run.json is not a salience run's manifest: "
                                 "no \"format\": \"salience-run/N\" in it); give the folder of a run (out= of "
                                 "salience.explain_dataset, --out of 'salience explain DIR --out RUN')")
