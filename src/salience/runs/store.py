@@ -531,6 +531,19 @@ def _format_refusal(folder: Path, found: Any) -> SalienceError:
         "(overwrite=True would delete it)")
 
 
+def _old_manifest(path: Path, overwrite: bool) -> dict[str, Any]:
+    """The manifest ``path`` of the run in the folder a run is written to. One that cannot be read (a salience
+    manifest by its start, :func:`check_folder`, damaged: cut short) raises, saying to start again with
+    ``overwrite``; with ``overwrite``: ``{}``, a command that differs from any, so the folder is cleared and the run
+    starts again (it raised the same words, overwrite= or not)."""
+    try:
+        return _read_json(path)
+    except SalienceError:
+        if not overwrite:
+            raise
+        return {}
+
+
 class Store:
     """Writing side of ``RUN/``: the manifest, the shards, the merged index."""
 
@@ -558,12 +571,7 @@ class Store:
         check_folder(f, overwrite)
         existing = f / "run.json"
         if existing.exists():
-            try:
-                old = _read_json(existing)
-            except SalienceError:  # a salience manifest (check_folder) that cannot be read: damaged, cut short
-                if not overwrite:  # its words say to start again with overwrite=, which must then do so
-                    raise
-                old = {}  # no command of its own: differs from this one, so cleared below (clear_run)
+            old = _old_manifest(existing, overwrite)
             if old.get("format") != FORMAT and not overwrite:
                 raise _format_refusal(f, old.get("format"))
             was, now = old.get("command", {}), self.manifest["command"]
