@@ -68,6 +68,8 @@ _BUSY = {errno.EAGAIN, errno.EACCES, getattr(errno, "EWOULDBLOCK", errno.EAGAIN)
 _held: set[str] = set()  # the folders this process holds (their real paths)
 _held_files: set[tuple[int, int]] = set()  # the lock files this process holds open ((st_dev, st_ino)), by any path
 _held_lock = threading.Lock()
+_LOOK = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)  # how lock_holder / commit_holder open the file: a FIFO of its
+# name never waits for a writer (under _held_lock, every run of this process would wait with it)
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ def lock_holder(folder: Path) -> Optional[str]:
         if os.path.realpath(folder) in _held or _file_id(path) in _held_files:
             return f"this process (pid {os.getpid()})"
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, _LOOK)
         except OSError:
             return None
         try:
@@ -169,7 +171,7 @@ def commit_holder(folder: Path) -> Optional[str]:
         if os.path.realpath(folder) in _held or _file_id(path) in _held_files:
             return None
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, _LOOK)
         except OSError:
             return None
         try:

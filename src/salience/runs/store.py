@@ -22,14 +22,16 @@ never is (:meth:`Store.shard_name`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, BinaryIO, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -175,7 +177,7 @@ def joined_errors(error: Optional[str], methods: Sequence[str]) -> tuple[dict[st
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: arrays nested past Python's limit
         raise SalienceError(f"{path}: cannot read the run's manifest ({e}); use overwrite=True to start again") from None
 
 
@@ -329,6 +331,7 @@ def check_folder(folder: Path, overwrite: bool) -> None:
         return
     if (folder / "run.json").exists():
         if manifest_format(folder / "run.json") is None:
+            _refuse_unreadable(folder / "run.json", "or choose another out=")
             raise SalienceError(f"{folder} holds a run.json that is not a salience run's manifest (no \"format\": "
                                 "\"salience-run/N\" in it: another program's file, or a damaged one); choose another "
                                 "out= (an empty or new folder), or move that run.json away")
@@ -394,22 +397,37 @@ def manifest_format(path: PathLike) -> Optional[str]:
     file whose first key is another is read whole only up to :data:`MANIFEST_CAP` (1 MiB; a larger one is not a
     manifest of salience's)."""
     try:
-        with open(path, "rb") as f:
+        with _open_regular(Path(path)) as f:
+            if f is None:  # not a regular file: a FIFO named run.json would block the open, and its reads
+                return None
             head = f.read(_MANIFEST_HEAD)
             found = _FORMAT_FIRST.match(head)
             if found is not None:
                 return found.group(1).decode("ascii")
             rest = f.read(MANIFEST_CAP + 1 - len(head)) if len(head) == _MANIFEST_HEAD else b""
-    except OSError:  # not there, a folder, unreadable
+    except OSError:  # not there, unreadable
         return None
     if len(head) + len(rest) > MANIFEST_CAP:
         return None
     try:
         manifest = json.loads(head + rest)
-    except ValueError:  # not JSON, not UTF-8
+    except (ValueError, RecursionError):  # not JSON, not UTF-8; arrays nested deeper than Python's recursion limit
         return None
     found = manifest.get("format") if isinstance(manifest, dict) else None
     return found if isinstance(found, str) and found.startswith("salience-run/") else None
+
+
+def _refuse_unreadable(path: Path, then: str) -> None:
+    """A :class:`SalienceError` when the manifest ``path`` is there but cannot be opened (``Permission denied``):
+    :func:`manifest_format` says no manifest of it, which is no reason to call it another program's file."""
+    try:
+        with _open_regular(path):
+            return
+    except FileNotFoundError:  # gone since: said as the caller says a folder without one
+        return
+    except OSError as e:
+        raise SalienceError(f"{path}: cannot read the run's manifest ({e.strerror or e}); give this process read "
+                            f"access to it, {then}") from None
 
 
 def is_store_table(path: PathLike) -> bool:
@@ -446,9 +464,9 @@ def _parquet_footer(path: Path) -> Optional[bytes]:
     little-endian length, ``PAR1``), for pyarrow to read the schema from memory; ``None``: not a file, no parquet
     magic at both ends, or a metadata length of 0, over :data:`FOOTER_CAP`, or over what the file holds (its
     metadata is then never read)."""
-    if not path.is_file():
-        return None
-    with open(path, "rb") as f:
+    with _open_regular(path) as f:
+        if f is None:
+            return None
         size = os.fstat(f.fileno()).st_size
         if size < 12 or f.read(4) != b"PAR1":
             return None
@@ -460,6 +478,26 @@ def _parquet_footer(path: Path) -> Optional[bytes]:
         f.seek(size - 8 - length)
         meta = f.read(length)
     return b"PAR1" + meta + tail if len(meta) == length else None
+
+
+@contextlib.contextmanager
+def _open_regular(path: Path) -> Iterator[Optional[BinaryIO]]:
+    """``path`` open for reading when it is a regular file (a link to one included), else ``None``, nothing read: a
+    FIFO (or a device) of a run file's name is never opened for reading as a file, where ``open`` waits for a writer
+    (a FIFO named ``run.json`` hung :func:`is_run_folder`). Opened without waiting, then checked (no race between a
+    look and the open); ``OSError``: not there, unreadable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        os.close(fd)
+        raise
+    if not regular:
+        os.close(fd)
+        yield None
+        return
+    with os.fdopen(fd, "rb") as f:  # O_NONBLOCK changes nothing for a regular file's reads
+        yield f
 
 
 def _marked(table: Any, kind: bytes) -> Any:
@@ -493,6 +531,19 @@ def _format_refusal(folder: Path, found: Any) -> SalienceError:
         "(overwrite=True would delete it)")
 
 
+def _old_manifest(path: Path, overwrite: bool) -> dict[str, Any]:
+    """The manifest ``path`` of the run in the folder a run is written to. One that cannot be read (a salience
+    manifest by its start, :func:`check_folder`, damaged: cut short) raises, saying to start again with
+    ``overwrite``; with ``overwrite``: ``{}``, a command that differs from any, so the folder is cleared and the run
+    starts again (it raised the same words, overwrite= or not)."""
+    try:
+        return _read_json(path)
+    except SalienceError:
+        if not overwrite:
+            raise
+        return {}
+
+
 class Store:
     """Writing side of ``RUN/``: the manifest, the shards, the merged index."""
 
@@ -520,7 +571,7 @@ class Store:
         check_folder(f, overwrite)
         existing = f / "run.json"
         if existing.exists():
-            old = _read_json(existing)
+            old = _old_manifest(existing, overwrite)
             if old.get("format") != FORMAT and not overwrite:
                 raise _format_refusal(f, old.get("format"))
             was, now = old.get("command", {}), self.manifest["command"]
@@ -772,6 +823,7 @@ class Run:
             raise SalienceError(f"{self.folder} is not a salience run (no run.json); give the folder of a run (out= of "
                                 "salience.explain_dataset, --out of 'salience explain DIR --out RUN')")
         if manifest_format(manifest) is None:
+            _refuse_unreadable(manifest, "then open the run again")
             raise SalienceError(f"{self.folder} is not a salience run (its run.json is not a salience run's manifest: "
                                 "no \"format\": \"salience-run/N\" in it); give the folder of a run (out= of "
                                 "salience.explain_dataset, --out of 'salience explain DIR --out RUN')")
