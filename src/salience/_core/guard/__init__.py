@@ -46,7 +46,7 @@ room           what it holds                                                    
                a dict put back in place
 ``records``    the pieces of a module's record: tensor attributes, storages,          values, containers
                Python attributes of tensors, what is told as not put back
-``holds``      the guards' registry of held modules and parameters (``registry``),    records
+``holds``      the guards' registry of held modules and parameters (``registry``),    values, records
                a parameter's state (``ParamState``), the held copy of a buffer
 ``scripted``   TorchScript modules' attributes, read and put back through             values, records, holds
                TorchScript (``Scripted``), and which attributes to read
