@@ -14,6 +14,7 @@ a write of the user's between two calls; Ctrl-C at each point of the bookkeeping
 from __future__ import annotations
 
 import collections
+import importlib
 import gc
 import signal
 import sys
@@ -90,7 +91,7 @@ def test_a_guard_makes_fewer_python_calls_per_entry():
     362 on the base (an entry, a capture, a take and a run_eagerly per object, a restore per parameter, a call per
     tensor for its attributes and their put-back, a generator over the tensors), 171 now. A bound, not the figure: a
     later change may move it a little."""
-    import torch._dynamo  # noqa: F401 - imported or not by the tests before: the same path (its wrapper class known)
+    importlib.import_module("torch._dynamo")  # imported or not by the tests before: the same path (its wrapper known)
 
     model = _demo()
     _guard_calls(model)

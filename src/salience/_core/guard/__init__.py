@@ -8,8 +8,9 @@ the model comes back as the guard found it:
 
 - each module's train/eval flag; each parameter's ``requires_grad``, ``.grad``, data (storage and strides) and Python
   attributes;
-- the buffers by name and in order (registered, replaced, deleted, a ``None`` slot filled, written in place), each
-  tensor's storage;
+- the buffers by name and in order (registered, replaced, deleted, a ``None`` slot filled, written in place: by its
+  version counter, and by its values compared with the guard's copy at the exit, a BatchNorm's running statistics
+  updated in train mode or a write through ``.data`` moving none), each tensor's storage;
 - each module's plain attributes one level deep (a copy of its ``__dict__``), the tensors and NumPy arrays among
   them written in place, the contents of its lists, dicts, sets, deques, defaultdicts, Counters and OrderedDicts
   (up to 1024 items, one level more inside them), its parameters and submodules by name;
@@ -41,7 +42,8 @@ The rooms, each importing only rooms above it in this table:
 room           what it holds                                                          imports
 ============== ====================================================================== ==============================
 ``values``     the copies of large tensors and arrays kept across calls (``KEPT``,    (none)
-               its cap), how values are compared (bit for bit, sampled)
+               its cap), an entry's copy of the buffers (``Snapshot``), how values
+               are compared (bit for bit, sampled)
 ``containers`` the copies of lists, dicts, sets and ``collections``' containers;      values
                a dict put back in place
 ``records``    the pieces of a module's record: tensor attributes, storages,          values, containers

@@ -47,8 +47,9 @@ class ModuleState(Entry):
 
     One small record per module and one per parameter (:class:`ParamState`), each held and put back on
     its own (modules are shared between models and threads); plain slots and tuples, not a dataclass of
-    lists per object: recording resnet50's 320 objects cost 1.85 ms that way, 0.65 ms now (0.25 ms of it
-    the buffers' clones), and putting them back 0.52 ms, now 0.22 ms."""
+    lists per object: recording resnet50's 320 objects cost 1.85 ms that way, 0.65 ms then (0.25 ms of it
+    the buffers' clones, one flat copy per dtype since session 57: :class:`~salience._core.guard.values.Snapshot`),
+    and putting them back 0.52 ms, then 0.22 ms."""
 
     __slots__ = ("module", "training", "forward", "buffers", "handles", "attrs", "quiet", "params", "children", "since",
                  "foreign", "tensors", "contents", "index", "script", "storages")
