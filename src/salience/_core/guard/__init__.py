@@ -28,7 +28,7 @@ x`` in the parent's forward); a container over 1024 items changed in place (a wa
 containers nested deeper than two levels; a ``numpy.memmap`` or an object array over 1024 items written in place (a
 warning where a write reaches a sampled place), a read-only array, a subclass of ndarray other than ``memmap``; a
 write through ``.data`` of a few values of a plain tensor over 1 MiB that no sample reads, of any tensor on a
-device, and between a perturbation call's passes any write through ``.data`` (the call's end puts it back); a hook
+device, of a buffer that is a tensor subclass or requires grad (copied apart, put back by its version counter), and between a perturbation call's passes any write through ``.data`` (the call's end puts it back); a hook
 on a parameter; an attribute or parameter replaced by one equal to it (``==``) keeps the new object; an attribute a
 global module hook sets on a torch.nn layer without hooks of its own; what TorchScript keeps as an object of a
 scripted class (a warning); what another thread of the user's sets on the model during the call is put back with
