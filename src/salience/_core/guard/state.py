@@ -30,7 +30,7 @@ from salience._core.guard.records import (
     restore_attributes, restore_buffer_names, same_storage, storages_of, tell_not_put_back, tensor_attributes,
     tensor_records)
 from salience._core.guard.scripted import SCRIPT_MODULE, Scripted, guard_names, script_plan
-from salience._core.guard.values import Snapshot, copy_of, quietly_moved, values_moved
+from salience._core.guard.values import Snapshot, copy_of, values_moved
 
 
 class ModuleState(Entry):
@@ -378,7 +378,8 @@ def _restore_buffers(module: nn.Module, records: Any, saved: Optional[dict], qui
             missing = True
         if buf is None:
             continue
-        if buf._version != version or quietly_moved(copy, buf):  # a write that moved no version counter too
+        # a write that moved no version counter too: told by the values at the exit (Snapshot.check's ``moved``)
+        if buf._version != version or type(copy) is Snapshot and copy.moved and id(buf) in copy.moved:
             copy = copy_of(copy, buf, version)
             if copy is None:
                 copy = held_values(module, name, buf, version)

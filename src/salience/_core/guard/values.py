@@ -472,12 +472,6 @@ def _same_bytes(t: torch.Tensor, copy: torch.Tensor) -> bool:
         return True
 
 
-def quietly_moved(copy: Any, t: torch.Tensor) -> bool:
-    """Whether the buffer ``t``, whose record's copy is ``copy``, was found changed by its values (:meth:`Snapshot.check`)
-    though its version counter did not move."""
-    return type(copy) is Snapshot and copy.moved is not None and id(t) in copy.moved
-
-
 def _numel(shape: torch.Size) -> int:
     """The number of values of a tensor of ``shape``."""
     return shape.numel()
