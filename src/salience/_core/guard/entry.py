@@ -197,13 +197,9 @@ def _check_snapshots(states: list) -> None:
     """The buffers' copies (:class:`Snapshot`) the module records ``states`` hold, each compared with the values now
     (:meth:`Snapshot.check`) before they are put back: a write that moved no version counter (a BatchNorm run in train
     mode by the model's own forward, a write through ``.data``) is put back too."""
-    snaps: dict = {}
-    for state in states:
-        if state.buffers:
-            for record in state.buffers:
-                if type(record[3]) is Snapshot:
-                    snaps[id(record[3])] = record[3]
-    for snap in snaps.values():
+    snaps = set(map(_SNAP, states))  # each record's (or None), found in C
+    snaps.discard(None)
+    for snap in snaps:
         snap.check()
 
 
@@ -230,6 +226,7 @@ def _restore_params(states: list) -> Optional[BaseException]:
     return _each(states, False)
 
 
+_SNAP = operator.attrgetter("snap")
 _PARAM, _DATA, _GRAD = operator.attrgetter("param"), operator.attrgetter("data"), operator.attrgetter("grad")
 _DICT, _ATTRS = operator.attrgetter("__dict__"), operator.attrgetter("attrs")
 _IS_SET_TO = torch.Tensor.is_set_to
