@@ -4,11 +4,12 @@
         --out benchmarks/guard-cost-s57.md
 
 Each tree runs in a worker process of its own (``sides_s55.py``: ``git archive`` of ``--old-src``), one thread; the
-parent asks one side at a time and alternates the order by round (AB, BA, ...). A round times each piece on each side
+parent asks one side at a time and rotates the order by round (ABC, BCA, CAB, ...). A round times each piece on each side
 as the best of 5 repeats of a short block of calls (many short reps: the best is what load adds least to), on the demo
 CNN (``shapes``, 64 px) and resnet18 (random weights, 64 px), one image: the guard's enter + exit alone
 (``with model_guard(model): pass``), a warm ``salience.vanilla`` call, and the bare forward + backward of the same
-input (the reference of issue 19). The table gives min / median / max over the rounds, per side, and the machine's
+input (the reference of issue 19); a third side is the branch with its exit's value check patched out. The table
+gives min / median / max over the rounds, per side, and the machine's
 load (``/proc/loadavg``) before and after: the machine is shared, so the wall times move with the load; the minimum
 is the figure load changes least. Not part of salience and not run by the tests.
 """
@@ -46,6 +47,13 @@ def worker(src: str) -> None:
     torch.set_num_threads(1)
     import salience
     from salience._core.guard import model_guard
+
+    if os.environ.get("GUARD_COST_S57_NO_CHECK"):  # the branch without its exit's value check: what that check costs
+        from salience._core.guard import values
+
+        def no_check(self):
+            self.moved = set()
+        values.Snapshot.check = no_check
 
     fns = {}
     for name in MODELS:
@@ -93,6 +101,9 @@ def main(argv=None) -> int:
     old = commit_of(args.old_src)
     new = commit_of("HEAD")
     sides = {"main": Side(__file__, archive_src(args.old_src), "main"), "branch": Side(__file__, str(SRC), "branch")}
+    os.environ["GUARD_COST_S57_NO_CHECK"] = "1"  # read by that worker only (its environment copied at its start)
+    sides["branch, no exit check"] = Side(__file__, str(SRC), "branch, no exit check")
+    del os.environ["GUARD_COST_S57_NO_CHECK"]
     got: dict = {(m, p, s): [] for m in MODELS for p in PIECES for s in sides}
     try:
         for r in range(args.rounds):
@@ -110,15 +121,23 @@ def main(argv=None) -> int:
              f"torch {torch.__version__}, one thread, cores {sorted(os.sched_getaffinity(0))}; "
              f"load (1, 5, 15 min) before {' '.join(load_before)}, after {' '.join(load_after)} (a shared machine, "
              "2 cores, other helpers' tests running: the wall times move with it; the minimum moves least)", "",
-             f"{args.rounds} rounds, the sides' order alternating; each figure a round's best of 5 repeats of a block "
+             f"{args.rounds} rounds, the sides' order rotating; each figure a round's best of 5 repeats of a block "
              "of calls; us a call: min / median / max over the rounds", "",
-             "| model | piece | main | branch | branch / main (min; median) |", "|---|---|---|---|---|"]
+             "The third side is the branch with its exit's value check (``Snapshot.check``) patched out in its worker: "
+             "what the per-object cuts alone give, and what the check (a write that moves no version counter put back) "
+             "costs; not a mode of salience.", "",
+             "| model | piece | main | branch | branch, no exit check | branch / main (min; median) | "
+             "no check / main (min; median) |", "|---|---|---|---|---|---|---|"]
+
+    def mmm(v: list) -> str:
+        return f"{min(v):.1f} / {statistics.median(v):.1f} / {max(v):.1f}"
+
+    def ratio(b: list, a: list) -> str:
+        return f"{min(b) / min(a):.3f}; {statistics.median(b) / statistics.median(a):.3f}"
     for m in MODELS:
         for p in PIECES:
-            a, b = got[(m, p, "main")], got[(m, p, "branch")]
-            lines.append(f"| {m} | {p} | {min(a):.1f} / {statistics.median(a):.1f} / {max(a):.1f} | "
-                         f"{min(b):.1f} / {statistics.median(b):.1f} / {max(b):.1f} | "
-                         f"{min(b) / min(a):.3f}; {statistics.median(b) / statistics.median(a):.3f} |")
+            a, b, c = got[(m, p, "main")], got[(m, p, "branch")], got[(m, p, "branch, no exit check")]
+            lines.append(f"| {m} | {p} | {mmm(a)} | {mmm(b)} | {mmm(c)} | {ratio(b, a)} | {ratio(c, a)} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

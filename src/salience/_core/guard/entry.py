@@ -161,6 +161,16 @@ def _release(objects: list, run: bool = False, start: int = -1) -> None:
     last: tuple[list, list] = ([], [])
     back: tuple[list, list] = ([], [])
     error: Optional[BaseException] = None
+    ids = list(map(id, objects))
+    entries = list(map(registry.__getitem__, ids))
+    if not run and list(map(_HOLDERS, entries)).count(1) == len(entries) and all(map(_CAPTURED, entries)):
+        # the common case, told in C: this hold is the last of each object (a call's own guard), all recorded; each
+        # taken out of the registry and put back, modules and parameters apart (no Python loop over them)
+        for _ in map(registry.pop, ids):
+            pass
+        params = list(map(isinstance, entries, repeat(ParamState)))
+        last = (list(compress(entries, map(operator.not_, params))), list(compress(entries, params)))
+        objects = ()
     for obj in objects:
         entry = registry[id(obj)]
         entry.holders -= 1
@@ -185,7 +195,7 @@ def _release(objects: list, run: bool = False, start: int = -1) -> None:
     error = _each(back[0] + back[1], True) or error
     if moved or _stale:
         try:  # some objects still held by a model_guard (or not captured, an error while entering): noted, see _unhook
-            kept = len(last[0]) + len(last[1]) + len(back[0]) + len(back[1]) < len(objects)
+            kept = len(last[0]) + len(last[1]) + len(back[0]) + len(back[1]) < len(objects)  # () where all were
             _unhook(objects if kept else (), last[0] + back[0], moved, until)
         except BaseException as e:
             error = error or e
@@ -227,6 +237,7 @@ def _restore_params(states: list) -> Optional[BaseException]:
 
 
 _SNAP = operator.attrgetter("snap")
+_HOLDERS, _CAPTURED = operator.attrgetter("holders"), operator.attrgetter("captured")
 _PARAM, _DATA, _GRAD = operator.attrgetter("param"), operator.attrgetter("data"), operator.attrgetter("grad")
 _DICT, _ATTRS = operator.attrgetter("__dict__"), operator.attrgetter("attrs")
 _IS_SET_TO = torch.Tensor.is_set_to
