@@ -8,8 +8,9 @@ the model comes back as the guard found it:
 
 - each module's train/eval flag; each parameter's ``requires_grad``, ``.grad``, data (storage and strides) and Python
   attributes;
-- the buffers by name and in order (registered, replaced, deleted, a ``None`` slot filled, written in place), each
-  tensor's storage;
+- the buffers by name and in order (registered, replaced, deleted, a ``None`` slot filled, written in place: by its
+  version counter, and by its values compared with the guard's copy at the exit, a BatchNorm's running statistics
+  updated in train mode or a write through ``.data`` moving none), each tensor's storage;
 - each module's plain attributes one level deep (a copy of its ``__dict__``), the tensors and NumPy arrays among
   them written in place, the contents of its lists, dicts, sets, deques, defaultdicts, Counters and OrderedDicts
   (up to 1024 items, one level more inside them), its parameters and submodules by name;
@@ -27,7 +28,7 @@ x`` in the parent's forward); a container over 1024 items changed in place (a wa
 containers nested deeper than two levels; a ``numpy.memmap`` or an object array over 1024 items written in place (a
 warning where a write reaches a sampled place), a read-only array, a subclass of ndarray other than ``memmap``; a
 write through ``.data`` of a few values of a plain tensor over 1 MiB that no sample reads, of any tensor on a
-device, and between a perturbation call's passes any write through ``.data`` (the call's end puts it back); a hook
+device, of a buffer that is a tensor subclass or requires grad (copied apart, put back by its version counter), and between a perturbation call's passes any write through ``.data`` (the call's end puts it back); a hook
 on a parameter; an attribute or parameter replaced by one equal to it (``==``) keeps the new object; an attribute a
 global module hook sets on a torch.nn layer without hooks of its own; what TorchScript keeps as an object of a
 scripted class (a warning); what another thread of the user's sets on the model during the call is put back with
@@ -41,12 +42,13 @@ The rooms, each importing only rooms above it in this table:
 room           what it holds                                                          imports
 ============== ====================================================================== ==============================
 ``values``     the copies of large tensors and arrays kept across calls (``KEPT``,    (none)
-               its cap), how values are compared (bit for bit, sampled)
+               its cap), an entry's copy of the buffers (``Snapshot``), how values
+               are compared (bit for bit, sampled)
 ``containers`` the copies of lists, dicts, sets and ``collections``' containers;      values
                a dict put back in place
 ``records``    the pieces of a module's record: tensor attributes, storages,          values, containers
                Python attributes of tensors, what is told as not put back
-``holds``      the guards' registry of held modules and parameters (``registry``),    records
+``holds``      the guards' registry of held modules and parameters (``registry``),    values, records
                a parameter's state (``ParamState``), the held copy of a buffer
 ``scripted``   TorchScript modules' attributes, read and put back through             values, records, holds
                TorchScript (``Scripted``), and which attributes to read

@@ -103,7 +103,7 @@ class Found:
         # a buffer written since the guard took its copy (a call nested in another's guard: the outer call's put-back
         # is a write too; a pass of the user's in their own guard block): a copy of its own, of the state found
         self.copies = {id(e[2]): e[2].detach().clone() for e in self.torch_nn
-                       if held_values(e[0], e[1], e[2], e[3]) is None}
+                       if held_values(e[0], e[1], e[2], e[3], piece=False) is None}
         self.versions = sum(map(_VERSION, self.buffers))
         self.scripted = Scripted(scripts) if scripts else None
         self._flat()

@@ -12,7 +12,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from salience._core.guard.records import restore_attributes, tensor_attributes
+from salience._core.guard.records import NO_ATTRIBUTES, restore_attributes
+from salience._core.guard.values import copy_of
 
 
 class Entry:
@@ -46,13 +47,14 @@ class ParamState(Entry):
     def __init__(self, param: torch.Tensor) -> None:
         self.take(param)
 
-    def take(self, param: torch.Tensor, wrapper: Optional[type] = None) -> None:
-        """Record ``param``'s state (``wrapper``: unused, as :meth:`ModuleState.take`'s)."""
+    def take(self, param: torch.Tensor, wrapper: Optional[type] = None, snap: Any = None) -> None:
+        """Record ``param``'s state (``wrapper``, ``snap``: unused, as :meth:`ModuleState.take`'s)."""
         self.param = param
         self.requires_grad = param.requires_grad
         self.grad = param.grad
         self.data = param.data
-        self.attrs = tensor_attributes(param)
+        attrs = param.__dict__  # tensor_attributes, inline (a call per parameter and guard)
+        self.attrs = dict(attrs) if attrs else NO_ATTRIBUTES
         self.captured = True
 
     def run_eagerly(self) -> None:
@@ -70,7 +72,8 @@ class ParamState(Entry):
             param.requires_grad_(self.requires_grad)
         if param.grad is not self.grad:
             param.grad = self.grad
-        restore_attributes(param, self.attrs)
+        if self.attrs or param.__dict__:  # restore_attributes' own first test, without its call
+            restore_attributes(param, self.attrs)
 
     put_back = restore
 # Every module and parameter some guard holds: id -> its Entry (its hold counts, its baseline, and its state as
@@ -78,16 +81,17 @@ class ParamState(Entry):
 registry: dict[int, Any] = {}
 
 
-def held_values(module: nn.Module, name: str, buf: torch.Tensor, version: int) -> Optional[torch.Tensor]:
+def held_values(module: nn.Module, name: str, buf: torch.Tensor, version: int, piece: bool = True) -> Any:
     """The copy a guard holding ``module`` took of its buffer ``name`` when it entered, where that buffer is still
     ``buf`` and was at ``version`` then (so the copy has the values ``buf`` had at ``version``); else ``None``. For a
     pass run again that must start from the state the first found (Ablation-CAM's split clean pass: a buffer of a
     ``torch.nn`` layer the user's forward wrote), without a copy of its own: :func:`put_back_state` of a record that
-    took no copy of that buffer."""
+    took no copy of that buffer. Without ``piece``, whatever the hold keeps for it, not sliced out of its
+    :class:`~salience._core.guard.values.Snapshot` (where the caller only asks whether there is one)."""
     entry = registry.get(id(module))
     if entry is None or type(entry) is ParamState or not entry.captured:
         return None
     for slot, held, at, values, _ in entry.buffers:
         if slot == name and held is buf and at == version:
-            return values
+            return copy_of(values, buf, version) if piece else values
     return None

@@ -30,7 +30,7 @@ from salience._core.guard.records import (
     restore_attributes, restore_buffer_names, same_storage, storages_of, tell_not_put_back, tensor_attributes,
     tensor_records)
 from salience._core.guard.scripted import SCRIPT_MODULE, Scripted, guard_names, script_plan
-from salience._core.guard.values import values_moved
+from salience._core.guard.values import Snapshot, copy_of, values_moved
 
 
 class ModuleState(Entry):
@@ -47,17 +47,20 @@ class ModuleState(Entry):
 
     One small record per module and one per parameter (:class:`ParamState`), each held and put back on
     its own (modules are shared between models and threads); plain slots and tuples, not a dataclass of
-    lists per object: recording resnet50's 320 objects cost 1.85 ms that way, 0.65 ms now (0.25 ms of it
-    the buffers' clones), and putting them back 0.52 ms, now 0.22 ms."""
+    lists per object: recording resnet50's 320 objects cost 1.85 ms that way, 0.65 ms then (0.25 ms of it
+    the buffers' clones, one flat copy per dtype since session 57: :class:`~salience._core.guard.values.Snapshot`),
+    and putting them back 0.52 ms, then 0.22 ms."""
 
     __slots__ = ("module", "training", "forward", "buffers", "handles", "attrs", "quiet", "params", "children", "since",
-                 "foreign", "tensors", "contents", "index", "script", "storages")
+                 "foreign", "tensors", "contents", "index", "script", "storages", "snap")
 
     def __init__(self, module: nn.Module, wrapper: Optional[type]) -> None:
         self.take(module, wrapper)
 
-    def take(self, module: nn.Module, wrapper: Optional[type]) -> None:
-        """Record ``module``'s state (``wrapper``: see :func:`_capture`)."""
+    def take(self, module: nn.Module, wrapper: Optional[type], snap: Optional[Snapshot] = None) -> None:
+        """Record ``module``'s state (``wrapper``: see :func:`_capture`). ``snap``: where given, the copies of the
+        plain buffers (strided or not, a plain ``torch.Tensor`` without ``requires_grad``) are left to it, taken for all
+        the modules an entry records at once (:class:`~salience._core.guard.values.Snapshot`); else each is cloned."""
         self.module = module
         self.training = module.training
         self.since = _Handle.next_id  # the key of the next hook registered anywhere (see _unhook)
@@ -71,10 +74,14 @@ class ModuleState(Entry):
         # and the user's tensors must come back without them (the compiled graphs do not read them again).
         # Each name in order, a slot registered as None too (a forward that fills it, a cache, is undone).
         buffers = module._buffers
+        self.snap = snap if buffers else None  # the snapshot holding copies of its buffers (compared at the exit)
         if buffers:
-            self.buffers = [(name, buf, buf._version, buf.detach().clone() if buf.requires_grad else buf.clone(),
-                             tensor_attributes(buf)) if buf is not None else (name, None, 0, None, NO_ATTRIBUTES)
-                            for name, buf in buffers.items()]
+            if snap is None:
+                self.buffers = [(name, buf, buf._version, buf.detach().clone() if buf.requires_grad else buf.clone(),
+                                 tensor_attributes(buf)) if buf is not None else (name, None, 0, None, NO_ATTRIBUTES)
+                                for name, buf in buffers.items()]
+            else:
+                self.buffers = [_buffer_record(name, buf, snap) for name, buf in buffers.items()]
             quiet = module.__dict__.get("_non_persistent_buffers_set")  # the non-persistent names, if any
             self.quiet = frozenset(quiet) if quiet else None
         else:
@@ -190,8 +197,27 @@ class ModuleState(Entry):
         a new version; the next :meth:`put_back` copies only what was written since)."""
         self.restore()
         if self.buffers and any(buf is not None and buf._version != version for _, buf, version, _, _ in self.buffers):
-            self.buffers = [(name, buf, buf._version if buf is not None else 0, copy, attrs)
-                            for name, buf, _, copy, attrs in self.buffers]
+            # a piece of a Snapshot is given for the version it was taken at: the moved ones keep their piece itself
+            self.buffers = [(name, buf, buf._version if buf is not None else 0,
+                             copy_of(copy, buf, version) if buf is not None and buf._version != version else copy, attrs)
+                            for name, buf, version, copy, attrs in self.buffers]
+
+
+def _buffer_record(name: str, buf: Optional[torch.Tensor], snap: Snapshot) -> tuple:
+    """A buffer's record ``(name, buffer, version, copy, attributes)`` whose copy ``snap`` takes (appended to its
+    tensors; the record's copy is ``snap`` itself, :func:`~salience._core.guard.values.copy_of` gives the piece), or
+    a clone of its own for a tensor subclass or one with ``requires_grad`` (kept as ``clone`` keeps them)."""
+    if buf is None:
+        return name, None, 0, None, NO_ATTRIBUTES
+    if type(buf) is _TENSOR and not buf.requires_grad:
+        version = buf._version
+        snap.tensors.append(buf)
+        attrs = buf.__dict__  # tensor_attributes, inline
+        return name, buf, version, snap, dict(attrs) if attrs else NO_ATTRIBUTES
+    return name, buf, buf._version, buf.detach().clone() if buf.requires_grad else buf.clone(), tensor_attributes(buf)
+
+
+_TENSOR = torch.Tensor
 
 
 def _plain_classes() -> frozenset:
@@ -248,7 +274,7 @@ def record_state(modules: Any, attributes: Any = None, containers: bool = False,
         r = ModuleState.__new__(ModuleState)
         r.index, r.module, r.attrs, r.tensors, r.contents, r.buffers, r.quiet = index, m, None, NO_TENSORS, (), None, None
         r.training, r.forward, r.handles, r.params, r.children, r.script = m.training, _NOT_COMPILED, (), None, None, None
-        r.storages = NO_TENSORS
+        r.storages, r.snap = NO_TENSORS, None
         if asked:
             attrs = d.copy() if own_dicts else {k: v for k, v in d.items() if k not in MODULE_OWN}
             tensors = tensor_records(attrs, refuse=not inference, copy=tensor_copies)
@@ -353,13 +379,16 @@ def _restore_buffers(module: nn.Module, records: Any, saved: Optional[dict], qui
             missing = True
         if buf is None:
             continue
-        if buf._version != version:
+        # a write that moved no version counter too: told by the values at the exit (Snapshot.check's ``moved``)
+        if buf._version != version or type(copy) is Snapshot and copy.moved and id(buf) in copy.moved:
+            copy = copy_of(copy, buf, version)
             if copy is None:
                 copy = held_values(module, name, buf, version)
             if copy is not None:
                 with torch.no_grad():
                     buf.copy_(copy)
-        restore_attributes(buf, attrs)
+        if attrs or buf.__dict__:  # restore_attributes' own first test, without its call
+            restore_attributes(buf, attrs)
     # deleted or registered since: the names, in order; or the same names, one registered again persistent or not
     # (``register_buffer``'s default, persistent: the user's state dict gained or lost a key; a plain torch.nn layer's
     # forward registers none)

@@ -368,3 +368,126 @@ def samples_moved(t: Any, copy: Any) -> bool:
     if isinstance(t, torch.Tensor):
         return not _samples_same(t, copy)
     return not Sampled(copy).same(t)
+
+
+_DTYPE = operator.attrgetter("dtype")
+_flatten = torch._C._nn.flatten_dense_tensors  # a cat of the tensors flattened, in C
+_SHAPE, _VERSION_OF = operator.attrgetter("shape"), operator.attrgetter("_version")
+
+
+class Snapshot:
+    """One copy of the values of many tensors (the buffers of the modules a model guard's entry records), taken in
+    one C call per dtype, device and layout (torch's ``flatten_dense_tensors``: a ``cat`` of the tensors flattened),
+    not one ``clone`` per tensor: resnet18's 60 buffers cost 93 us a call as clones, 24 us as two flat copies (the
+    demo CNN's 14: 14 copies, 2 now; ``tests/test_s57_guardcost.py`` counts them). A record's copy of a buffer is the
+    snapshot itself (no Python object per buffer); :meth:`of` slices a buffer's piece out only where the record asks
+    for it (a buffer written in the block, which is rare).
+
+    ``tensors`` is filled first (:meth:`ModuleState.take` appends each buffer it leaves to it), then :meth:`take`
+    copies them all, with their version counters: a piece is given only for the version it was copied at (a buffer
+    written between its record and the copy, which runs only salience's bookkeeping, gets none, as a record without a
+    copy). A group torch cannot flatten (a sparse or quantized tensor, a backend without ``cat``) is cloned tensor by
+    tensor. Not taken (an error or Ctrl-C before :meth:`take`): no piece at all; nothing of the user's ran yet, so no
+    buffer was written that a piece would put back."""
+
+    __slots__ = ("tensors", "versions", "shapes", "groups", "where", "moved")
+
+    def __init__(self) -> None:
+        self.tensors: list = []
+        self.versions = self.shapes = self.groups = self.where = self.moved = None
+
+    def take(self) -> None:
+        """Copy the values of :attr:`tensors` (each a plain ``torch.Tensor`` without ``requires_grad``), grouped by
+        dtype: ``groups`` maps a dtype to ``(indices, flat copy or list of clones, the group's tensors)`` (a group torch
+        cannot flatten, tensors on several devices or of another layout, is cloned tensor by tensor; a device or
+        layout of their own per tensor read each call cost as much as the copies saved)."""
+        tensors = self.tensors
+        if not tensors:
+            return
+        versions, shapes, keys = list(map(_VERSION_OF, tensors)), list(map(_SHAPE, tensors)), list(map(_DTYPE, tensors))
+        if keys.count(keys[0]) == len(keys):  # one dtype (told in C)
+            by = {keys[0]: list(range(len(tensors)))}
+        else:
+            by = {}
+            for i, k in enumerate(keys):
+                by.setdefault(k, []).append(i)
+        groups = {}
+        for key, members in by.items():
+            group = tensors if len(members) == len(tensors) else [tensors[i] for i in members]
+            try:  # one tensor alone: torch gives a view of it (``t.contiguous().view(-1)``), no copy: a clone
+                values: Any = _flatten(group) if len(group) > 1 else [group[0].clone()]
+            except Exception:  # noqa: BLE001 - no flat copy for this group (devices, a sparse tensor): one clone each
+                values = [t.clone() for t in group]
+            groups[key] = (members, values, group)
+        self.versions, self.shapes, self.where = versions, shapes, keys
+        self.groups = groups  # last: a piece is given only once all is taken
+
+    def of(self, t: torch.Tensor, version: int) -> Optional[torch.Tensor]:
+        """The copy of ``t``'s values as taken at ``version`` (a view of the flat copy, in ``t``'s shape then), or
+        ``None`` where ``t`` was not copied at that version (or not copied: :meth:`take` did not run)."""
+        if self.groups is None:
+            return None
+        for i, u in enumerate(self.tensors):
+            if u is t and self.versions[i] == version:
+                return self._piece(i)
+        return None
+
+    def _piece(self, i: int) -> torch.Tensor:
+        """The copy of the values of ``tensors[i]``: its clone, or its piece of the flat copy in its shape."""
+        members, values, _ = self.groups[self.where[i]]
+        k = members.index(i)
+        if type(values) is list:
+            return values[k]
+        start = sum(_numel(self.shapes[j]) for j in members[:k])
+        return values.narrow(0, start, _numel(self.shapes[i])).view(self.shapes[i])
+
+    def check(self) -> None:
+        """Note in :attr:`moved` the ids of the tensors whose values differ from the copy, bit for bit, whatever their
+        version counters say: BatchNorm's running statistics, updated in train mode (a forward that trains its
+        layer: ``self.bn.train()``), move no version counter (torch 2.14's CPU kernel), nor does a write through
+        ``.data``; a put-back by version alone left them written. One flat copy of the values now per group, compared
+        whole (one ``equal`` of its bytes); tensor by tensor only in a group that differs. A tensor that cannot be
+        compared (no kernel: meta, quantized) is taken as unchanged, as before (by its version only)."""
+        moved: set = set()
+        if self.groups is not None:
+            tensors = self.tensors
+            for members, values, group in self.groups.values():
+                if type(values) is not list:
+                    try:
+                        now = _flatten(group)
+                        if now.shape == values.shape and torch.equal(_as_bits(now), _as_bits(values)):
+                            continue
+                    except Exception:  # noqa: BLE001 - a tensor resized, on another device: one by one
+                        pass
+                moved.update(id(tensors[i]) for i in members if not _same_bytes(tensors[i], self._piece(i)))
+        self.moved = moved
+
+
+def _same_bytes(t: torch.Tensor, copy: torch.Tensor) -> bool:
+    """Whether ``t`` holds the values of ``copy`` bit for bit (its shape too; NaN equal to itself); ``True`` where they
+    cannot be compared (no kernel for the tensor's kind)."""
+    try:
+        if t.shape != copy.shape:
+            return False
+        return torch.equal(_as_bits(t.detach().contiguous().view(-1)), _as_bits(copy.contiguous().view(-1)))
+    except Exception:  # noqa: BLE001 - meta, quantized, a subclass without these kernels
+        return True
+
+
+def _as_bits(flat: torch.Tensor) -> torch.Tensor:
+    """The 1-D contiguous tensor ``flat`` viewed as integers of its element's size (8 bytes for a larger one): compared
+    with ``equal``, bit for bit, NaN equal to itself (a view as bytes compared 4 times as many values, 4 times as
+    slowly)."""
+    size = flat.element_size()
+    return flat.view(_TORCH_UINTS.get(size, torch.int64))
+
+
+def _numel(shape: torch.Size) -> int:
+    """The number of values of a tensor of ``shape``."""
+    return shape.numel()
+
+
+def copy_of(copy: Any, t: torch.Tensor, version: int) -> Optional[torch.Tensor]:
+    """A record's copy of the buffer ``t`` recorded at ``version``: ``copy`` itself (a tensor, or ``None``), or its
+    piece where ``copy`` is a :class:`Snapshot`."""
+    return copy.of(t, version) if type(copy) is Snapshot else copy
