@@ -136,6 +136,16 @@ def test_smoothgrad_takes_the_keyword_only_argument_it_hands_on(model_x) -> None
                                salience.smoothgrad(model, x, samples=2, method=mine, scale=2.0, seed=3))
 
 
+def test_smoothgrad_hands_its_method_reduce_so_a_required_reduce_is_not_refused(model_x) -> None:
+    """SmoothGrad calls its method with ``reduce=None`` (it averages raw maps): the check counts that keyword."""
+    def reduce_required(model, x, target=None, *, reduce):
+        return salience.vanilla(model, x, target, reduce=reduce)
+
+    model, x = model_x
+    torch.testing.assert_close(salience.smoothgrad(model, x, samples=2, method=reduce_required, seed=0),
+                               salience.smoothgrad(model, x, samples=2, method=salience.vanilla, seed=0))
+
+
 @pytest.mark.parametrize("fn", [no_target, needs_k, lambda model, x: x], ids=["no-target", "keyword-only", "lambda"])
 def test_dataset_run_refuses_a_function_it_cannot_call_before_the_run_folder(tmp_path, fn) -> None:
     """It was the raw TypeError at the first image, after ``run.json`` was written."""

@@ -252,7 +252,9 @@ def _check_keywords(method: Callable[..., Any], options: dict, depth: int = 0) -
                      else suggest(name, _option_names(method), n=1))
             raise ArgumentError(f"{called} has no option {name!r} (nor has smoothgrad){where} ({listed}; "
                                 f"smoothgrad's: {', '.join(options_of(smoothgrad))})")
-    problem = shape_problem(as_method(method), list(options))  # a function that takes no target: a raw TypeError
+    called = as_method(method)  # a function that takes no target, an unset keyword-only one: a raw TypeError
+    own = [n for n in ("reduce", "grad_modifier", "strip_softmax") if n in _engine.signature_of(called).parameters]
+    problem = shape_problem(called, [*options, *own])  # with what _raw_options hands it
     if problem is not None:
         raise ArgumentError(problem)
     root, bound = _engine.unbind(method)
