@@ -15,10 +15,11 @@ from torch import Tensor, nn
 
 from salience._core.autograd import predicted_classes
 from salience._core.engine import MAX_PASSES, check_passes
-from salience._core.errors import SalienceError
+from salience._core.errors import ArgumentError, SalienceError
 from salience._core.info import max_batch
 from salience._core.tensors import check_int
 from salience.methods import METHODS, QUICK, as_method
+from salience.methods._multi import bound_problem, shape_problem
 from salience.methods.options import check_taken
 from salience.targets import Classes, Predicted, Target
 
@@ -143,10 +144,15 @@ def check_masks(masks: Tensor, maps: Tensor) -> Tensor:
     return masks.to(maps.device)
 
 
-def resolve_method(method: MethodLike, options: Optional[dict] = None) -> tuple[str, Callable[..., Tensor]]:
+def resolve_method(method: MethodLike, options: Optional[dict] = None, *,
+                   called: bool = True) -> tuple[str, Callable[..., Tensor]]:
     """A method given by name (a key of :data:`salience.methods.METHODS`, with its
     :data:`~salience.methods.QUICK` options) or as a function, as ``(name, function)``; ``options`` (a
-    metric's ``method_kwargs``) checked against what the method takes."""
+    metric's ``method_kwargs``) checked against what the method takes. A function is refused (an
+    :class:`~salience._core.errors.ArgumentError` naming it, before any maps) where a keyword its
+    ``functools.partial`` binds is not one it takes or, with ``called``, where it cannot be called as
+    ``fn(model, x, target, **options)`` (no target, a keyword-only argument without a default):
+    ``called=False`` for a caller that binds more options first (:func:`salience.evidence.evaluate.bound_methods`)."""
     if isinstance(method, str):
         if method not in METHODS:
             raise SalienceError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
@@ -155,10 +161,17 @@ def resolve_method(method: MethodLike, options: Optional[dict] = None) -> tuple[
         name, fn = method, (functools.partial(fn, **quick) if quick else fn)
     elif callable(method):  # the registry's contract (a target-free function takes the target too)
         name, fn = getattr(method, "__name__", "method"), as_method(method)
+        problem = bound_problem(fn)  # a keyword its partial binds that it does not take: a TypeError at the maps
+        if problem is not None:
+            raise ArgumentError(problem)
     else:
         raise SalienceError(f"expected a method as a name or a function, got {type(method).__name__}")
     if options is not None:
         check_taken(fn, options, name)
+    if called and not isinstance(method, str):  # a function that takes no target: a TypeError at its first maps
+        problem = shape_problem(fn, list(options or ()))
+        if problem is not None:
+            raise ArgumentError(problem)
     return name, fn
 
 

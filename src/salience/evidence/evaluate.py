@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from salience._core.autograd import check_input, model_input, predicted_classes
-from salience._core.errors import SalienceError, first_line
+from salience._core.errors import ArgumentError, SalienceError, first_line
 from salience._core.files import atomic_write, make_folder
 from salience._core.info import ModelInfo, max_batch, model_info
 from salience._core.progress import progress as _progress
@@ -52,6 +52,7 @@ from salience.evidence.compare import SIMILARITIES
 from salience.loading import load_image, normalize_input, resize_crop
 from salience.loading.images import keep_flat, mask_values
 from salience.methods import METHODS, default_methods
+from salience.methods._multi import shape_problem
 from salience.methods.options import check_bound_values, show_default, with_options
 from salience.render import plots, viz
 from salience.render.report import Report
@@ -270,10 +271,14 @@ def bound_methods(model: nn.Module, x: Optional[Tensor], methods: Optional[Seque
     ``method_options`` is chosen with them (as ``salience evaluate --grid / --prefix-tokens``): a CAM or attention
     method is kept where they read the tokens (a ViT-like model whose tokens read two ways without them)."""
     chosen = methods if methods is not None else default_names(model, x, method_options or {})
-    items = [resolve_method(m) for m in chosen]
+    items = [resolve_method(m, called=False) for m in chosen]
     fns = dict(items)
     for name, given in (method_options or {}).items():
         fns[name] = with_options(fns, name, given)
+    for name, fn in fns.items():  # with its options bound: a function that takes no target, a keyword-only one unset
+        problem = shape_problem(fn)
+        if problem is not None:
+            raise ArgumentError(f"methods[{name!r}]: {problem}")
     return list(fns.items())
 
 

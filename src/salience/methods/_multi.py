@@ -185,6 +185,32 @@ def bound_problem(method: Callable[..., Any]) -> Optional[str]:
     return None
 
 
+def shape_problem(method: Callable[..., Any], options: Sequence[str] = ()) -> Optional[str]:
+    """What is wrong with calling ``method`` as salience calls a method, ``method(model, x, target, **options)``
+    (``options``: the names of the keywords it will be handed), as its signature says (a ``functools.partial``'s
+    bindings counted), or ``None`` where the signature takes such a call or cannot be read. A function of the
+    user's that takes no target (``lambda model, x: ...``), or a keyword-only argument with no default, was
+    Python's raw ``TypeError`` at its first call, inside a SmoothGrad or a dataset run (after the run folder was
+    made), with no word of which method; the message names it and its signature. Call it after
+    :func:`bound_problem` (a keyword bound that the function does not take has its own message)."""
+    try:
+        sig = inspect.signature(method)
+    except (TypeError, ValueError):  # no signature to read (a builtin, a C extension): nothing to say
+        return None
+    try:
+        sig.bind(None, None, None, **{k: None for k in options})
+    except TypeError as e:
+        root = _engine.unbind(method)[0]
+        name = getattr(root, "__name__", None) or "the method"
+        unset = [n for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+                 and p.default is inspect.Parameter.empty and n not in options]
+        do = (f"give {unset[0]!r} a default, or bind it: functools.partial(fn, {unset[0]}=...)" if unset else
+              "a method takes the model, the images and the target: def fn(model, x, target=None, **options)")
+        return (f"{name} cannot be called as a method, {name}(model, x, target{', **options' if options else ''}): "
+                f"{e} (its signature: {sig}); {do}")
+    return None
+
+
 def as_method(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """``method`` under the registry's contract ``method(model, x, target=None, **options)``.
 

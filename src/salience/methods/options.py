@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from salience._core.engine import TargetsCounted, signature_of
-from salience._core.errors import SalienceError, suggest
+from salience._core.errors import ArgumentError, SalienceError, suggest
 from salience._core.layers import resolve_layer
 from salience.methods import METHODS
 from salience.methods._tokens import _check_grid, _check_prefix
@@ -209,10 +209,11 @@ def bind(name: str, given: dict[str, Any]) -> tuple[Callable[..., Tensor], dict[
 
 
 def check_taken(fn: Callable[..., Any], given: Any, name: str, what: Optional[str] = None) -> None:
-    """A :class:`SalienceError` for ``given`` that is not a dict of keyword options, or for an option the
-    method ``fn`` (called ``name``) does not take (a function with ``**options`` takes any), before any
-    work: it was the method's raw ``TypeError`` at its first call. ``what``: how the message names the
-    options (default: the options of method ``name``)."""
+    """A :class:`SalienceError` for ``given`` that is not a dict of keyword options, or an
+    :class:`~salience._core.errors.ArgumentError` (a ``TypeError`` too, as a method's own for a keyword it has no
+    option for) naming the closest option for an option the method ``fn`` (called ``name``) does not take (a
+    function with ``**options`` takes any), before any work: it was the method's raw ``TypeError`` at its first
+    call. ``what``: how the message names the options (default: the options of method ``name``)."""
     if not isinstance(given, Mapping):
         raise SalienceError(f"{what or f'the options of method {name!r}'} must be a dict of keyword options, e.g. "
                             f"{{'samples': 8}}; got {type(given).__name__}")
@@ -221,7 +222,7 @@ def check_taken(fn: Callable[..., Any], given: Any, name: str, what: Optional[st
         unknown = [k for k in given if k not in params or k in ("model", "x", "target")]
         if unknown:
             names = [k for k in params if k not in ("model", "x", "target")]
-            raise SalienceError(f"method {name!r} takes no option {unknown[0]!r} (it takes: {', '.join(names)})"
+            raise ArgumentError(f"method {name!r} takes no option {unknown[0]!r} (it takes: {', '.join(names)})"
                                 f"{suggest(str(unknown[0]), names, n=1)}")
 
 

@@ -25,7 +25,7 @@ from salience._core.tensors import check_int, check_number, check_flag, fresh_se
 from salience._core.guard import Found, model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.methods import perturbation
-from salience.methods._multi import (as_method, bound_problem, free_maps, is_target_free, options_of,
+from salience.methods._multi import (as_method, bound_problem, shape_problem, free_maps, is_target_free, options_of,
                                      takes_several_targets)
 from salience.methods.integrated import GapReport, collect_gaps, gaps_to_report, report_gaps
 from salience.methods.vanilla import vanilla
@@ -252,6 +252,11 @@ def _check_keywords(method: Callable[..., Any], options: dict, depth: int = 0) -
                      else suggest(name, _option_names(method), n=1))
             raise ArgumentError(f"{called} has no option {name!r} (nor has smoothgrad){where} ({listed}; "
                                 f"smoothgrad's: {', '.join(options_of(smoothgrad))})")
+    called = as_method(method)  # a function that takes no target, an unset keyword-only one: a raw TypeError
+    own = [n for n in ("reduce", "grad_modifier", "strip_softmax") if n in _engine.signature_of(called).parameters]
+    problem = shape_problem(called, [*options, *own])  # with what _raw_options hands it
+    if problem is not None:
+        raise ArgumentError(problem)
     root, bound = _engine.unbind(method)
     if root is smoothgrad and depth < 32:  # a SmoothGrad inside: what it hands on to its method
         handed, own = {**bound, **options}, _engine.signature_of(smoothgrad).parameters

@@ -42,7 +42,7 @@ from salience.loading import load_model, remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, preprocessing_record
 from salience.loading.models import name_classes, resolve_device
 from salience.methods import METHODS, as_method
-from salience.methods._multi import bound_problem
+from salience.methods._multi import bound_problem, shape_problem
 from salience.methods.options import check_bound_values, with_options
 from salience.render import viz
 from salience.runs import gallery, job, sources
@@ -315,6 +315,10 @@ def _methods(methods: Any, options: Optional[Mapping[str, Any]]) -> tuple[dict[s
             raise ArgumentError(f"methods[{name!r}]: {problem}")
     for name, given in (options or {}).items():
         fns[name] = with_options(fns, name, given)
+    for name, fn in fns.items():  # with its options bound: a user's function that takes no target, or a keyword-only
+        problem = shape_problem(fn)  # argument without a default, was the TypeError at the first image
+        if problem is not None:
+            raise ArgumentError(f"methods[{name!r}]: {problem}")
     record = {n: {k: repr(v) for k, v in getattr(fn, "keywords", {}).items()} for n, fn in fns.items()}
     return fns, record
 
