@@ -474,7 +474,7 @@ def accumulate(
         raise SalienceError("nothing to compute (0 items)")
     kept = run.casts_kept() if run is not None else contextlib.nullcontext()
     before = found.before_pass if found is not None else None
-    with _derived.run_scope(), kept:
+    with _derived.run_scope(total), kept:
         return _accumulate(functools.partial(_run, compute, inference=inference, images=n_images, before=before),
                            total, n_images, weights, squares, chunk, max_memory, progress, desc, device, inference,
                            run, found is not None)

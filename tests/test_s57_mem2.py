@@ -1,0 +1,84 @@
+"""Session 57, issue 15's memory: the noted scores' buffers of a many-pass CPU call are made once, for the call's
+items, not grown by doubling between its passes.
+
+:class:`salience._core.derived._Noted` keeps, for the refusal of NaN / infinite scores, each item's bad flags, image
+and classes. Before session 57 its three buffers started at 64 rows and were made again (a ``torch.cat`` into a buffer
+twice the size) whenever a pass's items passed their end: for RISE's 400 items here 64, 128, 256 and 512 rows, four
+buffers each, every one made between two passes' freed activations (the small blocks glibc carves from a pass's free
+blocks, session 43's cause of RISE's heap growth). The engine now gives the call's number of items to its scope
+(:func:`salience._core.derived.run_scope`), and the buffers are made once at that size. These tests fail on the code
+before (4 buffers of 64 to 512 rows for RISE, 2 for Ablation-CAM's 128 items) and pass now; the maps are unchanged
+(the buffers hold only the refusal's bookkeeping).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import salience
+from salience import SalienceError
+from salience._core import derived
+
+
+def _net(channels: int = 64) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, channels, 3, padding=1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 5)).eval()
+
+
+X = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+
+
+def _buffers(monkeypatch, call) -> list[tuple[int, int]]:
+    """``(data pointer, rows)`` of every distinct ``bad`` buffer the call's noted scores were written into."""
+    seen: list[tuple[int, int]] = []
+    add = derived._Noted.add
+
+    def spy(self, bad, img, cls, batch):
+        add(self, bad, img, cls, batch)
+        key = (self.bad.data_ptr(), int(self.bad.shape[0]))
+        if key not in seen:
+            seen.append(key)
+
+    monkeypatch.setattr(derived._Noted, "add", spy)
+    call()
+    return seen
+
+
+CALLS = {
+    # 400 items (200 masks x 2 images) in chunks of 4: 100 passes
+    "rise": (lambda m: salience.rise(m, X, 1, masks=200, cell=3, chunk=4), 400),
+    # 128 items (64 channels x 2 images; the layer has no ReLU after it: no channel skipped), chunks of 4
+    "ablationcam": (lambda m: salience.ablationcam(m, X, 1, layer="2", chunk=4), 128),
+    "scorecam": (lambda m: salience.scorecam(m, X, 1, layer="2", chunk=4), 128),
+}
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_noted_scores_buffers_are_made_once_for_the_call_s_items(monkeypatch, name):
+    call, items = CALLS[name]
+    m = _net()
+    call(m)  # a first call: the memory probe's pass and the caches, as a warm call has them
+    seen = _buffers(monkeypatch, lambda: call(m))
+    assert len(seen) == 1, seen  # before: (64, 128, 256, 512) rows for RISE, (64, 128) for the CAMs
+    assert seen[0][1] == items, seen
+
+
+def test_the_buffers_still_grow_past_their_size_and_the_refusal_still_names_images():
+    """Notes past the buffers' size (a nested call's passes, which join the outer call's scope) still fit: the
+    buffers double past it, as before; a NaN score is still refused."""
+    m = _net(8)
+    with torch.no_grad():
+        m[5].bias[1] = float("nan")
+    with pytest.raises(SalienceError, match=r"NaN or infinite"):
+        salience.rise(m, X, 1, masks=40, cell=3, chunk=4)
+    noted = derived._Noted(1, 3)
+    for i in range(5):  # 5 x 2 rows into a buffer made for 3 (its floor: 64): grown only past 64
+        noted.add(torch.tensor([[i == 4], [False]]), torch.tensor([0, 1]), torch.full((2, 1), -1), 2)
+    assert noted.bad.shape[0] == 64 and noted.n == 10
+    assert noted.found() == {(0, 0, None)}
+    big = derived._Noted(1, 0)
+    for i in range(40):
+        big.add(torch.zeros(2, 1, dtype=torch.bool), torch.tensor([0, 1]), torch.full((2, 1), -1), 2)
+    assert big.n == 80 and big.bad.shape[0] == 128  # past the floor: doubled, as before
