@@ -6,8 +6,9 @@ and classes. Before session 57 its three buffers started at 64 rows and were mad
 twice the size) whenever a pass's items passed their end: for RISE's 400 items here 64, 128, 256 and 512 rows, four
 buffers each, every one made between two passes' freed activations (the small blocks glibc carves from a pass's free
 blocks, session 43's cause of RISE's heap growth). The engine now gives the call's number of items to its scope
-(:func:`salience._core.derived.run_scope`), and the buffers are made once at that size. These tests fail on the code
-before (4 buffers of 64 to 512 rows for RISE, 2 for Ablation-CAM's 128 items) and pass now; the maps are unchanged
+(:func:`salience._core.derived.run_scope`), and the buffers are made once at that size. All 8 tests fail on the code
+before (4 buffers of 64 to 512 rows for RISE, 2 for Ablation-CAM's 128 items; a buffer made at a later pass alive
+passes after it; the last test by ``_Noted``'s new ``items`` argument only) and pass now; the maps are unchanged
 (the buffers hold only the refusal's bookkeeping).
 """
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import salience
 from salience import SalienceError
@@ -82,3 +85,60 @@ def test_the_buffers_still_grow_past_their_size_and_the_refusal_still_names_imag
     for i in range(40):
         big.add(torch.zeros(2, 1, dtype=torch.bool), torch.tensor([0, 1]), torch.full((2, 1), -1), 2)
     assert big.n == 80 and big.bad.shape[0] == 128  # past the floor: doubled, as before
+
+
+class _Born(TorchDispatchMode):
+    """The storages the operators under the mode create, by weak reference, each with the forward pass (counted by
+    a pre-hook on the model) it was made in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.passes = 0
+        self.refs: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+                s = t.untyped_storage()
+                old = self.refs.get(s.data_ptr())
+                if old is None or old[0].expired():
+                    self.refs[s.data_ptr()] = (StorageWeakRef(s), self.passes)
+        return out
+
+    def alive_from(self, after: int) -> list[int]:
+        """The passes that made the storages still alive, of those made after pass ``after``."""
+        return sorted(p for r, p in self.refs.values() if not r.expired() and p > after)
+
+
+LATE = {
+    "rise": lambda m: salience.rise(m, X, 1, masks=200, cell=3, chunk=4),
+    "ablationcam": lambda m: salience.ablationcam(m, X, 1, layer="2", chunk=4),
+    "scorecam": lambda m: salience.scorecam(m, X, 1, layer="2", chunk=4),
+    "occlusion": lambda m: salience.occlusion(m, X, 1, window=2, stride=1, chunk=4),
+}
+
+
+@pytest.mark.parametrize("name", list(LATE))
+def test_nothing_made_in_a_chunk_outlives_the_next_pass(name):
+    """What a call keeps across its chunks is made by its first passes: a storage made after the first eight passes is
+    at most one pass old when a pass starts (what the pass before made for this one: the chunk's item indices, the
+    deferred finiteness flag ``Derived.defer`` ORs anew each pass), never older. Before: RISE's noted-scores buffers
+    made again at passes 18, 34 and 66 of 100 (4 items a pass) lived on through the passes after them, Ablation-CAM's,
+    Score-CAM's and occlusion's (242 windows' items) the same from their 17th to 20th pass."""
+    m = _net()
+    LATE[name](m)  # the probe and the caches, as a warm call has them
+    mode, old = _Born(), []
+
+    def pre(mod, args):
+        mode.passes += 1
+        old.extend((mode.passes, p) for p in mode.alive_from(8) if p < mode.passes - 1)
+
+    handle = m.register_forward_pre_hook(pre)
+    try:
+        with mode:
+            LATE[name](m)
+    finally:
+        handle.remove()
+    assert mode.passes >= 30, mode.passes  # enough passes past the first eight
+    assert old == [], old[:8]  # (pass, the pass that made a storage still alive then)
