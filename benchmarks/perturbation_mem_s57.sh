@@ -47,13 +47,13 @@ layout() {  # seed: every case in that layout
   done
 }
 ncores=$(echo $CORES | wc -w)
-i=0
+slot=0  # (run() sets i and m: these names are the dealing's own)
 for CORE in $CORES; do
-  (k=0; for seed in $SEEDS; do
-     [ $((k % ncores)) -eq $i ] && layout "$seed" > "$LINKS/out.$seed"
-     k=$((k + 1))
+  (nth=0; for seed in $SEEDS; do
+     if [ $((nth % ncores)) -eq $slot ]; then layout "$seed" > "$LINKS/out.$seed"; fi
+     nth=$((nth + 1))
    done) &
-  i=$((i + 1))
+  slot=$((slot + 1))
 done
 wait
 for seed in $SEEDS; do cat "$LINKS/out.$seed"; done
