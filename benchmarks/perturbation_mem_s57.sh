@@ -3,15 +3,14 @@
 # NEW, this branch's) against the plain loop, each in every round's one heap layout: session 56's script
 # (benchmarks/perturbation_mem_s56.sh: PYTHONHASHSEED=<seed>, setarch -R, the same command line and environment
 # lengths for every case, each tree on PYTHONPATH through a link of the same length) with session 57's measure
-# (benchmarks/perturbation_mem_s57.py: session 55's, with the setup's pass of the 8 images on the call's one thread:
-# session 55's ran it on torch's default threads, and which thread's work freed which block moved the heap the call
-# starts from with the machine's load). resnet50, 8 images at 224 px, fp32, one thread, core 0.
+# (benchmarks/perturbation_mem_s57.py: session 55's, with the setup's pass of the 8 images on the call's one thread;
+# session 55's ran it on torch's default threads). resnet50, 8 images at 224 px, fp32, one thread a process.
 #   OLD=/tmp/old57/src NEW=./src sh benchmarks/perturbation_mem_s57.sh > out.jsonl
 #   python benchmarks/perturbation_mem_s56_report.py out.jsonl
 # SEEDS (default "0 1 2"), CASES (default "ablationcam"). CORES (default "0"): the cores the layouts run on, one
-# process a core at a time, the seeds dealt to them in turn (CORES="0 1": two layouts at once; the heap of a fixed
-# layout does not depend on the load with the setup on one thread, the s57 table's note). One JSON line a
-# measurement, with the load, in the order of the seeds.
+# process a core at a time, the seeds dealt to them in turn (CORES="0 1": two layouts at once; a layout's peak did not
+# move with the load: the same code and layout gave the same peak within 0.1 MiB at loads of 1.5 to 10, the s57
+# table's note). One JSON line a measurement, with the load, in the order of the seeds.
 HERE=$(cd "$(dirname "$0")" && pwd)
 OLD=${OLD:-/tmp/old57/src}
 NEW=${NEW:-$HERE/../src}

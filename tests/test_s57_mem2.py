@@ -68,6 +68,24 @@ def test_noted_scores_buffers_are_made_once_for_the_call_s_items(monkeypatch, na
     assert seen[0][1] == items, seen
 
 
+FIRST = {  # no chunk given: the engine's memory probe runs, in the first call of a model
+    "rise": (lambda m: salience.rise(m, X, 1, masks=200, cell=3), 400),
+    "ablationcam": (lambda m: salience.ablationcam(m, X, 1, layer="2"), 128),
+    "scorecam": (lambda m: salience.scorecam(m, X, 1, layer="2"), 128),
+}
+
+
+@pytest.mark.parametrize("name", list(FIRST))
+def test_a_first_call_s_probe_pass_notes_nothing_kept(monkeypatch, name):
+    """A model's first call runs the engine's memory probe as a pass of its own (thrown away, its items run again):
+    its notes are forgotten after it, so the buffers are still made once at the call's items. Before (this
+    session's first change alone): 130 rows noted for Ablation-CAM's 128 items, the buffers made again at 256."""
+    call, items = FIRST[name]
+    seen = _buffers(monkeypatch, lambda: call(_net()))
+    assert len(seen) == 1, seen
+    assert seen[0][1] == items, seen
+
+
 def test_the_buffers_still_grow_past_their_size_and_the_refusal_still_names_images():
     """Notes past the buffers' size (a nested call's passes, which join the outer call's scope) still fit: the
     buffers double past it, as before; a NaN score is still refused."""

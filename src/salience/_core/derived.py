@@ -99,13 +99,11 @@ class Derived:
 
     def restore(self, saved: tuple[dict[str, Any], dict[str, list[Any]], dict[tuple[str, int], int]]) -> None:
         """Forget the conditions and scores noted since :meth:`snapshot` gave ``saved``: a pass whose scores are
-        thrown away (Ablation-CAM's shared pass, where the pass per item replaces it) refuses nothing."""
+        thrown away (Ablation-CAM's shared pass, where the pass per item replaces it; the engine's memory probe's pass,
+        whose items run again) refuses nothing."""
         self._flags, self._scores = dict(saved[0]), {k: list(v) for k, v in saved[1].items()}
-        for k in list(self._cpu):
-            if k in saved[2]:
-                self._cpu[k].n = saved[2][k]
-            else:
-                del self._cpu[k]
+        for k, noted in self._cpu.items():  # the buffers kept (made once for the call): their rows forgotten
+            noted.n = saved[2].get(k, 0)
 
     def defer(self, key: str, flag: Tensor, action: Callable[[], None]) -> None:
         """``flag`` (a 0-d bool tensor, on the device) OR-ed into the call's ``key`` condition; ``action``
