@@ -48,6 +48,7 @@ class Derived:
         self.levels: list[tuple[int, int]] = []  # the engine's running chunks (first item, images), outermost first
         self._scores: dict[str, list[tuple[Tensor, Optional[Tensor], tuple[tuple[int, int], ...], list[Any]]]] = {}
         self._cpu: dict[tuple[str, int], _Noted] = {}  # note_scores of CPU passes, by key and number of targets
+        self.items: Optional[int] = None  # the call's number of items (the engine's total), the noted buffers' size
 
     def note_scores(self, key: str, bad: Tensor, targets: Sequence[Any], owner: Optional[Tensor] = None) -> None:
         """``bad`` ``(n, K)`` (on the device): which of a pass's ``n`` items had a NaN or infinite score of each of
@@ -66,7 +67,10 @@ class Derived:
                 if c is not None:
                     cls[:, k] = torch.as_tensor(c).to("cpu", torch.int64).reshape(-1).expand(bad.shape[0])
             batch = _images_in_call(self.levels, bad.shape[0], owner is not None)
-            self._cpu.setdefault((key, bad.shape[1]), _Noted(bad.shape[1])).add(bad, img, cls, batch)
+            noted = self._cpu.get((key, bad.shape[1]))
+            if noted is None:  # made once, for the call's items: no buffer grown (made again) between two passes
+                noted = self._cpu[(key, bad.shape[1])] = _Noted(bad.shape[1], self.items or 0)
+            noted.add(bad, img, cls, batch)
             return
         self._scores.setdefault(key, []).append((bad, owner, tuple(self.levels), list(targets)))
 
@@ -95,13 +99,11 @@ class Derived:
 
     def restore(self, saved: tuple[dict[str, Any], dict[str, list[Any]], dict[tuple[str, int], int]]) -> None:
         """Forget the conditions and scores noted since :meth:`snapshot` gave ``saved``: a pass whose scores are
-        thrown away (Ablation-CAM's shared pass, where the pass per item replaces it) refuses nothing."""
+        thrown away (Ablation-CAM's shared pass, where the pass per item replaces it; the engine's memory probe's pass,
+        whose items run again) refuses nothing."""
         self._flags, self._scores = dict(saved[0]), {k: list(v) for k, v in saved[1].items()}
-        for k in list(self._cpu):
-            if k in saved[2]:
-                self._cpu[k].n = saved[2][k]
-            else:
-                del self._cpu[k]
+        for k, noted in self._cpu.items():  # the buffers kept (made once for the call): their rows forgotten
+            noted.n = saved[2].get(k, 0)
 
     def defer(self, key: str, flag: Tensor, action: Callable[[], None]) -> None:
         """``flag`` (a 0-d bool tensor, on the device) OR-ed into the call's ``key`` condition; ``action``
@@ -147,14 +149,16 @@ def current() -> Optional[Derived]:
 
 
 @contextmanager
-def run_scope() -> Iterator[Derived]:
+def run_scope(items: Optional[int] = None) -> Iterator[Derived]:
     """The scope of a many-pass call for the block; inside another, that one (a nested call joins it). The
-    outermost tests the deferred conditions when the block ends without an error."""
+    outermost tests the deferred conditions when the block ends without an error. ``items``: the call's number of
+    items (the engine's total), the size the noted scores' buffers are made at (:class:`_Noted`)."""
     outer = _SCOPE.get()
     if outer is not None:
         yield outer
         return
     scope = Derived()
+    scope.items = items
     token = _SCOPE.set(scope)
     try:
         yield scope
@@ -180,12 +184,16 @@ def _images_in_call(levels: Sequence[tuple[int, int]], items: int, owned: bool) 
 
 class _Noted:
     """A call's :meth:`Derived.note_scores` of CPU passes with K targets: each item's bad flags ``(K,)``, image and
-    classes (-1: none) in three buffers grown by doubling, so that a pass keeps no tensor of its own."""
+    classes (-1: none) in three buffers, so that a pass keeps no tensor of its own. Made for ``items`` rows (the
+    call's items, :func:`run_scope`'s; at least 64) at the first note, grown by doubling only past them (a nested call's
+    passes, a probe's pass noted again): session 56's buffers started at 64 rows and were made again at 128, 256 and
+    512 (Ablation-CAM's 512 items on resnet50), each time between two passes' freed activations."""
 
-    def __init__(self, k: int) -> None:
-        self.bad = torch.zeros(0, k, dtype=torch.bool)
-        self.img = torch.zeros(0, dtype=torch.int64)
-        self.cls = torch.zeros(0, k, dtype=torch.int64)
+    def __init__(self, k: int, items: int = 0) -> None:
+        with torch.inference_mode(False):  # normal tensors: see add
+            self.bad = torch.zeros(max(items, 64), k, dtype=torch.bool)
+            self.img = torch.zeros(max(items, 64), dtype=torch.int64)
+            self.cls = torch.zeros(max(items, 64), k, dtype=torch.int64)
         self.n = 0
         self.batch: Optional[int] = None
 
