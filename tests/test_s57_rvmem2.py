@@ -1,15 +1,18 @@
 """Review of session 57's noted scores ("mem2"): the refusal of NaN / infinite scores keeps nothing per item on the CPU.
 
 :meth:`salience._core.derived.Derived.note_scores` kept, for a CPU call, three buffers of the call's items (made once
-at the engine's item count): each item's bad flags, image and classes, 17 bytes an item and target (1 + 8 + 8), made
-and zeroed at the first pass whether or not any score is bad (occlusion's 1,000,000 windows of 8 images: 136 MiB for
-a message that almost never comes). A CPU tensor's read waits for no device, so each pass's flags are now read at once
-and only the bad ``(image, target, class)`` triples kept (a set: at most images x targets x classes).
+at the engine's item count): each item's bad flags, image and classes, 8 + 9K bytes an item of K targets
+(K + 8 + 8K), made and zeroed at the first pass whether or not any score is bad (occlusion's 1,000,000 windows of 8
+images, one target: 130 MiB for a message that almost never comes). A CPU tensor's read waits for no device, so each
+pass's flags are now read at once and only the bad ``(image, target, class)`` triples kept (a set: at most images x
+targets x classes).
 
-The 5 tests of ``test_a_call_without_bad_scores_keeps_no_tensor`` and ``test_the_notes_do_not_grow_with_the_items``
-fail on the code before (the buffers' bytes: 17 an item and target); the refusal's messages (named images, targets,
-classes; first call with the memory probe's pass, chunk given, several targets; two threads on one model) are the
-same before and after (they pass on both: the fix changes what is kept, not what is said).
+7 of the 22 tests fail on the code before: the 5 of ``test_a_call_without_bad_scores_keeps_no_tensor`` and
+``test_the_notes_do_not_grow_with_the_items`` (the buffers' bytes, 8 + 9K an item), and
+``test_a_thrown_away_pass_is_forgotten_and_earlier_notes_kept`` (a key first noted in a pass thrown away kept its
+buffer and its number of images: ``([], 4)``, not ``([], None)``; no message changed by it). The refusal's messages
+(named images, targets, classes; a first call with the memory probe's pass, chunk given, several targets; two threads
+on one model) are the same before and after: the fix changes what is kept, not what is said.
 """
 from __future__ import annotations
 
@@ -87,7 +90,7 @@ def test_a_call_without_bad_scores_keeps_no_tensor(monkeypatch, name):
 
 def test_the_notes_do_not_grow_with_the_items():
     """1,000 CPU passes of 1,000 items (two targets) with one bad score: one triple kept, no tensor, whatever the
-    number of items. Before: 17 bytes an item and target, grown to 1,048,576 rows (35 MiB)."""
+    number of items. Before: 8 + 9K bytes an item, grown to 1,048,576 rows (26 MiB at K = 2)."""
     scope = derived.Derived()
     for p in range(1000):
         bad = torch.zeros(1000, 2, dtype=torch.bool)

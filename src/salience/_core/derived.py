@@ -59,7 +59,7 @@ class Derived:
         adds its bad ``(image, target, class)`` triples to a set of the call (:class:`_Noted`). The CPU keeps no
         tensor per pass: a few small tensors kept per pass between its freed activations split glibc's heap, whose
         peak then grew with the passes (RISE on resnet50, 8 images, 64 masks in 85 passes: 160 to 280 MiB, session
-        43), and no buffer of the call's items either (17 bytes an item and target: 136 MiB for occlusion's
+        43), and no buffer of the call's items either (8 + 9K bytes an item of K targets: 130 MiB for occlusion's
         1,000,000 windows of 8 images, made for a message that almost never comes)."""
         if bad.device.type == "cpu" and bad.dim() == 2:
             if bool(bad.any()):
