@@ -17,7 +17,7 @@ Limits: a write that moves no version counter (through ``.data``, a NumPy view) 
 size says nothing of its values); one over the cap is copied per call.
 
 This room holds the package's state of copies (``KEPT``, its byte count, its lock, the per-thread notes) and its
-tunable constants ``COPY_LIMIT``, ``_KEEP_LIMIT`` and ``_KEPT_SAMPLES``: patch them here."""
+tunable constants ``COPY_LIMIT``, ``_KEEP_LIMIT``, ``_KEPT_SAMPLES`` and ``FLAT_CHECK_LIMIT``: patch them here."""
 from __future__ import annotations
 
 import functools
@@ -390,7 +390,8 @@ class Snapshot:
     copies them all, with their version counters: a piece is given only for the version it was copied at (a buffer
     written between its record and the copy, which runs only salience's bookkeeping, gets none, as a record without a
     copy). A group torch cannot flatten (a sparse or quantized tensor, a backend without ``cat``) is cloned tensor by
-    tensor. Not taken (an error or Ctrl-C before :meth:`take`): no piece at all; nothing of the user's ran yet, so no
+    tensor. :meth:`check` compares them at the exit (a group over :data:`FLAT_CHECK_LIMIT` bytes in place, without a
+    second copy). Not taken (an error or Ctrl-C before :meth:`take`): no piece at all; nothing of the user's ran yet, so no
     buffer was written that a piece would put back."""
 
     __slots__ = ("tensors", "versions", "shapes", "groups", "where", "moved", "index")
