@@ -206,3 +206,67 @@ def test_a_run_guard_puts_a_quiet_write_back_at_its_end():
             with model_guard(m):
                 m.a.data.add_(1)
     _assert_same(m, was)
+
+
+def test_each_call_of_a_run_starts_from_the_baseline_after_a_quiet_write():
+    """A write through ``.data`` in each call of a dataset run (no version counter moves): the run guard's baseline is
+    compared after each call (its own snapshot) and put back, so each call starts as under a guard of its own (the
+    base compared only at the run's end: the calls saw 0, 1, 2); twice per call too (the piece renewed, not handed
+    out as a plain copy compared by version only)."""
+    m = _module(a=torch.zeros(3), b=torch.ones(2), steps=torch.tensor(0))
+    was = _state(m)
+    seen = []
+    with run_guard(m):
+        for _ in range(3):
+            with model_guard(m):
+                seen.append((m.a[0].item(), m.steps.item()))
+                m.a.data.add_(1)
+                m.steps.data.add_(1)
+            _assert_same(m, was)
+            with model_guard(m):
+                m.a.add_(5)  # moves the counter: put back, the baseline's piece renewed
+            _assert_same(m, was)
+    assert seen == [(0.0, 0)] * 3, seen
+    _assert_same(m, was)
+
+
+_STARTS: list = []  # outside the model (a list attribute of it would be put back by the guard)
+
+
+class _TrainsItsNorm(nn.Module):
+    """A forward that puts its BatchNorm in train mode: torch's kernel updates the running statistics without moving
+    their version counters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _STARTS.append(self.bn.running_mean.clone())
+        self.bn.train()
+        y = self.bn(self.conv(x))
+        self.bn.eval()
+        return self.fc(y.mean((2, 3)))
+
+
+def test_a_dataset_runs_calls_each_find_the_batchnorm_as_the_run_found_it():
+    """Vanilla gradients of three batches under one run guard (as a dataset run calls them): each call's forward finds
+    the running statistics the run found (the base: the statistics the previous calls' forwards left, their counters
+    unmoved, put back only at the run's end)."""
+    import salience
+
+    torch.manual_seed(0)
+    model = _TrainsItsNorm()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_()
+    start = model.bn.running_mean.clone()
+    _STARTS.clear()
+    with run_guard(model):
+        for i in range(3):
+            salience.METHODS["vanilla"](model, torch.rand(2, 3, 8, 8) + i, 1)
+    assert len(_STARTS) >= 3
+    for i, s in enumerate(_STARTS):
+        assert torch.equal(s, start), i
+    assert torch.equal(model.bn.running_mean, start)

@@ -444,6 +444,20 @@ class Snapshot:
             return values[k]
         return values.narrow(0, start, _numel(self.shapes[i])).view(self.shapes[i])
 
+    def renew(self, t: torch.Tensor, version: int, now: int) -> bool:
+        """``t``, copied at ``version``, now holds its copy's values again at version ``now`` (a run guard's baseline
+        put back from it: :meth:`ModuleState.put_back`): its piece is given for ``now`` from here on, and it is
+        compared again at the next :meth:`check` (a piece handed out instead, a plain tensor, was compared by version
+        only: a write through ``.data`` in a later call of the run stayed for the calls after it). ``False`` where
+        ``t`` has no piece for ``version`` (nothing renewed)."""
+        if self.groups is None:
+            return False
+        at = self._where().get(id(t))
+        if at is None or self.tensors[at[0]] is not t or self.versions[at[0]] != version:
+            return False
+        self.versions[at[0]] = now
+        return True
+
     def _where(self) -> dict:
         """``id(tensor) -> (its index in tensors, its index in its group, its piece's start in the group's flat
         copy)``, the first of each tensor (one listed twice, a buffer shared by two modules, was copied twice at one
