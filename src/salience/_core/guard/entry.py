@@ -432,7 +432,9 @@ def run_guard(model: nn.Module) -> Iterator[nn.Module]:
     Every guard entered in the block (each method's call, batch after batch) only counts itself; when it
     leaves and only run guards hold a module or parameter, that object gets back its *baseline*, its
     state as this guard established it (recorded here, after eval mode and the frozen flags): what
-    differs is put back (a buffer written in place is copied back, a flag, a mode, a parameter's data
+    differs is put back (a buffer written in place is copied back, also where no version counter moved: the
+    baseline's buffers have a :class:`~salience._core.guard.values.Snapshot` of their own, compared after each
+    call; a flag, a mode, a parameter's data
     or strides, a ``.grad``, a tensor attribute), so each call starts as it would under a guard of its
     own. Guards of other threads share it as they share any guard's (counted per module and
     parameter); the baseline is put back only when no guard but run guards holds the object, never
