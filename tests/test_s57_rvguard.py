@@ -1,7 +1,7 @@
 """Session 57 (rvguard): review of the guard's one flat copy of the buffers per dtype (``values.Snapshot``, merge
 81687d96), its compare at the exit and its put-back.
 
-What failed on the base (main at 81687d96; 4 of the tests below, the others hold there and guard what the fixes
+What failed on the base (main at 81687d96; 7 of the 12 tests below, the others hold there and guard what the fixes
 touch):
 - the exit read each dtype's buffers in one flat copy to compare them, whatever their size: a model with 512 MiB of
   buffers peaked 1 GiB over its size at the exit (the per-buffer clones before the change: 512 MiB;
@@ -12,7 +12,12 @@ touch):
   (``test_a_conjugate_view_buffer_written_through_data_is_put_back``, two cases);
 - each buffer written in the block was looked up by a scan of the snapshot's tensors, its piece's offset summed from
   the group's start: the put-back was square in the number of buffers (4000 written: 1.3 s, the clones of before
-  37 ms; now 45 ms) (``test_the_put_back_of_many_written_buffers_is_linear_in_their_number``).
+  37 ms; now 45 ms) (``test_the_put_back_of_many_written_buffers_is_linear_in_their_number``);
+- a run guard's baseline was put back by version counters only: a write through ``.data`` or a BatchNorm trained by
+  the forward in one call of a dataset run was seen by the calls after it (put back only at the run's end); now the
+  baseline has a snapshot of its own, compared after each call (two tests);
+- a quantized buffer crashed the process (a segmentation fault) at every guard's exit: viewed as integers to be
+  compared (``test_a_quantized_buffer_neither_crashes_the_exit_nor_stays_written``, in a child process).
 """
 from __future__ import annotations
 
@@ -270,3 +275,55 @@ def test_a_dataset_runs_calls_each_find_the_batchnorm_as_the_run_found_it():
     for i, s in enumerate(_STARTS):
         assert torch.equal(s, start), i
     assert torch.equal(model.bn.running_mean, start)
+
+
+_QUANTIZED_SCRIPT = r"""
+import warnings
+warnings.simplefilter("ignore")
+import torch
+from torch import nn
+from salience._core.guard import model_guard
+
+def q(x):
+    return torch.quantize_per_tensor(x, 0.1, 0, torch.quint8)
+
+def pc(x):
+    return torch.quantize_per_channel(x, torch.tensor([0.1, 0.2]), torch.tensor([0, 1]), 0, torch.qint8)
+
+for two in (False, True):
+    m = nn.Module()
+    m.register_buffer("q", q(torch.rand(4)))
+    m.register_buffer("d", torch.zeros(2))
+    m.register_buffer("pc", pc(torch.rand(2, 3)))
+    if two:
+        m.register_buffer("q2", q(torch.rand(3)))
+    was, same = m.q.int_repr().clone(), m.q
+    pc_was = m.pc.int_repr().clone()
+    with model_guard(m):
+        pass
+    assert torch.equal(m.q.int_repr(), was) and m.q is same
+    with model_guard(m):
+        m.q.data.copy_(q(torch.ones(4)))  # no version counter moves
+        m.pc.data.copy_(pc(torch.ones(2, 3)))
+    assert torch.equal(m.q.int_repr(), was) and m.q is same
+    assert torch.equal(m.pc.int_repr(), pc_was)
+    with model_guard(m):
+        m.q.copy_(q(torch.ones(4)))
+    assert torch.equal(m.q.int_repr(), was)
+print("ok")
+"""
+
+
+def test_a_quantized_buffer_neither_crashes_the_exit_nor_stays_written():
+    """A quantized buffer (per tensor alone and beside another, per channel): the base viewed it as integers of its
+    element's size to compare it, and ``equal`` of that view crashed the process (a segmentation fault at each
+    guard's exit, whether or not anything was written): run in a child process. Now compared by its integers and
+    quantization parameters, a write through ``.data`` put back."""
+    import os
+    import subprocess
+
+    src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(guard_values.__file__))))
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", _QUANTIZED_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])

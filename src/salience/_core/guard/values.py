@@ -352,6 +352,9 @@ _CPU = torch.device("cpu")
 _CHUNK = 1 << 16
 _UINTS = {1: "u1", 2: "u2", 4: "u4", 8: "u8"}
 _TORCH_UINTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# the quantized dtypes: their tensors are never viewed as integers (:func:`_same_quantized`)
+_QUANTIZED = frozenset(d for d in (getattr(torch, n, None) for n in ("quint8", "qint8", "qint32", "quint4x2",
+                                                                      "quint2x4")) if d is not None)
 # the largest group of buffers (bytes, one dtype) whose values :meth:`Snapshot.check` reads in one flat copy at a
 # guard's exit; a larger one is compared tensor by tensor in place (no second copy of it)
 FLAT_CHECK_LIMIT = COPY_LIMIT
@@ -389,8 +392,8 @@ class Snapshot:
     ``tensors`` is filled first (:meth:`ModuleState.take` appends each buffer it leaves to it), then :meth:`take`
     copies them all, with their version counters: a piece is given only for the version it was copied at (a buffer
     written between its record and the copy, which runs only salience's bookkeeping, gets none, as a record without a
-    copy). A group torch cannot flatten (a sparse or quantized tensor, a backend without ``cat``) is cloned tensor by
-    tensor. :meth:`check` compares them at the exit (a group over :data:`FLAT_CHECK_LIMIT` bytes in place, without a
+    copy). A group torch cannot flatten (a sparse tensor, a backend without ``cat``), and a quantized dtype's, is
+    cloned tensor by tensor. :meth:`check` compares them at the exit (a group over :data:`FLAT_CHECK_LIMIT` bytes in place, without a
     second copy). Not taken (an error or Ctrl-C before :meth:`take`): no piece at all; nothing of the user's ran yet, so no
     buffer was written that a piece would put back."""
 
@@ -418,8 +421,9 @@ class Snapshot:
         groups = {}
         for key, members in by.items():
             group = tensors if len(members) == len(tensors) else [tensors[i] for i in members]
-            try:  # one tensor alone: torch gives a view of it (``t.contiguous().view(-1)``), no copy: a clone
-                values: Any = _flatten(group) if len(group) > 1 else [group[0].clone()]
+            try:  # one tensor alone: torch gives a view of it (``t.contiguous().view(-1)``), no copy: a clone; quantized
+                # ones a clone each (a flat copy of them, viewed as integers to compare, crashed the process)
+                values: Any = _flatten(group) if len(group) > 1 and key not in _QUANTIZED else [t.clone() for t in group]
             except Exception:  # noqa: BLE001 - no flat copy for this group (devices, a sparse tensor): one clone each
                 values = [t.clone() for t in group]
             groups[key] = (members, values, group)
@@ -482,8 +486,9 @@ class Snapshot:
         read in one flat copy of its values now, compared whole (one ``equal``); tensor by tensor only where it
         differs. A larger group is compared tensor by tensor in place, without a copy: a flat read of it would hold a
         second copy of all its buffers at the exit (a model with 512 MiB of buffers peaked 1 GiB over its size, the
-        per-buffer clones of before 512 MiB). A tensor that cannot be compared (no kernel: meta, quantized) is taken as
-        unchanged, as before (by its version only)."""
+        per-buffer clones of before 512 MiB). A quantized tensor is compared by its integers and parameters
+        (:func:`_same_quantized`); one that cannot be compared (no kernel: meta, sparse) is taken as unchanged, as
+        before (by its version only)."""
         moved: set = set()
         if self.groups is not None:
             for members, values, group in self.groups.values():
@@ -527,11 +532,28 @@ def _same_bytes(t: torch.Tensor, copy: torch.Tensor) -> bool:
         if t.shape != copy.shape or t.dtype != copy.dtype:
             return False
         t = t.detach()
+        if t.is_quantized:
+            return _same_quantized(t, copy)
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
         return torch.equal(_in_bits(t), _in_bits(copy))
-    except Exception:  # noqa: BLE001 - meta, quantized, a subclass without these kernels
+    except Exception:  # noqa: BLE001 - meta, sparse, a subclass without these kernels
         return True
+
+
+def _same_quantized(t: torch.Tensor, copy: torch.Tensor) -> bool:
+    """Whether the quantized tensor ``t`` holds the values of ``copy``: its integers (``int_repr``) and its scheme,
+    scales and zero points. Not viewed as integers of its element's size: torch gives a tensor of no valid storage
+    there, and ``equal`` of it crashed the process (a model with a quantized buffer, at each guard's exit)."""
+    if t.qscheme() != copy.qscheme():
+        return False
+    if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        params = (t.q_scale(), t.q_zero_point()) == (copy.q_scale(), copy.q_zero_point())
+    else:
+        params = t.q_per_channel_axis() == copy.q_per_channel_axis() and \
+            torch.equal(t.q_per_channel_scales(), copy.q_per_channel_scales()) and \
+            torch.equal(t.q_per_channel_zero_points(), copy.q_per_channel_zero_points())
+    return params and torch.equal(t.int_repr(), copy.int_repr())
 
 
 def _in_bits(t: torch.Tensor) -> torch.Tensor:
