@@ -48,7 +48,7 @@ def _capture(obj: Any, wrapper: Optional[type], into: Any = None, snap: Optional
     if into is not None:
         into.take(obj, wrapper, snap)
         return into
-    return ModuleState(obj, wrapper) if isinstance(obj, nn.Module) else ParamState(obj)
+    return ModuleState(obj, wrapper, snap) if isinstance(obj, nn.Module) else ParamState(obj)
 
 
 def _compiled_wrapper_class() -> Optional[type]:
@@ -185,9 +185,9 @@ def _release(objects: list, run: bool = False, start: int = -1) -> None:
         elif entry.holders == entry.runs and entry.baseline is not None:
             back[type(entry.baseline) is ParamState].append(entry.baseline)
     # modules first (compiled forwards, modes, buffers), then parameters; each put back even if one raises
-    if last[0]:
-        try:
-            _check_snapshots(last[0])
+    if last[0] or back[0]:
+        try:  # the baselines' too: a write that moved no version counter in a call of a dataset run, undone after it
+            _check_snapshots(last[0] + back[0])
         except BaseException as e:  # noqa: BLE001 - the put-back goes on (by version counters); the error raised after
             error = e
     error = _each(last[0], False) or error
@@ -432,7 +432,9 @@ def run_guard(model: nn.Module) -> Iterator[nn.Module]:
     Every guard entered in the block (each method's call, batch after batch) only counts itself; when it
     leaves and only run guards hold a module or parameter, that object gets back its *baseline*, its
     state as this guard established it (recorded here, after eval mode and the frozen flags): what
-    differs is put back (a buffer written in place is copied back, a flag, a mode, a parameter's data
+    differs is put back (a buffer written in place is copied back, also where no version counter moved: the
+    baseline's buffers have a :class:`~salience._core.guard.values.Snapshot` of their own, compared after each
+    call; a flag, a mode, a parameter's data
     or strides, a ``.grad``, a tensor attribute), so each call starts as it would under a guard of its
     own. Guards of other threads share it as they share any guard's (counted per module and
     parameter); the baseline is put back only when no guard but run guards holds the object, never
@@ -482,10 +484,11 @@ def _enter_run(model: nn.Module, box: list, copies: list) -> None:
     with _lock:
         try:  # also an error part way: the run counts raised are lowered, the holds released
             wrapper = _compiled_wrapper_class()
+            snap = Snapshot()  # the baselines' buffers, copied at once and compared after each call (_release)
             for o in objects:
                 entry = registry[id(o)]
                 if entry.baseline is None:
-                    entry.baseline = _capture(o, wrapper)
+                    entry.baseline = _capture(o, wrapper, snap=snap)
                     if type(entry) is ModuleState and entry.attrs is None:
                         # the state recorded copied no dict (a torch.nn layer without hooks): nor does the baseline,
                         # which saw another thread's call mid-way (its instance forward, attention._NativeMHA) and put
@@ -493,6 +496,7 @@ def _enter_run(model: nn.Module, box: list, copies: list) -> None:
                         entry.baseline.attrs = None
                 entry.runs += 1
                 counted.append(o)
+            snap.take()
         except BaseException:
             for o in counted:
                 entry = registry[id(o)]

@@ -54,8 +54,8 @@ class ModuleState(Entry):
     __slots__ = ("module", "training", "forward", "buffers", "handles", "attrs", "quiet", "params", "children", "since",
                  "foreign", "tensors", "contents", "index", "script", "storages", "snap")
 
-    def __init__(self, module: nn.Module, wrapper: Optional[type]) -> None:
-        self.take(module, wrapper)
+    def __init__(self, module: nn.Module, wrapper: Optional[type], snap: Optional[Snapshot] = None) -> None:
+        self.take(module, wrapper, snap)
 
     def take(self, module: nn.Module, wrapper: Optional[type], snap: Optional[Snapshot] = None) -> None:
         """Record ``module``'s state (``wrapper``: see :func:`_capture`). ``snap``: where given, the copies of the
@@ -197,10 +197,20 @@ class ModuleState(Entry):
         a new version; the next :meth:`put_back` copies only what was written since)."""
         self.restore()
         if self.buffers and any(buf is not None and buf._version != version for _, buf, version, _, _ in self.buffers):
-            # a piece of a Snapshot is given for the version it was taken at: the moved ones keep their piece itself
+            # a piece of a Snapshot is given for the version it was taken at: the snapshot renewed for the moved ones
+            # (compared again at the next release: a run guard's baseline), else their piece itself
             self.buffers = [(name, buf, buf._version if buf is not None else 0,
-                             copy_of(copy, buf, version) if buf is not None and buf._version != version else copy, attrs)
+                             _renewed(copy, buf, version) if buf is not None and buf._version != version else copy,
+                             attrs)
                             for name, buf, version, copy, attrs in self.buffers]
+
+
+def _renewed(copy: Any, buf: torch.Tensor, version: int) -> Any:
+    """The copy a record keeps of ``buf`` (recorded at ``version``) once :meth:`ModuleState.put_back` put it back:
+    a :class:`Snapshot` renewed for ``buf``'s version now (:meth:`Snapshot.renew`), else its piece or copy."""
+    if type(copy) is Snapshot and copy.renew(buf, version, buf._version):
+        return copy
+    return copy_of(copy, buf, version)
 
 
 def _buffer_record(name: str, buf: Optional[torch.Tensor], snap: Snapshot) -> tuple:

@@ -17,7 +17,7 @@ Limits: a write that moves no version counter (through ``.data``, a NumPy view) 
 size says nothing of its values); one over the cap is copied per call.
 
 This room holds the package's state of copies (``KEPT``, its byte count, its lock, the per-thread notes) and its
-tunable constants ``COPY_LIMIT``, ``_KEEP_LIMIT`` and ``_KEPT_SAMPLES``: patch them here."""
+tunable constants ``COPY_LIMIT``, ``_KEEP_LIMIT``, ``_KEPT_SAMPLES`` and ``FLAT_CHECK_LIMIT``: patch them here."""
 from __future__ import annotations
 
 import functools
@@ -352,6 +352,12 @@ _CPU = torch.device("cpu")
 _CHUNK = 1 << 16
 _UINTS = {1: "u1", 2: "u2", 4: "u4", 8: "u8"}
 _TORCH_UINTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# the quantized dtypes: their tensors are never viewed as integers (:func:`_same_quantized`)
+_QUANTIZED = frozenset(d for d in (getattr(torch, n, None) for n in ("quint8", "qint8", "qint32", "quint4x2",
+                                                                      "quint2x4")) if d is not None)
+# the largest group of buffers (bytes, one dtype) whose values :meth:`Snapshot.check` reads in one flat copy at a
+# guard's exit; a larger one is compared tensor by tensor in place (no second copy of it)
+FLAT_CHECK_LIMIT = COPY_LIMIT
 
 
 def large_copy(copy: Any) -> bool:
@@ -386,15 +392,16 @@ class Snapshot:
     ``tensors`` is filled first (:meth:`ModuleState.take` appends each buffer it leaves to it), then :meth:`take`
     copies them all, with their version counters: a piece is given only for the version it was copied at (a buffer
     written between its record and the copy, which runs only salience's bookkeeping, gets none, as a record without a
-    copy). A group torch cannot flatten (a sparse or quantized tensor, a backend without ``cat``) is cloned tensor by
-    tensor. Not taken (an error or Ctrl-C before :meth:`take`): no piece at all; nothing of the user's ran yet, so no
+    copy). A group torch cannot flatten (a sparse tensor, a backend without ``cat``), and a quantized dtype's, is
+    cloned tensor by tensor. :meth:`check` compares them at the exit (a group over :data:`FLAT_CHECK_LIMIT` bytes in place, without a
+    second copy). Not taken (an error or Ctrl-C before :meth:`take`): no piece at all; nothing of the user's ran yet, so no
     buffer was written that a piece would put back."""
 
-    __slots__ = ("tensors", "versions", "shapes", "groups", "where", "moved")
+    __slots__ = ("tensors", "versions", "shapes", "groups", "where", "moved", "index")
 
     def __init__(self) -> None:
         self.tensors: list = []
-        self.versions = self.shapes = self.groups = self.where = self.moved = None
+        self.versions = self.shapes = self.groups = self.where = self.moved = self.index = None
 
     def take(self) -> None:
         """Copy the values of :attr:`tensors` (each a plain ``torch.Tensor`` without ``requires_grad``), grouped by
@@ -414,8 +421,9 @@ class Snapshot:
         groups = {}
         for key, members in by.items():
             group = tensors if len(members) == len(tensors) else [tensors[i] for i in members]
-            try:  # one tensor alone: torch gives a view of it (``t.contiguous().view(-1)``), no copy: a clone
-                values: Any = _flatten(group) if len(group) > 1 else [group[0].clone()]
+            try:  # one tensor alone: torch gives a view of it (``t.contiguous().view(-1)``), no copy: a clone; quantized
+                # ones a clone each (a flat copy of them, viewed as integers to compare, crashed the process)
+                values: Any = _flatten(group) if len(group) > 1 and key not in _QUANTIZED else [t.clone() for t in group]
             except Exception:  # noqa: BLE001 - no flat copy for this group (devices, a sparse tensor): one clone each
                 values = [t.clone() for t in group]
             groups[key] = (members, values, group)
@@ -424,54 +432,136 @@ class Snapshot:
 
     def of(self, t: torch.Tensor, version: int) -> Optional[torch.Tensor]:
         """The copy of ``t``'s values as taken at ``version`` (a view of the flat copy, in ``t``'s shape then), or
-        ``None`` where ``t`` was not copied at that version (or not copied: :meth:`take` did not run)."""
+        ``None`` where ``t`` was not copied at that version (or not copied: :meth:`take` did not run). Found by ``t``'s
+        id (:meth:`_where`): a scan of :attr:`tensors` per buffer put back made a put-back of every buffer square in
+        their number (4000 buffers written in a block: 1.0 s, against 28 ms by clones)."""
         if self.groups is None:
             return None
-        for i, u in enumerate(self.tensors):
-            if u is t and self.versions[i] == version:
-                return self._piece(i)
-        return None
-
-    def _piece(self, i: int) -> torch.Tensor:
-        """The copy of the values of ``tensors[i]``: its clone, or its piece of the flat copy in its shape."""
-        members, values, _ = self.groups[self.where[i]]
-        k = members.index(i)
+        at = self._where().get(id(t))
+        if at is None:
+            return None
+        i, k, start = at
+        if self.tensors[i] is not t or self.versions[i] != version:
+            return None
+        values = self.groups[self.where[i]][1]
         if type(values) is list:
             return values[k]
-        start = sum(_numel(self.shapes[j]) for j in members[:k])
         return values.narrow(0, start, _numel(self.shapes[i])).view(self.shapes[i])
+
+    def renew(self, t: torch.Tensor, version: int, now: int) -> bool:
+        """``t``, copied at ``version``, now holds its copy's values again at version ``now`` (a run guard's baseline
+        put back from it: :meth:`ModuleState.put_back`): its piece is given for ``now`` from here on, and it is
+        compared again at the next :meth:`check` (a piece handed out instead, a plain tensor, was compared by version
+        only: a write through ``.data`` in a later call of the run stayed for the calls after it). ``False`` where
+        ``t`` has no piece for ``version`` (nothing renewed)."""
+        if self.groups is None:
+            return False
+        at = self._where().get(id(t))
+        if at is None or self.tensors[at[0]] is not t or self.versions[at[0]] != version:
+            return False
+        self.versions[at[0]] = now
+        return True
+
+    def _where(self) -> dict:
+        """``id(tensor) -> (its index in tensors, its index in its group, its piece's start in the group's flat
+        copy)``, the first of each tensor (one listed twice, a buffer shared by two modules, was copied twice at one
+        version), made once a snapshot where a piece is first asked for (the offsets summed as they go)."""
+        index = self.index
+        if index is None:
+            index = {}
+            shapes = self.shapes
+            for members, _, _ in self.groups.values():
+                start = 0
+                for k, i in enumerate(members):
+                    index.setdefault(id(self.tensors[i]), (i, k, start))
+                    start += _numel(shapes[i])
+            self.index = index
+        return index
 
     def check(self) -> None:
         """Note in :attr:`moved` the ids of the tensors whose values differ from the copy, bit for bit, whatever their
         version counters say: BatchNorm's running statistics, updated in train mode (a forward that trains its
         layer: ``self.bn.train()``), move no version counter (torch 2.14's CPU kernel), nor does a write through
-        ``.data``; a put-back by version alone left them written. One flat copy of the values now per group, compared
-        whole (one ``equal`` of its bytes); tensor by tensor only in a group that differs. A tensor that cannot be
-        compared (no kernel: meta, quantized) is taken as unchanged, as before (by its version only)."""
+        ``.data``; a put-back by version alone left them written. A group of up to :data:`FLAT_CHECK_LIMIT` bytes is
+        read in one flat copy of its values now, compared whole (one ``equal``); tensor by tensor only where it
+        differs. A larger group is compared tensor by tensor in place, without a copy: a flat read of it would hold a
+        second copy of all its buffers at the exit (a model with 512 MiB of buffers peaked 1 GiB over its size, the
+        per-buffer clones of before 512 MiB). A quantized tensor is compared by its integers and parameters
+        (:func:`_same_quantized`); one that cannot be compared (no kernel: meta, sparse) is taken as unchanged, as
+        before (by its version only)."""
         moved: set = set()
         if self.groups is not None:
-            tensors = self.tensors
             for members, values, group in self.groups.values():
-                if type(values) is not list:
+                if type(values) is not list and values.nbytes <= FLAT_CHECK_LIMIT:
                     try:
                         now = _flatten(group)
-                        if now.shape == values.shape and torch.equal(_as_bits(now), _as_bits(values)):
+                        if now.shape == values.shape and now.dtype == values.dtype and \
+                                torch.equal(_as_bits(now), _as_bits(values)):
                             continue
                     except Exception:  # noqa: BLE001 - a tensor resized, on another device: one by one
                         pass
-                moved.update(id(tensors[i]) for i in members if not _same_bytes(tensors[i], self._piece(i)))
+                moved.update(self._differ(members, values))
         self.moved = moved
+
+    def _differ(self, members: list, values: Any) -> list:
+        """The ids of the tensors of the group ``members`` (their indices; ``values`` its flat copy or clones) whose
+        version counter did not move and whose values differ from their copy (:func:`_same_bytes`, in place). One
+        whose counter moved is put back by it anyway: not compared (4000 buffers written in a block cost 70 ms
+        more compared)."""
+        tensors, versions, shapes = self.tensors, self.versions, self.shapes
+        flat = type(values) is not list
+        out, start = [], 0
+        for k, i in enumerate(members):
+            t = tensors[i]
+            n = _numel(shapes[i]) if flat else 0
+            if t._version == versions[i]:
+                piece = values.narrow(0, start, n).view(shapes[i]) if flat else values[k]
+                if not _same_bytes(t, piece):
+                    out.append(id(t))
+            start += n
+        return out
 
 
 def _same_bytes(t: torch.Tensor, copy: torch.Tensor) -> bool:
-    """Whether ``t`` holds the values of ``copy`` bit for bit (its shape too; NaN equal to itself); ``True`` where they
-    cannot be compared (no kernel for the tensor's kind)."""
+    """Whether ``t`` holds the values of ``copy`` bit for bit (its shape and dtype too; NaN equal to itself, -0.0 not
+    0.0), read in place: viewed as integers of its element's size whatever its strides (no contiguous copy of a large
+    buffer); a lazy conjugate or negative view resolved first (its bits are not its values: a view of them as integers
+    raised, and the tensor was taken as unchanged). ``True`` where they cannot be compared (no kernel for the
+    tensor's kind)."""
     try:
-        if t.shape != copy.shape:
+        if t.shape != copy.shape or t.dtype != copy.dtype:
             return False
-        return torch.equal(_as_bits(t.detach().contiguous().view(-1)), _as_bits(copy.contiguous().view(-1)))
-    except Exception:  # noqa: BLE001 - meta, quantized, a subclass without these kernels
+        t = t.detach()
+        if t.is_quantized:
+            return _same_quantized(t, copy)
+        if t.is_conj() or t.is_neg():
+            t = t.resolve_conj().resolve_neg()
+        return torch.equal(_in_bits(t), _in_bits(copy))
+    except Exception:  # noqa: BLE001 - meta, sparse, a subclass without these kernels
         return True
+
+
+def _same_quantized(t: torch.Tensor, copy: torch.Tensor) -> bool:
+    """Whether the quantized tensor ``t`` holds the values of ``copy``: its integers (``int_repr``) and its scheme,
+    scales and zero points. Not viewed as integers of its element's size: torch gives a tensor of no valid storage
+    there, and ``equal`` of it crashed the process (a model with a quantized buffer, at each guard's exit)."""
+    if t.qscheme() != copy.qscheme():
+        return False
+    if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        params = (t.q_scale(), t.q_zero_point()) == (copy.q_scale(), copy.q_zero_point())
+    else:
+        params = t.q_per_channel_axis() == copy.q_per_channel_axis() and \
+            torch.equal(t.q_per_channel_scales(), copy.q_per_channel_scales()) and \
+            torch.equal(t.q_per_channel_zero_points(), copy.q_per_channel_zero_points())
+    return params and torch.equal(t.int_repr(), copy.int_repr())
+
+
+def _in_bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (any strides) viewed as integers of its element's size; a complex one of 16 bytes as its real and
+    imaginary parts' (``view_as_real``: a view of another element size needs a contiguous last dimension)."""
+    if t.element_size() not in _TORCH_UINTS and t.is_complex():
+        t = torch.view_as_real(t)
+    return t.view(_TORCH_UINTS[t.element_size()])
 
 
 def _as_bits(flat: torch.Tensor) -> torch.Tensor:
