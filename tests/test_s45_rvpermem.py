@@ -56,16 +56,32 @@ def test_occlusion_bf16_fold_ignored_pixels_drop_exactly_zero(local_, layout, ch
 @pytest.mark.parametrize("fold", [False, True])
 def test_occlusion_bf16_close_to_fp32_on_the_read_columns(fold):
     """The bf16 map is the float32 one up to bf16 rounding of the scores (2^-8 of a score: the drops here are a few
-    percent of the score, so a tenth of the map's max), and 0 where float32 says 0."""
+    percent of the score, so a tenth of the map's max), and 0 where float32 says 0. Over the columns the model never
+    reads, float32's map is exactly 0 where the model's float32 score of an image does not depend on the batch it runs
+    in, and within that dependence where it does (oneDNN's AVX-512 convolutions pick kernels by batch size: the same
+    image's score differs by 2^-26 between a batch of 1 and of 4 on a Xeon with AMX; the occluded copies run in
+    chunks of another size than the clean pass)."""
     model = LeftColumns().eval()
     x = _x()
     ref = salience.occlusion(model, x, 1, window=4, stride=4)
     with warnings.catch_warnings(), salience.performance(precision="bf16", fold_batchnorm=fold):
         warnings.simplefilter("ignore")
         got = salience.occlusion(model, x, 1, window=4, stride=4)
-    assert float(ref[..., 16:].abs().max()) == 0.0
+    assert float(ref[..., 16:].abs().max()) <= _batch_spread(model, x)
     assert float((got - ref).abs().max()) <= 0.35 * float(ref.abs().max())
     assert float(got[..., 16:].abs().max()) == 0.0
+
+
+def _batch_spread(model: nn.Module, x: torch.Tensor) -> float:
+    """Twice the most the model's float32 score of target 1 for an image moves with the batch it runs in (alone, in
+    ``x``, in 2, 4 and 16 copies of ``x``, in 2, 8 and 64 copies of itself: sizes of occlusion's passes here): a clean
+    and an occluded score may each move, either way. 0.0 on a CPU whose kernels do not depend on the batch size."""
+    with torch.no_grad():
+        alone = torch.cat([model(x[i:i + 1]) for i in range(len(x))])[:, 1]
+        moved = [(model(x.repeat(n, 1, 1, 1))[:len(x), 1] - alone).abs().max() for n in (1, 2, 4, 16)]
+        moved += [(model(x[i:i + 1].repeat(k, 1, 1, 1))[:, 1] - alone[i]).abs().max()
+                  for i in range(len(x)) for k in (2, 8, 64)]
+    return 2.0 * float(max(moved))
 
 
 def test_moved_fallback_runs_the_float32_folds_split(monkeypatch):
