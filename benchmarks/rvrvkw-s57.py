@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import platform
 import subprocess
 import sys
 import timeit
@@ -74,7 +73,8 @@ def main() -> None:
         for name, (fn, number) in peers.items():
             rows[name].append(per_call_us(fn, (model, x), kwargs, number))
     print("# Per-call cost of the checked public methods (second s57 review)\n")
-    print(f"CPU: {platform.processor() or 'x86_64'} (AMD EPYC, no AVX512), one thread, core 1; load before: `{load}`\n")
+    from _common import cpu_isa, cpu_name  # the machine's own words (its model name and flags), never a literal
+    print(f"CPU: {cpu_name()} ({cpu_isa()}), one thread, core 1; load before: `{load}`\n")
     print("Each figure: the best of 5 repeats of N calls, per call, in µs; 5 alternating rounds.\n")
     print("| call | " + " | ".join(f"round {i + 1}" for i in range(5)) + " | min / median / max |")
     print("|---|" + "---|" * 6)
