@@ -35,6 +35,7 @@ from salience.evidence import evaluate as ev
 from salience.evidence._checks import resolve_method
 from salience.methods import options as _options
 from conftest import seeded_small_cnn, unchanged
+from test_s57_rvkeywords import _Forwards
 
 
 @pytest.fixture(scope="module")
@@ -59,20 +60,6 @@ def needs_k(model, x, target=None, *, k):
 def no_target(model, x):
     """A user's function that takes no target."""
     return salience.vanilla(model, x)
-
-
-class _Forwards:
-    """Counts the model's forward passes (a hook of the test's, removed at the end)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.n, self.model = 0, model
-
-    def __enter__(self) -> "_Forwards":
-        self.handle = self.model.register_forward_pre_hook(lambda *_: setattr(self, "n", self.n + 1))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.remove()
 
 
 # ------------------------------------------------------------------------------------ 1. method_options' unknown key
