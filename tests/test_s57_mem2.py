@@ -1,13 +1,15 @@
-"""Session 57, issue 15's memory: the noted scores of a many-pass CPU call keep no buffer grown between its passes.
+"""Session 57, issue 15's memory: the noted scores' buffers of a many-pass CPU call are made once, for the call's
+items, not grown by doubling between its passes.
 
-:meth:`salience._core.derived.Derived.note_scores` kept, for the refusal of NaN / infinite scores, each item's bad
-flags, image and classes in three buffers that started at 64 rows and were made again (a ``torch.cat`` into a buffer
-twice the size) whenever a pass's items passed their end: for RISE's 400 items here 64, 128, 256 and 512 rows, every
-one made between two passes' freed activations (the small blocks glibc carves from a pass's free blocks, session 43's
-cause of RISE's heap growth). They were then made once at the call's items; a CPU pass's flags are now read at once
-and only the bad ``(image, target, class)`` triples kept (tests/test_s57_rvmem2.py), so a call with no bad score keeps
-nothing. The tests of what is kept failed on the doubling code; the maps are unchanged (the notes hold only the
-refusal's bookkeeping).
+:class:`salience._core.derived._Noted` keeps, for the refusal of NaN / infinite scores, each item's bad flags, image
+and classes. Before session 57 its three buffers started at 64 rows and were made again (a ``torch.cat`` into a buffer
+twice the size) whenever a pass's items passed their end: for RISE's 400 items here 64, 128, 256 and 512 rows, four
+buffers each, every one made between two passes' freed activations (the small blocks glibc carves from a pass's free
+blocks, session 43's cause of RISE's heap growth). The engine now gives the call's number of items to its scope
+(:func:`salience._core.derived.run_scope`), and the buffers are made once at that size. All 8 tests fail on the code
+before (4 buffers of 64 to 512 rows for RISE, 2 for Ablation-CAM's 128 items; a buffer made at a later pass alive
+passes after it; the last test by ``_Noted``'s new ``items`` argument only) and pass now; the maps are unchanged
+(the buffers hold only the refusal's bookkeeping).
 """
 from __future__ import annotations
 
@@ -31,19 +33,20 @@ def _net(channels: int = 64) -> nn.Module:
 X = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
 
 
-def _kept(monkeypatch, call) -> tuple[int, int]:
-    """``(rows noted, most entries the call's scope kept for its refusal after a note)``."""
-    rows, kept = [0], [0]
-    note = derived.Derived.note_scores
+def _buffers(monkeypatch, call) -> list[tuple[int, int]]:
+    """``(data pointer, rows)`` of every distinct ``bad`` buffer the call's noted scores were written into."""
+    seen: list[tuple[int, int]] = []
+    add = derived._Noted.add
 
-    def spy(self, key, bad, targets, owner=None):
-        note(self, key, bad, targets, owner)
-        rows[0] += bad.shape[0]
-        kept[0] = max(kept[0], sum(len(v.found) for v in self._cpu.values()) + len(self._cpu))
+    def spy(self, bad, img, cls, batch):
+        add(self, bad, img, cls, batch)
+        key = (self.bad.data_ptr(), int(self.bad.shape[0]))
+        if key not in seen:
+            seen.append(key)
 
-    monkeypatch.setattr(derived.Derived, "note_scores", spy)
+    monkeypatch.setattr(derived._Noted, "add", spy)
     call()
-    return rows[0], kept[0]
+    return seen
 
 
 CALLS = {
@@ -56,13 +59,13 @@ CALLS = {
 
 
 @pytest.mark.parametrize("name", list(CALLS))
-def test_noted_scores_keep_nothing_where_no_score_is_bad(monkeypatch, name):
-    """The call's passes are noted (every item once) and, with no NaN score, nothing is kept: no buffer (first made
-    at 64 rows and grown by doubling, then made once at the call's items) and no entry."""
+def test_noted_scores_buffers_are_made_once_for_the_call_s_items(monkeypatch, name):
     call, items = CALLS[name]
     m = _net()
     call(m)  # a first call: the memory probe's pass and the caches, as a warm call has them
-    assert _kept(monkeypatch, lambda: call(m)) == (items, 0)
+    seen = _buffers(monkeypatch, lambda: call(m))
+    assert len(seen) == 1, seen  # before: (64, 128, 256, 512) rows for RISE, (64, 128) for the CAMs
+    assert seen[0][1] == items, seen
 
 
 FIRST = {  # no chunk given: the engine's memory probe runs, in the first call of a model
@@ -75,24 +78,31 @@ FIRST = {  # no chunk given: the engine's memory probe runs, in the first call o
 @pytest.mark.parametrize("name", list(FIRST))
 def test_a_first_call_s_probe_pass_notes_nothing_kept(monkeypatch, name):
     """A model's first call runs the engine's memory probe as a pass of its own (thrown away, its items run again):
-    its rows are noted on top of the call's items, and nothing is kept."""
+    its notes are forgotten after it, so the buffers are still made once at the call's items. Before (this
+    session's first change alone): 130 rows noted for Ablation-CAM's 128 items, the buffers made again at 256."""
     call, items = FIRST[name]
-    rows, kept = _kept(monkeypatch, lambda: call(_net()))
-    assert rows >= items and kept == 0
+    seen = _buffers(monkeypatch, lambda: call(_net()))
+    assert len(seen) == 1, seen
+    assert seen[0][1] == items, seen
 
 
-def test_the_refusal_still_names_images():
-    """A NaN score is still refused; notes of many rows keep only the bad triples."""
+def test_the_buffers_still_grow_past_their_size_and_the_refusal_still_names_images():
+    """Notes past the buffers' size (a nested call's passes, which join the outer call's scope) still fit: the
+    buffers double past it, as before; a NaN score is still refused."""
     m = _net(8)
     with torch.no_grad():
         m[5].bias[1] = float("nan")
     with pytest.raises(SalienceError, match=r"NaN or infinite"):
         salience.rise(m, X, 1, masks=40, cell=3, chunk=4)
-    scope = derived.Derived()
+    noted = derived._Noted(1, 3)
+    for i in range(5):  # 5 x 2 rows into a buffer made for 3 (its floor: 64): grown only past 64
+        noted.add(torch.tensor([[i == 4], [False]]), torch.tensor([0, 1]), torch.full((2, 1), -1), 2)
+    assert noted.bad.shape[0] == 64 and noted.n == 10
+    assert noted.found() == {(0, 0, None)}
+    big = derived._Noted(1, 0)
     for i in range(40):
-        scope.note_scores("k", torch.tensor([[i == 4], [False]]), [None])
-    assert scope.bad_images("k") == ([(0, 0, None)], 2)
-    assert [len(v.found) for v in scope._cpu.values()] == [1]
+        big.add(torch.zeros(2, 1, dtype=torch.bool), torch.tensor([0, 1]), torch.full((2, 1), -1), 2)
+    assert big.n == 80 and big.bad.shape[0] == 128  # past the floor: doubled, as before
 
 
 class _Born(TorchDispatchMode):

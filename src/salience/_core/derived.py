@@ -20,8 +20,7 @@ such a loop on an H200).
   model's output for probabilities);
 - :meth:`Derived.note_scores`: which items' target scores were NaN or infinite (a bool tensor per pass, on the
   device), read only when the call refuses them, to name the images (:meth:`Derived.bad_images`): the engine's
-  chunk (:func:`chunk_items`) says which image each item of a pass belongs to. A CPU pass's are read at once (no
-  device to wait for) and only its bad ``(image, target, class)`` triples kept: nothing per pass or per item.
+  chunk (:func:`chunk_items`) says which image each item of a pass belongs to.
 
 Per context (a :class:`~contextvars.ContextVar`): another thread's calls have their own. A nested many-pass call
 (SmoothGrad of Integrated Gradients) joins the outer call's scope: its inputs derive from the outer ones.
@@ -48,25 +47,30 @@ class Derived:
         self._done: dict[Any, Any] = {}
         self.levels: list[tuple[int, int]] = []  # the engine's running chunks (first item, images), outermost first
         self._scores: dict[str, list[tuple[Tensor, Optional[Tensor], tuple[tuple[int, int], ...], list[Any]]]] = {}
-        self._cpu: dict[str, _Noted] = {}  # the bad scores note_scores read off CPU passes, by key
+        self._cpu: dict[tuple[str, int], _Noted] = {}  # note_scores of CPU passes, by key and number of targets
+        self.items: Optional[int] = None  # the call's number of items (the engine's total), the noted buffers' size
 
     def note_scores(self, key: str, bad: Tensor, targets: Sequence[Any], owner: Optional[Tensor] = None) -> None:
         """``bad`` ``(n, K)`` (on the device): which of a pass's ``n`` items had a NaN or infinite score of each of
         the K targets. ``owner``: the image of each item in the running chunk's images (default: the engine's
         numbering, item ``j`` of image ``j % images``; none running: item ``i`` is image ``i``); ``targets``: the K
-        targets of the pass (a class target names its class, ``classes_for``). On a device kept, not read. On the CPU
-        read at once (a CPU tensor's read waits for no device): a pass with no bad score keeps nothing, one with some
-        adds its bad ``(image, target, class)`` triples to a set of the call (:class:`_Noted`). The CPU keeps no
-        tensor per pass: a few small tensors kept per pass between its freed activations split glibc's heap, whose
-        peak then grew with the passes (RISE on resnet50, 8 images, 64 masks in 85 passes: 160 to 280 MiB, session
-        43), and no buffer of the call's items either (8 + 9K bytes an item of K targets: 130 MiB for occlusion's
-        1,000,000 windows of 8 images, made for a message that almost never comes)."""
+        targets of the pass (a class target names its class, ``classes_for``). Kept, not read. On the CPU written
+        into buffers of the call (:class:`_Noted`) with each item's image and class: a few small tensors kept per
+        pass between its freed activations split glibc's heap, whose peak then grew with the passes (RISE on
+        resnet50, 8 images, 64 masks in 85 passes: 160 to 280 MiB, session 43)."""
         if bad.device.type == "cpu" and bad.dim() == 2:
-            if bool(bad.any()):
-                found, batch = _triples(bad, owner, self.levels, targets)
-                noted = self._cpu.setdefault(key, _Noted())
-                noted.found |= found
-                noted.batch = batch
+            img = torch.arange(bad.shape[0]) if owner is None else owner.to("cpu", torch.int64)
+            img = _call_images(img, owner is not None, self.levels)
+            cls = torch.full(bad.shape, -1, dtype=torch.int64)
+            for k, t in enumerate(targets[:bad.shape[1]]):
+                c = target_classes(t, bad.shape[0])
+                if c is not None:
+                    cls[:, k] = torch.as_tensor(c).to("cpu", torch.int64).reshape(-1).expand(bad.shape[0])
+            batch = _images_in_call(self.levels, bad.shape[0], owner is not None)
+            noted = self._cpu.get((key, bad.shape[1]))
+            if noted is None:  # made once, for the call's items: no buffer grown (made again) between two passes
+                noted = self._cpu[(key, bad.shape[1])] = _Noted(bad.shape[1], self.items or 0)
+            noted.add(bad, img, cls, batch)
             return
         self._scores.setdefault(key, []).append((bad, owner, tuple(self.levels), list(targets)))
 
@@ -75,26 +79,31 @@ class Derived:
         images (``None`` where unknown). Reads the device: for the message of a refusal only."""
         found: set[tuple[int, int, Optional[int]]] = set()
         batch: Optional[int] = None
-        noted = self._cpu.get(key)
-        if noted is not None:
-            found |= noted.found
-            batch = noted.batch
+        for (name, _), noted in self._cpu.items():
+            if name == key:
+                found |= noted.found()
+                batch = noted.batch
         for bad, owner, levels, targets in self._scores.get(key, []):
-            more, batch = _triples(bad, owner, levels, targets)
-            found |= more
+            rows, ks = bad.nonzero(as_tuple=True)
+            img = _call_images(rows if owner is None else owner.to(rows.device)[rows], owner is not None, levels)
+            batch = _images_in_call(levels, bad.shape[0], owner is not None)
+            classes = [target_classes(t, bad.shape[0]) for t in targets]
+            for r, i, k in zip(rows.tolist(), img.tolist(), ks.tolist()):
+                c = classes[k] if k < len(classes) else None
+                found.add((i, k, None if c is None else int(c[r])))
         return sorted(found, key=lambda t: (t[0], t[1])), batch
 
-    def snapshot(self) -> tuple[dict[str, Any], dict[str, list[Any]], dict[str, "_Noted"]]:
+    def snapshot(self) -> tuple[dict[str, Any], dict[str, list[Any]], dict[tuple[str, int], int]]:
         """The deferred conditions and noted scores so far, for :meth:`restore`."""
-        return (dict(self._flags), {k: list(v) for k, v in self._scores.items()},
-                {k: v.copy() for k, v in self._cpu.items()})
+        return dict(self._flags), {k: list(v) for k, v in self._scores.items()}, {k: v.n for k, v in self._cpu.items()}
 
-    def restore(self, saved: tuple[dict[str, Any], dict[str, list[Any]], dict[str, "_Noted"]]) -> None:
+    def restore(self, saved: tuple[dict[str, Any], dict[str, list[Any]], dict[tuple[str, int], int]]) -> None:
         """Forget the conditions and scores noted since :meth:`snapshot` gave ``saved``: a pass whose scores are
         thrown away (Ablation-CAM's shared pass, where the pass per item replaces it; the engine's memory probe's pass,
         whose items run again) refuses nothing."""
         self._flags, self._scores = dict(saved[0]), {k: list(v) for k, v in saved[1].items()}
-        self._cpu = {k: v.copy() for k, v in saved[2].items()}
+        for k, noted in self._cpu.items():  # the buffers kept (made once for the call): their rows forgotten
+            noted.n = saved[2].get(k, 0)
 
     def defer(self, key: str, flag: Tensor, action: Callable[[], None]) -> None:
         """``flag`` (a 0-d bool tensor, on the device) OR-ed into the call's ``key`` condition; ``action``
@@ -140,14 +149,16 @@ def current() -> Optional[Derived]:
 
 
 @contextmanager
-def run_scope() -> Iterator[Derived]:
+def run_scope(items: Optional[int] = None) -> Iterator[Derived]:
     """The scope of a many-pass call for the block; inside another, that one (a nested call joins it). The
-    outermost tests the deferred conditions when the block ends without an error."""
+    outermost tests the deferred conditions when the block ends without an error. ``items``: the call's number of
+    items (the engine's total), the size the noted scores' buffers are made at (:class:`_Noted`)."""
     outer = _SCOPE.get()
     if outer is not None:
         yield outer
         return
     scope = Derived()
+    scope.items = items
     token = _SCOPE.set(scope)
     try:
         yield scope
@@ -171,38 +182,39 @@ def _images_in_call(levels: Sequence[tuple[int, int]], items: int, owned: bool) 
     return levels[0][1] if levels else items if not owned else None
 
 
-def _triples(bad: Tensor, owner: Optional[Tensor], levels: Sequence[tuple[int, int]],
-             targets: Sequence[Any]) -> tuple[set[tuple[int, int, Optional[int]]], Optional[int]]:
-    """The bad ``(image, target, class)`` triples of a pass's ``bad`` ``(n, K)`` (its items' images by ``owner`` and
-    the engine's running chunks ``levels``, as :meth:`Derived.note_scores` takes them; a class where target ``k`` names
-    one, else ``None``), and the call's number of images (:func:`_images_in_call`). Reads ``bad``'s device."""
-    n = bad.shape[0]
-    rows, ks = bad.nonzero(as_tuple=True)
-    img = _call_images(rows if owner is None else owner.to(rows.device)[rows], owner is not None, levels)
-    classes = []
-    for t in targets[:bad.shape[1]]:
-        c = target_classes(t, n)
-        classes.append(None if c is None else torch.as_tensor(c).reshape(-1).expand(n))
-    found: set[tuple[int, int, Optional[int]]] = set()
-    for r, i, k in zip(rows.tolist(), img.tolist(), ks.tolist()):
-        c = classes[k] if k < len(classes) else None
-        found.add((i, k, None if c is None else int(c[r])))
-    return found, _images_in_call(levels, n, owner is not None)
-
-
 class _Noted:
-    """The bad ``(image, target, class)`` triples :meth:`Derived.note_scores` read off a call's CPU passes (a set: at
-    most images x targets x classes, however many items), and the call's number of images (``None``: unknown)."""
+    """A call's :meth:`Derived.note_scores` of CPU passes with K targets: each item's bad flags ``(K,)``, image and
+    classes (-1: none) in three buffers, so that a pass keeps no tensor of its own. Made for ``items`` rows (the
+    call's items, :func:`run_scope`'s; at least 64) at the first note, grown by doubling only past them (a nested call's
+    passes, a probe's pass noted again): session 56's buffers started at 64 rows and were made again at 128, 256 and
+    512 (Ablation-CAM's 512 items on resnet50), each time between two passes' freed activations."""
 
-    def __init__(self) -> None:
-        self.found: set[tuple[int, int, Optional[int]]] = set()
+    def __init__(self, k: int, items: int = 0) -> None:
+        with torch.inference_mode(False):  # normal tensors: see add
+            self.bad = torch.zeros(max(items, 64), k, dtype=torch.bool)
+            self.img = torch.zeros(max(items, 64), dtype=torch.int64)
+            self.cls = torch.zeros(max(items, 64), k, dtype=torch.int64)
+        self.n = 0
         self.batch: Optional[int] = None
 
-    def copy(self) -> "_Noted":
-        """A copy, for :meth:`Derived.snapshot` (the set copied: the notes after it are not the snapshot's)."""
-        other = _Noted()
-        other.found, other.batch = set(self.found), self.batch
-        return other
+    def add(self, bad: Tensor, img: Tensor, cls: Tensor, batch: Optional[int]) -> None:
+        end = self.n + bad.shape[0]
+        if end > self.bad.shape[0]:
+            cap = max(end, 2 * self.bad.shape[0], 64)
+            # grown as normal tensors even in a pass under inference mode (occlusion's, RISE's chunks): the call's
+            # next pass outside it (a clean pass of the next occlusion nested in SmoothGrad's chunk) writes them too,
+            # and an inference tensor refuses that (session 50 last read)
+            with torch.inference_mode(False):
+                self.bad, self.img, self.cls = (torch.cat([t[:self.n], t.new_zeros((cap - self.n,) + t.shape[1:])])
+                                                for t in (self.bad, self.img, self.cls))
+        self.bad[self.n:end], self.img[self.n:end], self.cls[self.n:end] = bad, img, cls
+        self.n, self.batch = end, batch
+
+    def found(self) -> set[tuple[int, int, Optional[int]]]:
+        """The bad ``(image, target, class)`` triples."""
+        rows, ks = self.bad[:self.n].nonzero(as_tuple=True)
+        return {(i, k, None if c < 0 else c) for i, k, c in
+                zip(self.img[rows].tolist(), ks.tolist(), self.cls[rows, ks].tolist())}
 
 
 def target_classes(target: Any, n: int) -> Optional[Tensor]:

@@ -474,7 +474,7 @@ def accumulate(
         raise SalienceError("nothing to compute (0 items)")
     kept = run.casts_kept() if run is not None else contextlib.nullcontext()
     before = found.before_pass if found is not None else None
-    with _derived.run_scope(), kept:
+    with _derived.run_scope(total), kept:
         return _accumulate(functools.partial(_run, compute, inference=inference, images=n_images, before=before),
                            total, n_images, weights, squares, chunk, max_memory, progress, desc, device, inference,
                            run, found is not None)
@@ -574,7 +574,8 @@ def _probe_apart(compute: Callable[[int, int], Union[Tensor, tuple[Tensor, Tenso
     :class:`~salience._core.guard.Found` of its own around it (session 50: a forward counting its calls made a first
     call's chunks see one count more than a later call's, which runs no probe: integrated gradients 1.5x)."""
     probe, scratch = MemoryProbe(first), _Adder(n_images, weights, squares, first)
-    # what the pass notes is forgotten after it (its items run again): their deferred checks and bad scores
+    # what the pass notes is forgotten after it (its items run again): the noted scores' buffers, made for the call's
+    # items, were made again at twice the size at the last chunk of a process's first call (session 57)
     scope = _derived.current()
     saved = scope.snapshot() if scope is not None else None
     token = _DISCARDED.set(True)
