@@ -410,8 +410,7 @@ def scorecam(
 
         total = acts.shape[1] * b
         scores = torch.empty(total, len(resolved), dtype=x.dtype, device=x.device)
-        # the blank images' scores are checked with the passes' (NaN: a refusal naming them); the scope's items: the
-        # noted scores' buffers made once for the passes' items and the blank images (session 57)
+        # the blank images' scores checked with the passes' (NaN: a refusal naming them); the noted scores' items
         with _derived.run_scope(len(first) + (b if len(live) < total else 0)):
             if len(live) < total:  # each image's scores of an all-zero mask (B, K), computed once, as the passes run
                 blank = _perf.Run(model, x, replace(perf, compile=False, fold_batchnorm=False))  # its autocast only
