@@ -44,7 +44,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from salience._core.errors import SalienceError, user_stacklevel
 from salience._core.files import make_folder
@@ -142,17 +142,23 @@ def lock_holder(folder: Path) -> Optional[str]:
     with _held_lock:
         if os.path.realpath(folder) in _held or _file_id(path) in _held_files:
             return f"this process (pid {os.getpid()})"
-        try:
-            fd = os.open(path, _LOOK)
-        except OSError:
-            return None
-        try:
-            held = _locked_elsewhere(fd)
-        except OSError:  # a file system that cannot lock: nobody holds it
-            held = False
-        finally:
-            os.close(fd)
+        held = _ask_file(path, _locked_elsewhere)
         return _holder(path) if held else None  # _holder opens the file too: still under the record's lock
+
+
+def _ask_file(path: Path, ask: Callable[[int], Any]) -> Any:
+    """``ask(fd)`` of the lock file ``path`` opened without waiting (:data:`_LOOK`), closed after: ``None`` where it
+    cannot be opened (not there: nobody holds it) or where its file system cannot lock (``OSError`` from ``ask``)."""
+    try:
+        fd = os.open(path, _LOOK)
+    except OSError:
+        return None
+    try:
+        return ask(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def commit_holder(folder: Path) -> Optional[str]:
@@ -170,16 +176,7 @@ def commit_holder(folder: Path) -> Optional[str]:
     with _held_lock:
         if os.path.realpath(folder) in _held or _file_id(path) in _held_files:
             return None
-        try:
-            fd = os.open(path, _LOOK)
-        except OSError:
-            return None
-        try:
-            pid = _locker(fd, 1)
-        except OSError:  # a file system that cannot lock
-            pid = None
-        finally:
-            os.close(fd)
+        pid = _ask_file(path, lambda fd: _locker(fd, 1))
     if pid is None:
         return None
     return f"another salience process (pid {pid})" if pid > 0 else "another salience process"
