@@ -213,47 +213,57 @@ def _names(value: Any) -> bool:
 
 _MISSING = object()
 
-# each key of a manifest of salience's formats that salience reads: (dotted key, needed (True, or only in the formats
-# named), the test of its value, what it must be); a key not needed may be missing or null
-_KEYS: tuple[tuple[str, Any, Any, str], ...] = (
-    ("command", True, lambda v: isinstance(v, dict), "an object"),
-    ("command.model", True, lambda v: isinstance(v, str), "a string"),
-    ("command.inputs", True, lambda v: isinstance(v, dict), "an object"),
-    ("command.inputs.count", True, lambda v: _whole(v, 0), "a whole number >= 0"),
-    ("command.shard_size", True, lambda v: _whole(v, 1), "a whole number >= 1"),
-    ("methods", True, _names, "a list of method names"),
-    ("labels", True, lambda v: isinstance(v, bool), "true or false"),
-    ("metrics", True, _names, "a list of metric names"),
-    ("k", True, lambda v: _whole(v, 1), "a whole number >= 1"),
-    ("map_dtype", True, lambda v: v in ("float16", "float32"), '"float16" or "float32"'),
-    ("thumb", True, lambda v: _whole(v, 1), "a whole number >= 1"),
-    ("sprite_columns", True, lambda v: _whole(v, 1), "a whole number >= 1"),
-    ("seed", (FORMAT,), lambda v: _whole(v, 0), "a whole number >= 0"),
-    ("task", False, lambda v: v in ("classification", "regression"), '"classification" or "regression"'),
-    ("class_names", False, lambda v: isinstance(v, list), "a list"),
-    ("png", False, lambda v: isinstance(v, bool), "true or false"),
-    ("cwd", False, lambda v: isinstance(v, str), "a string"),
-    ("batch", False, lambda v: _whole(v, 1), "a whole number >= 1"),
+READ, PAGE, WRITE = "read", "page", "write"
+"""What a manifest is read for (:func:`manifest_problem`): its rows (:class:`Run`, the explorer; a run written by hand
+holds what these need), its ``index.html`` (:func:`salience.runs.gallery.write`: the thumbnails' size and layout,
+``k``), or writing the run (:class:`Store`: continuing it, the Ray actors' shards). Each needs the keys of those
+before it too."""
+_NEEDS = (READ, PAGE, WRITE)
+
+# each key of a manifest of salience's formats that salience reads: (dotted key, the first use of _NEEDS that needs it
+# (None: none, it may be missing or null), the formats it is needed in (None: both), the test of its value, what it
+# must be). A key not needed is checked where it is there.
+_KEYS: tuple[tuple[str, Optional[str], Optional[tuple[str, ...]], Any, str], ...] = (
+    ("command", READ, None, lambda v: isinstance(v, dict), "an object"),
+    ("command.model", READ, None, lambda v: isinstance(v, str), "a string"),
+    ("command.inputs", READ, None, lambda v: isinstance(v, dict), "an object"),
+    ("command.inputs.count", READ, None, lambda v: _whole(v, 0), "a whole number >= 0"),
+    ("methods", READ, None, _names, "a list of method names"),
+    ("labels", READ, None, lambda v: isinstance(v, bool), "true or false"),
+    ("metrics", READ, None, _names, "a list of metric names"),
+    ("k", PAGE, None, lambda v: _whole(v, 1), "a whole number >= 1"),
+    ("thumb", PAGE, None, lambda v: _whole(v, 1), "a whole number >= 1"),
+    ("sprite_columns", PAGE, None, lambda v: _whole(v, 1), "a whole number >= 1"),
+    ("command.shard_size", WRITE, None, lambda v: _whole(v, 1), "a whole number >= 1"),
+    ("map_dtype", WRITE, None, lambda v: v in ("float16", "float32"), '"float16" or "float32"'),
+    ("seed", WRITE, (FORMAT,), lambda v: _whole(v, 0), "a whole number >= 0"),  # the older format's has none
+    ("task", None, None, lambda v: v in ("classification", "regression"), '"classification" or "regression"'),
+    ("class_names", None, None, lambda v: isinstance(v, list), "a list"),
+    ("png", None, None, lambda v: isinstance(v, bool), "true or false"),
+    ("cwd", None, None, lambda v: isinstance(v, str), "a string"),
+    ("batch", None, None, lambda v: _whole(v, 1), "a whole number >= 1"),
 )
 
 
-def manifest_problem(manifest: Any) -> Optional[str]:
+def manifest_problem(manifest: Any, use: str = READ) -> Optional[str]:
     """What is wrong with the parsed manifest ``manifest`` of a run of salience's formats (:data:`FORMAT`,
-    :data:`JOINED_ERRORS`): a key salience reads that is missing (``no "methods"``) or holds a value of another kind
-    (``"k" is '2' (str), expected a whole number >= 1``); ``None`` when nothing is. A manifest of another format is
-    not checked here (its keys are that format's: refused by its format, :func:`_format_refusal`)."""
+    :data:`JOINED_ERRORS`) for ``use`` (:data:`READ`, :data:`PAGE`, :data:`WRITE`): a key it needs that is missing
+    (``no "methods"``), or any key salience reads holding a value of another kind (``"k" is '2' (str), expected a
+    whole number >= 1``); ``None`` when nothing is. A manifest of another format is not checked here (its keys are
+    that format's: refused by its format, :func:`_format_refusal`)."""
     if not isinstance(manifest, dict):
         return f"it holds a JSON {type(manifest).__name__}, not an object"
     form = manifest.get("format")
     if form not in (FORMAT, JOINED_ERRORS):
         return None
-    for key, needed, test, expected in _KEYS:
+    level = _NEEDS.index(use)
+    for key, first, forms, test, expected in _KEYS:
         *outer, last = key.split(".")
         holder: Any = manifest
         for part in outer:
-            holder = holder[part]  # checked as an object above
+            holder = holder[part]  # an object: needed for every use, checked above
         value = holder.get(last, _MISSING)
-        required = needed is True or (needed and form in needed)
+        required = first is not None and _NEEDS.index(first) <= level and (forms is None or form in forms)
         if value is _MISSING or (value is None and not required):
             if required:
                 return f'no "{key}"'
@@ -265,9 +275,10 @@ def manifest_problem(manifest: Any) -> Optional[str]:
     return None
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The run manifest ``path`` (``RUN/run.json``) read and checked: every object's keys once, and each key salience
-    reads there of the kind it reads (:func:`manifest_problem`). A :class:`SalienceError` saying what to do
+def read_manifest(path: Path, use: str = READ) -> dict[str, Any]:
+    """The run manifest ``path`` (``RUN/run.json``) read and checked for ``use`` (:data:`READ`, :data:`PAGE`,
+    :data:`WRITE`): every object's keys once, the keys ``use`` needs there, and each key salience reads of the kind it
+    reads (:func:`manifest_problem`). A :class:`SalienceError` saying what to do
     (:data:`START_AGAIN`) when it cannot be read (not JSON, cut short, nested past Python's recursion limit, no
     regular file: a FIFO of its name, opened without waiting and never read) or is damaged (a key held twice: which
     one counts is left to the reader by JSON, and :func:`manifest_format` reads a ``format`` by its first; a key
@@ -284,7 +295,13 @@ def read_manifest(path: Path) -> dict[str, Any]:
                             f"{START_AGAIN}") from None
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: arrays nested past Python's limit
         raise SalienceError(f"{path}: cannot read the run's manifest ({e}); {START_AGAIN}") from None
-    problem = manifest_problem(manifest)
+    return check_manifest(path, manifest, use)
+
+
+def check_manifest(path: Path, manifest: Any, use: str) -> dict[str, Any]:
+    """``manifest``, read from ``path``, when nothing is wrong with it for ``use`` (:func:`manifest_problem`), else a
+    :class:`SalienceError`: the manifest is damaged, what is wrong, and what to do (:data:`START_AGAIN`)."""
+    problem = manifest_problem(manifest, use)
     if problem is not None:
         raise SalienceError(f"{path}: the run's manifest is damaged ({problem}); {START_AGAIN}")
     return manifest
@@ -639,7 +656,7 @@ def _old_manifest(path: Path, overwrite: bool) -> dict[str, Any]:
     ``overwrite``; with ``overwrite``: ``{}``, a command that differs from any, so the folder is cleared and the run
     starts again (it raised the same words, overwrite= or not)."""
     try:
-        return read_manifest(path)
+        return read_manifest(path, WRITE)
     except SalienceError:
         if not overwrite:
             raise
@@ -663,7 +680,7 @@ class Store:
         """The store of an existing run, for writing shards (the Ray actors): no checks, no writes."""
         self = cls.__new__(cls)
         self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder / "run.json")
+        self.manifest = read_manifest(self.folder / "run.json", WRITE)
         self.schema = schema_of(self.manifest)
         return self
 
