@@ -5,19 +5,21 @@ Everything salience writes (pictures, raw maps, reports, summaries) goes through
 folder, are flushed to disk, and the temporary file is renamed over the target in one step
 (``os.replace``). If anything fails on the way, including ``KeyboardInterrupt``, the temporary
 file is removed and an existing target is left exactly as it was. :func:`file_start` reads a file's first bytes
-(what the loaders tell a file's kind by).
+(what the loaders tell a file's kind by). :func:`open_regular` opens a file that may be no regular file (a FIFO of its
+name) without waiting: what a run's store and lock read their own files with.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import secrets
+import stat
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 from salience._core.errors import SalienceError
 
-__all__ = ["atomic_path", "atomic_write", "file_start", "folder_name", "make_folder"]
+__all__ = ["NO_WAIT", "atomic_path", "atomic_write", "file_start", "folder_name", "make_folder", "open_regular"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -150,3 +152,29 @@ def file_start(path: PathLike, n: int) -> bytes:
             return f.read(n)
     except OSError:
         return b""
+
+
+NO_WAIT = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+"""The flags added to ``os.open``'s of a file that may be no regular file: without waiting (an ``open`` of a FIFO for
+reading waits for a writer, for ever where none comes), binary on Windows. The one place these flags are built
+(:func:`open_regular`, and the run lock's own opens, :mod:`salience.runs.lock`)."""
+
+
+def open_regular(path: PathLike, flags: int = os.O_RDONLY, mode: int = 0o666) -> Optional[int]:
+    """``path`` opened with ``flags | NO_WAIT`` (and ``mode``, where ``flags`` create it), its descriptor, when it is a
+    regular file (a link to one included); ``None`` when it is not (a FIFO, a device, a socket: closed again, nothing
+    read or written). Opened without waiting, then checked on the open descriptor (no race between a look and the
+    open); the descriptor is put back to blocking mode (``O_NONBLOCK`` changes nothing for a regular file's reads and
+    writes, and its record locks are taken without waiting anyway). ``OSError``: not there, not allowed."""
+    fd = os.open(path, flags | NO_WAIT, mode)
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        if regular and NO_WAIT & getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not regular:
+        os.close(fd)
+        return None
+    return fd

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from salience._core.files import atomic_write
 from salience.runs.job import constant_maps, constant_notes, flat_maps
-from salience.runs.store import Run, number_columns
+from salience.runs.store import PAGE, Run, check_manifest, number_columns
 
 _COLUMNS = ("index", "path", "predicted", "predicted_name", "probability", "output_name", "value", "targets", "label",
             "label_name", "correct", "error", "constant", "shard", "offset")
@@ -146,7 +146,7 @@ def columns(run: Run, flat: Optional[Flat] = None) -> list[str]:
 def write(folder: Path) -> Path:
     """Write ``folder/index.html`` for the run in ``folder``; returns its path."""
     run = Run(folder)
-    m = run.manifest
+    m = check_manifest(run.folder / "run.json", run.manifest, PAGE)  # the thumbnails' size and layout, k
     found = constant_maps(run.table, run.methods)  # one walk: said as text above the table and under each row
     flat = flat_maps(run.table, run.methods, m.get("class_names") or [], found)  # read once, for the three
     about = {"columns": columns(run, flat), "methods": run.methods, "thumb": m["thumb"], "per": m["sprite_columns"],

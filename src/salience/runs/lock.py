@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from salience._core.errors import SalienceError, user_stacklevel
-from salience._core.files import make_folder
+from salience._core.files import make_folder, open_regular
 
 LOCK_NAME = ".salience-run.lock"
 """The lock file's name inside a run folder (never removed, never an input: a hidden file)."""
@@ -68,8 +68,6 @@ _BUSY = {errno.EAGAIN, errno.EACCES, getattr(errno, "EWOULDBLOCK", errno.EAGAIN)
 _held: set[str] = set()  # the folders this process holds (their real paths)
 _held_files: set[tuple[int, int]] = set()  # the lock files this process holds open ((st_dev, st_ino)), by any path
 _held_lock = threading.Lock()
-_LOOK = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)  # how lock_holder / commit_holder open the file: a FIFO of its
-# name never waits for a writer (under _held_lock, every run of this process would wait with it)
 
 
 @dataclass(frozen=True)
@@ -86,15 +84,31 @@ class Writer:
 def run_going(writer: Writer) -> bool:
     """Whether the run ``writer`` still holds its folder: its lock file names the run's token. Read
     without locking (a file read while a run writes it may lack the token: ``False``, which costs a
-    caller only a copy fetched again); an unreadable file: ``False``. Never opened in the process
-    that holds the lock (closing it would release the lock): there, ``True``."""
+    caller only a copy fetched again); an unreadable file, or one that is no regular file (a FIFO of its
+    name: opened without waiting, :func:`salience._core.files.open_regular`, never read): ``False`` (what
+    asks, a Ray worker's thread, lets go of what the run held; it raises nothing). Never opened in the
+    process that holds the lock (closing it would release the lock): there, ``True``."""
     if writer.pid == os.getpid() and writer.host == socket.gethostname():
         return True
+    text = _lock_text(Path(writer.folder) / LOCK_NAME)
+    return text is not None and f"run={writer.token}" in text.split()
+
+
+def _lock_text(path: Path) -> Optional[str]:
+    """The text of the lock file ``path`` (its first 4 KiB: ``pid=... host=... run=...``), or ``None``: not there,
+    unreadable, or no regular file (a FIFO of its name: opened without waiting, never read)."""
     try:
-        text = (Path(writer.folder) / LOCK_NAME).read_bytes().decode("utf-8", "replace")
+        fd = open_regular(path)
     except OSError:
-        return False
-    return f"run={writer.token}" in text.split()
+        return None
+    if fd is None:
+        return None
+    try:
+        return os.read(fd, 4096).decode("utf-8", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _try_lock(fd: int, shared: bool = False, start: int = 0) -> bool:
@@ -116,11 +130,8 @@ def _try_lock(fd: int, shared: bool = False, start: int = 0) -> bool:
 
 
 def _holder(path: Path) -> str:
-    """Who holds the lock, as the lock file says (``pid 123 on host h``)."""
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except OSError:
-        text = ""
+    """Who holds the lock, as the lock file says (``pid 123 on host h``; read as :func:`_lock_text` reads it)."""
+    text = (_lock_text(path) or "").strip()
     fields = dict(part.split("=", 1) for part in text.split() if "=" in part)
     if "pid" not in fields:
         return "another salience process"
@@ -147,11 +158,15 @@ def lock_holder(folder: Path) -> Optional[str]:
 
 
 def _ask_file(path: Path, ask: Callable[[int], Any]) -> Any:
-    """``ask(fd)`` of the lock file ``path`` opened without waiting (:data:`_LOOK`), closed after: ``None`` where it
-    cannot be opened (not there: nobody holds it) or where its file system cannot lock (``OSError`` from ``ask``)."""
+    """``ask(fd)`` of the lock file ``path`` opened without waiting (:func:`salience._core.files.open_regular`: a FIFO
+    of its name never waits for a writer, where under ``_held_lock`` every run of this process would wait with it),
+    closed after: ``None`` where it cannot be opened (not there: nobody holds it), is no regular file (no run locks
+    it: a run refuses it, :func:`run_lock`) or where its file system cannot lock (``OSError`` from ``ask``)."""
     try:
-        fd = os.open(path, _LOOK)
+        fd = open_regular(path)
     except OSError:
+        return None
+    if fd is None:
         return None
     try:
         return ask(fd)
@@ -282,12 +297,15 @@ def _open_lock_file(folder: Path, path: Path) -> tuple[int, tuple[int, int]]:
     """The lock file of ``folder`` open for writing, and its (device, inode), recorded before it is locked
     (:func:`lock_holder` never opens a file recorded). A file this process holds already, reached by another path
     (the folder moved, a bind mount), is refused without being opened: closing it would release the other run's
-    lock."""
+    lock. Opened without waiting (:func:`salience._core.files.open_regular`): a path of its name that is no regular
+    file (a FIFO) is refused with a :class:`SalienceError`, nothing written to it."""
     with _held_lock:
         if _file_id(path) in _held_files:
             raise SalienceError(f"{folder} is being written by another run of this process (pid {os.getpid()}); "
                                 "wait for it to finish, or choose another out=")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = open_regular(path, os.O_RDWR | os.O_CREAT, 0o666)
+        if fd is None:
+            raise SalienceError(_not_regular(path, "run again (salience makes its lock file there)"))
         st = os.fstat(fd)
         ident = (st.st_dev, st.st_ino)
         _held_files.add(ident)
@@ -321,17 +339,27 @@ def _fence(fd: int, folder: Path, token: Optional[str], *, refuse: bool) -> None
             fcntl.lockf(fd, fcntl.LOCK_UN, 1, 1)
 
 
+def _not_regular(path: Path, then: str) -> str:
+    """What a run says of its lock file ``path`` that is no regular file (a FIFO, a device or a socket of its name)."""
+    return (f"{path} is not a regular file (a FIFO, a device or a socket of the run lock's name); remove it, then "
+            f"{then}")
+
+
 @contextlib.contextmanager
 def commit_fence(writer: Optional[Writer]) -> Iterator[None]:
     """Hold the commits' byte of the run's lock shared while the block writes a shard of the run
     ``writer`` (from :func:`run_lock`); a :class:`SalienceError`, nothing written, when that run has
-    ended (the lock file names another run, or none). ``None`` (a folder that cannot lock), or the
-    process that holds the run's lock itself: nothing to check."""
+    ended (the lock file names another run, or none), or when the lock file is no regular file (a
+    FIFO of its name: opened without waiting, :func:`salience._core.files.open_regular`, never read).
+    ``None`` (a folder that cannot lock), or the process that holds the run's lock itself: nothing to
+    check."""
     if writer is None or (writer.pid == os.getpid() and writer.host == socket.gethostname()):
         yield  # never open the lock file in the process that holds it: closing it would release the lock
         return
     path = Path(writer.folder) / LOCK_NAME
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_regular(path)
+    if fd is None:
+        raise SalienceError(_not_regular(path, "run the command again") + "; the shard is not written")
     try:
         if fcntl is not None:
             fcntl.lockf(fd, fcntl.LOCK_SH, 1, 1)  # waits while a run writes its token (a moment)

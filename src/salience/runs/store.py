@@ -28,7 +28,6 @@ import math
 import os
 import re
 import shutil
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional, Sequence, Union
@@ -36,7 +35,7 @@ from typing import Any, BinaryIO, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from salience._core.errors import SalienceError
-from salience._core.files import atomic_path, atomic_write, make_folder
+from salience._core.files import atomic_path, atomic_write, make_folder, open_regular
 from salience._core.tensors import check_int
 from salience.runs.lock import LOCK_NAME, commit_holder, lock_holder
 
@@ -174,14 +173,139 @@ def joined_errors(error: Optional[str], methods: Sequence[str]) -> tuple[dict[st
     return said, rest or None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: arrays nested past Python's limit
-        raise SalienceError(f"{path}: cannot read the run's manifest ({e}); use overwrite=True to start again") from None
+START_AGAIN = ("use overwrite=True to start again (the run's command with it removes the run's own files and "
+               "makes them anew), or remove the folder")
+"""What a refusal of a salience manifest that cannot be read, or is damaged, says to do (:func:`read_manifest`):
+``overwrite`` clears a folder whose ``run.json`` is salience's by its ``format`` (:func:`manifest_format`), never
+another program's (:func:`check_folder` refuses that one, ``overwrite`` or not)."""
+
+
+class _Repeated(ValueError):
+    """A key an object of the manifest holds twice (JSON leaves such an object's meaning to the reader)."""
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object of the manifest as a dict, a :class:`_Repeated` where it holds a key twice."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Repeated(key)
+        out[key] = value
+    return out
+
+
+def _first_wins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object as a dict, a key held twice by its first value: how :func:`manifest_format` reads ``format``
+    whatever the key order, as its first 4 KiB (``"format"`` the first key) read it."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        out.setdefault(key, value)
+    return out
+
+
+def _whole(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
 
 
 _MISSING = object()
+
+READ, PAGE, WRITE = "read", "page", "write"
+"""What a manifest is read for (:func:`manifest_problem`): its rows (:class:`Run`, the explorer; a run written by hand
+holds what these need), its ``index.html`` (:func:`salience.runs.gallery.write`: the thumbnails' size and layout,
+``k``), or writing the run (:class:`Store`: continuing it, the Ray actors' shards). Each needs the keys of those
+before it too."""
+_NEEDS = (READ, PAGE, WRITE)
+
+# each key of a manifest of salience's formats that salience reads: (dotted key, the first use of _NEEDS that needs it
+# (None: none, it may be missing or null), the formats it is needed in (None: both), the test of its value, what it
+# must be). A key not needed is checked where it is there.
+_KEYS: tuple[tuple[str, Optional[str], Optional[tuple[str, ...]], Any, str], ...] = (
+    ("command", READ, None, lambda v: isinstance(v, dict), "an object"),
+    ("command.model", READ, None, lambda v: isinstance(v, str), "a string"),
+    ("command.inputs", READ, None, lambda v: isinstance(v, dict), "an object"),
+    ("command.inputs.count", READ, None, lambda v: _whole(v, 0), "a whole number >= 0"),
+    ("methods", READ, None, _names, "a list of method names"),
+    ("labels", READ, None, lambda v: isinstance(v, bool), "true or false"),
+    ("metrics", READ, None, _names, "a list of metric names"),
+    ("k", PAGE, None, lambda v: _whole(v, 1), "a whole number >= 1"),
+    ("thumb", PAGE, None, lambda v: _whole(v, 1), "a whole number >= 1"),
+    ("sprite_columns", PAGE, None, lambda v: _whole(v, 1), "a whole number >= 1"),
+    ("command.shard_size", WRITE, None, lambda v: _whole(v, 1), "a whole number >= 1"),
+    ("map_dtype", WRITE, None, lambda v: v in ("float16", "float32"), '"float16" or "float32"'),
+    ("seed", WRITE, (FORMAT,), lambda v: _whole(v, 0), "a whole number >= 0"),  # the older format's has none
+    ("task", None, None, lambda v: v in ("classification", "regression"), '"classification" or "regression"'),
+    ("class_names", None, None, lambda v: isinstance(v, list), "a list"),
+    ("png", None, None, lambda v: isinstance(v, bool), "true or false"),
+    ("cwd", None, None, lambda v: isinstance(v, str), "a string"),
+    ("batch", None, None, lambda v: _whole(v, 1), "a whole number >= 1"),
+)
+
+
+def manifest_problem(manifest: Any, use: str = READ) -> Optional[str]:
+    """What is wrong with the parsed manifest ``manifest`` of a run of salience's formats (:data:`FORMAT`,
+    :data:`JOINED_ERRORS`) for ``use`` (:data:`READ`, :data:`PAGE`, :data:`WRITE`): a key it needs that is missing
+    (``no "methods"``), or any key salience reads holding a value of another kind (``"k" is '2' (str), expected a
+    whole number >= 1``); ``None`` when nothing is. A manifest of another format is not checked here (its keys are
+    that format's: refused by its format, :func:`_format_refusal`)."""
+    if not isinstance(manifest, dict):
+        return f"it holds a JSON {type(manifest).__name__}, not an object"
+    form = manifest.get("format")
+    if form not in (FORMAT, JOINED_ERRORS):
+        return None
+    level = _NEEDS.index(use)
+    for key, first, forms, test, expected in _KEYS:
+        *outer, last = key.split(".")
+        holder: Any = manifest
+        for part in outer:
+            holder = holder[part]  # an object: needed for every use, checked above
+        value = holder.get(last, _MISSING)
+        required = first is not None and _NEEDS.index(first) <= level and (forms is None or form in forms)
+        if value is _MISSING or (value is None and not required):
+            if required:
+                return f'no "{key}"'
+            continue
+        if not test(value):
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            return f'"{key}" is {shown} ({type(value).__name__}), expected {expected}'
+    return None
+
+
+def read_manifest(path: Path, use: str = READ) -> dict[str, Any]:
+    """The run manifest ``path`` (``RUN/run.json``) read and checked for ``use`` (:data:`READ`, :data:`PAGE`,
+    :data:`WRITE`): every object's keys once, the keys ``use`` needs there, and each key salience reads of the kind it
+    reads (:func:`manifest_problem`). A :class:`SalienceError` saying what to do
+    (:data:`START_AGAIN`) when it cannot be read (not JSON, cut short, nested past Python's recursion limit, no
+    regular file: a FIFO of its name, opened without waiting and never read) or is damaged (a key held twice: which
+    one counts is left to the reader by JSON, and :func:`manifest_format` reads a ``format`` by its first; a key
+    missing or of another kind). What every reader of a manifest reads it with (:class:`Run`, :class:`Store`, the
+    Ray engine's actors)."""
+    try:
+        with _open_regular(path) as f:
+            data = f.read() if f is not None else None
+        if data is None:
+            raise OSError("it is not a regular file: a FIFO, a device or a socket of its name")
+        manifest = json.loads(data.decode("utf-8"), object_pairs_hook=_unique)
+    except _Repeated as e:
+        raise SalienceError(f"{path}: the run's manifest is damaged (the key \"{e.args[0]}\" is in it twice); "
+                            f"{START_AGAIN}") from None
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: arrays nested past Python's limit
+        raise SalienceError(f"{path}: cannot read the run's manifest ({e}); {START_AGAIN}") from None
+    return check_manifest(path, manifest, use)
+
+
+def check_manifest(path: Path, manifest: Any, use: str) -> dict[str, Any]:
+    """``manifest``, read from ``path``, when nothing is wrong with it for ``use`` (:func:`manifest_problem`), else a
+    :class:`SalienceError`: the manifest is damaged, what is wrong, and what to do (:data:`START_AGAIN`)."""
+    problem = manifest_problem(manifest, use)
+    if problem is not None:
+        raise SalienceError(f"{path}: the run's manifest is damaged ({problem}); {START_AGAIN}")
+    return manifest
+
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -395,7 +519,8 @@ def manifest_format(path: PathLike) -> Optional[str]:
     salience run's manifest (not JSON, not an object, no ``format`` of salience's ``salience-run/N``: another
     program's ``run.json``). Cheap whatever the file: salience writes ``format`` first, so its first 4 KiB say; a
     file whose first key is another is read whole only up to :data:`MANIFEST_CAP` (1 MiB; a larger one is not a
-    manifest of salience's)."""
+    manifest of salience's). A ``format`` held twice is read by its first, in either case (its readers refuse such a
+    manifest as damaged, :func:`read_manifest`: a salience manifest, which ``overwrite`` clears)."""
     try:
         with _open_regular(Path(path)) as f:
             if f is None:  # not a regular file: a FIFO named run.json would block the open, and its reads
@@ -410,7 +535,7 @@ def manifest_format(path: PathLike) -> Optional[str]:
     if len(head) + len(rest) > MANIFEST_CAP:
         return None
     try:
-        manifest = json.loads(head + rest)
+        manifest = json.loads(head + rest, object_pairs_hook=_first_wins)  # a "format" held twice: its first
     except (ValueError, RecursionError):  # not JSON, not UTF-8; arrays nested deeper than Python's recursion limit
         return None
     found = manifest.get("format") if isinstance(manifest, dict) else None
@@ -484,19 +609,13 @@ def _parquet_footer(path: Path) -> Optional[bytes]:
 def _open_regular(path: Path) -> Iterator[Optional[BinaryIO]]:
     """``path`` open for reading when it is a regular file (a link to one included), else ``None``, nothing read: a
     FIFO (or a device) of a run file's name is never opened for reading as a file, where ``open`` waits for a writer
-    (a FIFO named ``run.json`` hung :func:`is_run_folder`). Opened without waiting, then checked (no race between a
-    look and the open); ``OSError``: not there, unreadable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    try:
-        regular = stat.S_ISREG(os.fstat(fd).st_mode)
-    except OSError:
-        os.close(fd)
-        raise
-    if not regular:
-        os.close(fd)
+    (a FIFO named ``run.json`` hung :func:`is_run_folder`). Opened without waiting, then checked
+    (:func:`salience._core.files.open_regular`); ``OSError``: not there, unreadable."""
+    fd = open_regular(path)
+    if fd is None:
         yield None
         return
-    with os.fdopen(fd, "rb") as f:  # O_NONBLOCK changes nothing for a regular file's reads
+    with os.fdopen(fd, "rb") as f:
         yield f
 
 
@@ -537,7 +656,7 @@ def _old_manifest(path: Path, overwrite: bool) -> dict[str, Any]:
     ``overwrite``; with ``overwrite``: ``{}``, a command that differs from any, so the folder is cleared and the run
     starts again (it raised the same words, overwrite= or not)."""
     try:
-        return _read_json(path)
+        return read_manifest(path, WRITE)
     except SalienceError:
         if not overwrite:
             raise
@@ -561,7 +680,7 @@ class Store:
         """The store of an existing run, for writing shards (the Ray actors): no checks, no writes."""
         self = cls.__new__(cls)
         self.folder = Path(folder)
-        self.manifest = _read_json(self.folder / "run.json")
+        self.manifest = read_manifest(self.folder / "run.json", WRITE)
         self.schema = schema_of(self.manifest)
         return self
 
@@ -827,7 +946,7 @@ class Run:
             raise SalienceError(f"{self.folder} is not a salience run (its run.json is not a salience run's manifest: "
                                 "no \"format\": \"salience-run/N\" in it); give the folder of a run (out= of "
                                 "salience.explain_dataset, --out of 'salience explain DIR --out RUN')")
-        self.manifest = _read_json(manifest)
+        self.manifest = read_manifest(manifest)
         if self.manifest.get("format") not in (FORMAT, JOINED_ERRORS):
             raise SalienceError(f"{self.folder}: unknown run format {self.manifest.get('format')!r} (this salience "
                                 f"reads {JOINED_ERRORS} and {FORMAT}); upgrade salience")
