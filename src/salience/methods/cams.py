@@ -180,8 +180,8 @@ def layercam(
                         strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens, method='layercam')
 
 
-for _f in (gradcam_plus_plus, hirescam, xgradcam, layercam):
-    _f.__doc__ = (_f.__doc__ or "") + "\n" + _DOC_OPTIONS
+for _f in (gradcam_plus_plus, hirescam, xgradcam, layercam):  # the checked function and its implementation
+    _f.__doc__ = _f.__wrapped__.__doc__ = (_f.__doc__ or "") + "\n" + _DOC_OPTIONS
 
 
 @one_model()  # one trace of the model's grids for the default layer and the layout
