@@ -96,7 +96,7 @@ def _checking(fn: Callable[..., Any]) -> Callable[..., Any]:
     # every name the call reads is a cell of this closure: the function runs under another module's globals
     refused, own, problem_of, type_error, is_a = ArgumentError, SalienceError, call_problem, TypeError, isinstance
 
-    def call(*args: Any, **kwargs: Any) -> Any:
+    def checked_call(*args: Any, **kwargs: Any) -> Any:  # the name tracebacks show for its frame
         try:
             return fn(*args, **kwargs)
         except type_error as e:
@@ -109,8 +109,9 @@ def _checking(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     home = getattr(inspect.unwrap(fn), "__globals__", None)  # under one_model()'s wrapper: the method's module
     if isinstance(home, dict):
-        call = types.FunctionType(call.__code__, home, getattr(fn, "__name__", call.__name__), None, call.__closure__)
-    return functools.update_wrapper(call, fn)
+        checked_call = types.FunctionType(checked_call.__code__, home, checked_call.__name__, None,
+                                          checked_call.__closure__)
+    return functools.update_wrapper(checked_call, fn)
 
 
 def is_checked(fn: Any) -> bool:
