@@ -251,15 +251,15 @@ def test_bad_input_raises_clear_errors(small_cnn: nn.Module, kwargs: dict, match
 
 
 def test_exported() -> None:
-    """``salience.class_model`` is the module's function as the public methods are held (session 57:
-    ``salience.methods._multi.Checked``, an unknown keyword an ArgumentError): that function under it, with its
-    signature and docstring; not a registry method (it makes an image, it does not explain one)."""
+    """``salience.class_model`` is the module's function, checked as the public methods are
+    (``salience.methods._multi.checked``, an unknown keyword an ArgumentError), with its implementation's signature
+    and docstring; not a registry method (it makes an image, it does not explain one)."""
     import inspect
 
     from salience._core.engine import unbind
-    from salience.methods._multi import Checked
+    from salience.methods._multi import is_checked
 
-    assert isinstance(salience.class_model, Checked) and unbind(salience.class_model) == (class_model, {})
+    assert is_checked(salience.class_model) and unbind(salience.class_model) == (class_model, {})
     assert salience.class_model is salience.methods.class_model
     assert inspect.signature(salience.class_model) == inspect.signature(class_model)
     assert salience.class_model.__doc__ == class_model.__doc__

@@ -38,7 +38,7 @@ from salience._core.errors import ArgumentError
 from salience.methods import _multi
 from conftest import seeded_small_cnn, unchanged
 
-RAW_CLASS_MODEL = importlib.import_module("salience.methods.class_model").class_model
+RAW_CLASS_MODEL = importlib.import_module("salience.methods.class_model").class_model.__wrapped__  # unchecked
 PUBLIC = {**salience.METHODS, "eigencam (function)": salience.eigencam, "class_model": salience.class_model}
 """Every public method: the registry's entries, Eigen-CAM's function and ``salience.class_model``."""
 
@@ -101,7 +101,7 @@ def test_smoothgrad_keyword_bound_to_its_method_that_the_method_does_not_take(mo
     """``method=functools.partial(fn, reduc="abs")`` of a function of the user's (not checked): refused before any
     pass, naming the method's options; it was Python's raw TypeError from inside the engine, after passes."""
     model, x = model_x
-    raw_vanilla = unbind(salience.vanilla)[0]
+    raw_vanilla = salience.vanilla.__wrapped__
 
     def mine(model, x, target=None, *, reduce="max_abs", scale=1.0):
         return scale * raw_vanilla(model, x, target, reduce=reduce)
@@ -138,7 +138,8 @@ def test_class_model_is_the_checked_function(model_x) -> None:
     """The function to its readers, not a registry method; it computes what the module's function computes."""
     fn = salience.class_model
     assert fn is salience.methods.class_model and "class_model" not in salience.METHODS
-    assert isinstance(fn, _multi.Checked) and unbind(fn)[0] is RAW_CLASS_MODEL
+    assert _multi.is_checked(fn) and inspect.isfunction(fn)
+    assert unbind(fn)[0] is fn and fn.__wrapped__ is RAW_CLASS_MODEL
     assert inspect.signature(fn) == inspect.signature(RAW_CLASS_MODEL) and fn.__doc__ == RAW_CLASS_MODEL.__doc__
     model, _ = model_x
     kw = dict(shape=(3, 8, 8), steps=3, generator=torch.Generator().manual_seed(0))
@@ -155,7 +156,7 @@ def test_help_shows_the_signature_and_it_is_a_routine(key) -> None:
     """``help(salience.gradcam)`` shows ``gradcam(model, x, target=None, *, layer=...)`` as for the function (it
     showed ``gradcam = <function gradcam>`` and no signature); ``inspect.isroutine`` holds."""
     fn = PUBLIC[key]
-    raw = unbind(fn)[0]
+    raw = fn.__wrapped__
     assert inspect.isroutine(fn)
     text = pydoc.render_doc(fn, renderer=pydoc.plaintext)
     shown = f"{fn.__name__}{inspect.signature(fn)}"
@@ -166,7 +167,7 @@ def test_help_shows_the_signature_and_it_is_a_routine(key) -> None:
 
 def test_a_public_method_held_by_a_class_binds_as_the_function_does(model_x) -> None:
     """A class attribute: the function's descriptor behaviour (bound to the instance, the same on the class)."""
-    raw = unbind(salience.vanilla)[0]
+    raw = salience.vanilla.__wrapped__
 
     class Held:
         checked = salience.vanilla
@@ -204,7 +205,7 @@ def test_cloudpickle_gives_the_public_method_itself() -> None:
 
 def test_checked_twice_is_one_object() -> None:
     """``checked`` of a function gives one object however often asked (what pickle's identity rests on)."""
-    raw = unbind(salience.gradcam)[0]
+    raw = salience.gradcam.__wrapped__
     assert _multi.checked(raw) is salience.gradcam is _multi.checked(salience.gradcam)
 
 
@@ -217,7 +218,7 @@ def test_dataset_run_refuses_a_bound_keyword_before_making_the_run_folder(tmp_pa
     written, and the corrected command was then refused as "a run of a different command" (overwrite=True needed)."""
     model = seeded_small_cnn().eval()
     images = torch.utils.data.TensorDataset(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
-    fn = salience.vanilla if checked else unbind(salience.vanilla)[0]
+    fn = salience.vanilla if checked else salience.vanilla.__wrapped__
     out = tmp_path / "run"
     with unchanged(model), pytest.raises(ArgumentError) as caught:
         salience.explain_dataset(model, images, {"mine": functools.partial(fn, reduc="abs")}, out, workers=0)

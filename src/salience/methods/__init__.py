@@ -7,11 +7,12 @@ and reports use to turn strings into methods. Every entry has the same contract,
 A function from a user goes through :func:`as_method` too.
 
 The public methods (``METHODS``' entries, this package's names for them, which ``salience.gradcam`` is, and
-``class_model``, which is not in ``METHODS``) are the functions as :func:`~salience.methods._multi.checked` holds
-them: the same function, name, docstring and signature (``help()``), pickled by reference, but a call with a keyword
-the method has no option for, or a positional argument missing or too many, is an
-:class:`~salience._core.errors.ArgumentError` (a :class:`SalienceError` and a ``TypeError``) naming the method, the
-closest option and the options it takes (SmoothGrad's, for a keyword neither it nor its method takes, too).
+``class_model``, which is not in ``METHODS``) are the functions their modules define under
+:func:`~salience.methods._multi.checked`: real Python functions with the implementation's name, docstring and
+signature (``help()``), pickled by reference, but a call with a keyword the method has no option for, or a
+positional argument missing or too many, is an :class:`~salience._core.errors.ArgumentError` (a
+:class:`SalienceError` and a ``TypeError``) naming the method, the closest option and the options it takes
+(SmoothGrad's, for a keyword neither it nor its method takes, too).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from salience.methods.gradcam import default_layer_readable, gradcam, guided_gra
 from salience.methods.cams import eigencam, gradcam_plus_plus, hirescam, layercam, xgradcam
 from salience import rules
 from salience.methods._tokens import _check_grid, _check_prefix, patch_embeddings
-from salience.methods._multi import apply_method, as_method, checked, is_target_free
+from salience.methods._multi import apply_method, as_method, is_target_free
 from salience.methods.smoothgrad import smoothgrad
 from salience.methods.integrated import input_x_gradient, integrated_gradients
 from salience.methods.class_model import class_model
@@ -42,10 +43,8 @@ from salience.methods.transformer import attention_rollout, transformer_attribut
 from salience.methods.scorecam import ablationcam, scorecam
 from salience.methods.perturbation import occlusion, rise
 
-eigencam = checked(eigencam)  # its METHODS entry takes the target: as_method of it, checked too
-class_model = checked(class_model)  # a public method, not in METHODS (it makes an image, it does not explain one)
-
-METHODS: dict[str, Callable] = {name: checked(fn) for name, fn in {
+# class_model: a public method, not in METHODS (it makes an image, it does not explain one)
+METHODS: dict[str, Callable] = {
     "vanilla": vanilla,
     "guided_backprop": guided_backprop,
     "deconvnet": deconvnet,
@@ -65,17 +64,9 @@ METHODS: dict[str, Callable] = {name: checked(fn) for name, fn in {
     "rise": rise,
     "attention_rollout": attention_rollout,
     "transformer_attribution": transformer_attribution,
-}.items()}
-
-# this package's names are the registry's checked methods (salience.gradcam is METHODS["gradcam"]); Eigen-CAM's
-# function takes no target, its entry does
-vanilla, guided_backprop, deconvnet = METHODS["vanilla"], METHODS["guided_backprop"], METHODS["deconvnet"]
-gradcam, guided_gradcam, gradcam_plus_plus = METHODS["gradcam"], METHODS["guided_gradcam"], METHODS["gradcam_plus_plus"]
-hirescam, xgradcam, layercam = METHODS["hirescam"], METHODS["xgradcam"], METHODS["layercam"]
-smoothgrad, integrated_gradients = METHODS["smoothgrad"], METHODS["integrated_gradients"]
-input_x_gradient, scorecam, ablationcam = METHODS["input_x_gradient"], METHODS["scorecam"], METHODS["ablationcam"]
-occlusion, rise = METHODS["occlusion"], METHODS["rise"]
-attention_rollout, transformer_attribution = METHODS["attention_rollout"], METHODS["transformer_attribution"]
+}
+# each entry is the checked function its module defines (salience.gradcam is METHODS["gradcam"]; held to it by
+# tests/test_s58_functions.py); Eigen-CAM's function takes no target, its entry (eigencam.as_method) does
 
 TARGET_FREE_METHODS = frozenset(n for n, f in METHODS.items() if is_target_free(f))
 """The methods whose map does not depend on the target (Eigen-CAM): one map per image whatever the

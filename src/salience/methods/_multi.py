@@ -66,70 +66,71 @@ def is_target_free(method: Callable[..., Any]) -> bool:
     return bool(getattr(method, "target_free", False))
 
 
-class Checked(functools.partial):
-    """A public method as users call it (``salience.gradcam``, ``METHODS["gradcam"]``): the function, called as it
-    is, but a call its signature does not take (a keyword it has no option for, a positional argument missing or too
-    many) is an :class:`~salience._core.errors.ArgumentError` naming the method, the keyword, the closest option and
-    the method's options (Python's raw ``TypeError`` before; it is still a ``TypeError``). Only a failed call pays for
-    the check: the signature is read after a ``TypeError``. A ``functools.partial`` that binds nothing, so that code
-    looking through partials for the function (:func:`salience._core.engine.unbind`, the runs' seed rules) finds the
-    function itself; its name, docstring and signature are the function's (:func:`checked`); a descriptor as a
-    function is (``help()``, a class attribute); pickled by reference, to this very object."""
+def checked(fn: F) -> F:
+    """``fn`` as a public method (``fn`` itself if it is one; the same function for the same ``fn``): a real Python
+    function (``types.FunctionType``) that calls ``fn`` as it is, but makes a call ``fn``'s signature does not take (a
+    keyword it has no option for, a positional argument missing or too many) an
+    :class:`~salience._core.errors.ArgumentError` naming the method, the keyword, the closest option and the method's
+    options (a ``TypeError`` still). Only a failed call pays for the check: the signature is read after a
+    ``TypeError``, and a ``TypeError`` raised inside ``fn`` comes out as it was.
 
-    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
+    Applied where each public method is defined (``@checked`` over ``def vanilla(...)``), so that the module's name
+    for it is the checked function: it pickles by reference (its module and qualified name, which are ``fn``'s, find
+    it), ``salience.vanilla``, ``salience.methods.vanilla`` and ``METHODS["vanilla"]`` are one object, and the runs'
+    seed rules, which unbind ``functools.partial`` layers and compare with the module's ``smoothgrad``, find it.
+    :func:`functools.update_wrapper` gives it ``fn``'s name, qualified name, module, docstring and marks
+    (:func:`several_targets`, :func:`target_free`) and ``__wrapped__``: ``inspect.signature`` / ``help()`` show
+    ``fn``'s signature, ``inspect.getsource`` ``fn``'s source. Its globals are those of the module that defines the
+    function under ``fn``'s decorators, so doctest finders count it as that module's."""
+    if is_checked(fn):
+        return fn
+    function = _CHECKED.get(fn)
+    if function is None:
+        function = _CHECKED[fn] = _checking(fn)
+        _CHECKS.add(function)
+    return function  # type: ignore[return-value]
+
+
+def _checking(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A new function that calls ``fn``, with :func:`checked`'s message for a call ``fn``'s signature refuses."""
+    # every name the call reads is a cell of this closure: the function runs under another module's globals
+    refused, own, problem_of, type_error, is_a = ArgumentError, SalienceError, call_problem, TypeError, isinstance
+
+    def checked_call(*args: Any, **kwargs: Any) -> Any:  # the name tracebacks show for its frame
         try:
-            return self.func(*args, **kwargs)
-        except TypeError as e:
-            if isinstance(e, SalienceError):
+            return fn(*args, **kwargs)
+        except type_error as e:
+            if is_a(e, own):
                 raise
-            problem = call_problem(self, args, kwargs)
+            problem = problem_of(fn, args, kwargs)
             if problem is None:  # raised inside the method: not about the call
                 raise
-            raise ArgumentError(problem) from None
+            raise refused(problem) from None
 
-    def __repr__(self) -> str:
-        return repr(self.func)
-
-    def __get__(self, obj: Any, objtype: Any = None) -> Any:
-        """Bound to an instance as the function is (a class attribute): a descriptor, so that ``inspect.isroutine``
-        holds and ``help()`` shows the signature (it showed ``gradcam = <function gradcam>``)."""
-        return self if obj is None else types.MethodType(self, obj)
-
-    def __reduce__(self) -> tuple:
-        """Pickled by reference, as the function is: :func:`checked` of it (Eigen-CAM's entry: :func:`as_method` of
-        its checked function), which gives this very object back (pickle, ``copy``, Ray's cloudpickle). The
-        ``functools.partial`` state carried the docstring (1.3 kB a method), came back as another object, and
-        Eigen-CAM's entry (a local function) did not pickle."""
-        adapts = getattr(self.func, "adapts", None)
-        if isinstance(adapts, Checked) and _ADAPTED.get(adapts) is self:
-            return as_method, (adapts,)
-        return checked, (self.func,)
+    home = getattr(inspect.unwrap(fn), "__globals__", None)  # under one_model()'s wrapper: the method's module
+    if isinstance(home, dict):
+        checked_call = types.FunctionType(checked_call.__code__, home, checked_call.__name__, None,
+                                          checked_call.__closure__)
+    return functools.update_wrapper(checked_call, fn)
 
 
-# a message that names what it got by its type (``methods=salience.vanilla`` where a dict was due: "got function")
-# names a public method as it did when it was the plain function
-Checked.__name__ = "function"
+def is_checked(fn: Any) -> bool:
+    """Whether ``fn`` is a public method as :func:`checked` makes it (not a ``functools.partial`` of one)."""
+    try:
+        return fn in _CHECKS
+    except TypeError:  # unhashable
+        return False
 
 
-def checked(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` as a :class:`Checked` public method (``fn`` itself if it is one; the same object for the same ``fn``):
-    the same name, docstring, signature and marks (:func:`several_targets`, :func:`target_free`)."""
-    if isinstance(fn, Checked):
-        return fn
-    wrapper = _CHECKED.get(fn)
-    if wrapper is None:
-        wrapper = _CHECKED[fn] = Checked(fn)
-        functools.update_wrapper(wrapper, fn)
-    return wrapper
-
-
-_CHECKED: dict[Callable[..., Any], Checked] = {}
-"""The one :class:`Checked` of each function (the public methods and Eigen-CAM's adapter): what unpickling finds."""
+_CHECKED: dict[Callable[..., Any], Callable[..., Any]] = {}
+"""The one checked function of each function (the public methods and Eigen-CAM's adapter)."""
+_CHECKS: set[Callable[..., Any]] = set()
+"""The checked functions themselves: ``checked`` of one is itself."""
 
 
 def call_problem(method: Callable[..., Any], args: tuple, kwargs: dict) -> Optional[str]:
     """What is wrong with calling ``method`` with ``args`` and ``kwargs`` as its signature says (the message of
-    :class:`Checked`'s :class:`~salience._core.errors.ArgumentError`), or ``None`` where the signature takes them."""
+    :func:`checked`'s :class:`~salience._core.errors.ArgumentError`), or ``None`` where the signature takes them."""
     try:
         sig = inspect.signature(method)
         sig.bind(*args, **kwargs)
@@ -226,7 +227,7 @@ def as_method(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
     output) the model does not have, out of range or negative, checked against the model's output."""
     if not is_target_free(method) or getattr(method, "adapts", None) is not None:
         return method
-    cached = isinstance(method, (types.FunctionType, Checked))  # not partials, which callers make per call
+    cached = isinstance(method, types.FunctionType)  # not partials, which callers make per call
     if cached and method in _ADAPTED:
         return _ADAPTED[method]
 
@@ -248,7 +249,11 @@ def as_method(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
     call.target_free = True  # type: ignore[attr-defined]
     call.several_targets = True  # type: ignore[attr-defined]  # K targets cost the one map
     call.adapts = method  # type: ignore[attr-defined]
-    adapter = checked(call) if isinstance(method, Checked) else call  # a checked method's adapter is checked
+    adapter: Callable[..., Tensor] = call
+    if is_checked(method):  # a checked method's adapter is checked, and pickles by reference: its qualified name
+        call.__qualname__ = f"{method.__qualname__}.as_method"  # finds it as an attribute of the method
+        adapter = checked(call)
+        method.as_method = adapter  # type: ignore[attr-defined]
     if cached:  # the same adapter for the same function
         _ADAPTED[method] = adapter
     return adapter  # type: ignore[return-value]

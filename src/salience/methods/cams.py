@@ -32,8 +32,8 @@ from salience._core.errors import SalienceError
 from salience._core.layers import LayerSpec
 from salience._core.tensors import check_flag
 from salience.targets import TargetLike, split
-from salience.methods._multi import (full_precision, hooked_pass, refuse_fp16_overflow, several_targets, target_free,
-                                     warn_unapplied)
+from salience.methods._multi import (checked, full_precision, hooked_pass, refuse_fp16_overflow, several_targets,
+                                     target_free, warn_unapplied)
 from salience.methods.gradcam import gradient_cam, grid_layout, resolve_cam_layer, upsample_maps
 from salience.methods._tokens import one_model
 
@@ -79,6 +79,7 @@ _DOC_OPTIONS = """
     and ``strip_softmax`` as in :func:`salience.vanilla`. The model comes back exactly as it was."""
 
 
+@checked  # the public method: a call its signature refuses is an ArgumentError
 @several_targets
 def gradcam_plus_plus(
     model: nn.Module,
@@ -99,6 +100,7 @@ def gradcam_plus_plus(
                         strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens, method='gradcam_plus_plus')
 
 
+@checked  # the public method: a call its signature refuses is an ArgumentError
 @several_targets
 def hirescam(
     model: nn.Module,
@@ -119,6 +121,7 @@ def hirescam(
                         strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens, method='hirescam')
 
 
+@checked  # the public method: a call its signature refuses is an ArgumentError
 @several_targets
 def xgradcam(
     model: nn.Module,
@@ -139,6 +142,7 @@ def xgradcam(
                         strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens, method='xgradcam')
 
 
+@checked  # the public method: a call its signature refuses is an ArgumentError
 @several_targets
 def layercam(
     model: nn.Module,
@@ -176,8 +180,8 @@ def layercam(
                         strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens, method='layercam')
 
 
-for _f in (gradcam_plus_plus, hirescam, xgradcam, layercam):
-    _f.__doc__ = (_f.__doc__ or "") + "\n" + _DOC_OPTIONS
+for _f in (gradcam_plus_plus, hirescam, xgradcam, layercam):  # the checked function and its implementation
+    _f.__doc__ = _f.__wrapped__.__doc__ = (_f.__doc__ or "") + "\n" + _DOC_OPTIONS
 
 
 @one_model()  # one trace of the model's grids for the default layer and the layout
@@ -216,6 +220,7 @@ def _fused_layercam(model: nn.Module, x: Tensor, target: TargetLike, layers: lis
     return fused if multi else fused[:, 0]
 
 
+@checked  # the public method: a call its signature refuses is an ArgumentError
 @target_free
 @one_model()  # one trace of the model's grids for the default layer and the layout
 def eigencam(

@@ -47,7 +47,7 @@ from salience._core.guard import model_guard
 from salience._core.info import model_info
 from salience._core.progress import progress as _progress
 from salience._core.tensors import check_input_pixels, check_int, check_number, gaussian_blur, model_device, model_dtype, check_flag
-from salience.methods._multi import refuse_fp16_overflow, warn_unapplied
+from salience.methods._multi import checked, refuse_fp16_overflow, warn_unapplied
 from salience.targets import Classes, Target, as_target
 
 __all__ = ["class_model", "total_variation", "tv_gradient", "gaussian_blur"]  # gaussian_blur: re-export of the core one
@@ -355,6 +355,7 @@ def _ascend(model: nn.Module, img: Tensor, groups: list[tuple[Target, list[int]]
     return img, history
 
 
+@checked  # the public method: a call its signature refuses is an ArgumentError
 def class_model(
     model: nn.Module,
     target: ClassModelTarget,

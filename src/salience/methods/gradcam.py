@@ -27,7 +27,8 @@ from salience._core.layers import LayerSpec, layer_name, resolve_layer
 from salience._core.tensors import check_flag, upsample_bilinear
 from salience.reduce import GradModifier, Reduction
 from salience.targets import TargetLike, split
-from salience.methods._multi import finish, full_precision, hooked_pass, refuse_fp16_overflow, several_targets
+from salience.methods._multi import (checked, finish, full_precision, hooked_pass, refuse_fp16_overflow,
+                                     several_targets)
 from salience.methods._layer_search import _pick_default, default_layer, default_layer_readable, describe_default_layer
 from salience.methods._tokens import Layout, layer_layout, one_model
 
@@ -127,6 +128,7 @@ def gradient_cam(
     return cam if multi else cam[:, 0]
 
 
+@checked  # the public method: a call its signature refuses is an ArgumentError
 @several_targets
 def gradcam(
     model: nn.Module,
@@ -159,6 +161,7 @@ def gradcam(
                         strip_softmax=strip_softmax, grid=grid, prefix_tokens=prefix_tokens)
 
 
+@checked  # the public method: a call its signature refuses is an ArgumentError
 @several_targets
 @one_model()  # one trace of the model's grids for the default layer and the layout
 def guided_gradcam(

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from salience import rules
 from salience.reduce import GradModifier, Reduction
 from salience.targets import TargetLike
-from salience.methods._multi import several_targets, input_gradient_maps
+from salience.methods._multi import checked, several_targets, input_gradient_maps
 
 __all__ = ["guided_backprop", "deconvnet"]
 
@@ -29,6 +29,7 @@ def _ruled_maps(model: nn.Module, x: Tensor, target: TargetLike, rule: rules.Bac
     return maps
 
 
+@checked  # the public method: a call its signature refuses is an ArgumentError
 @several_targets
 def guided_backprop(
     model: nn.Module,
@@ -55,6 +56,7 @@ def guided_backprop(
                        strip_softmax, grad_modifier, reduce)
 
 
+@checked  # the public method: a call its signature refuses is an ArgumentError
 @several_targets
 def deconvnet(
     model: nn.Module,

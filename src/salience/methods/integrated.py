@@ -29,7 +29,7 @@ from salience._core.tensors import baseline_tensor, check_fits, check_int, check
 from salience._core.guard import Found, model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.targets import Classes, Predicted, Target, layers_tag, split
-from salience.methods._multi import several_targets, finish, input_gradient_maps, refuse_fp16_overflow
+from salience.methods._multi import checked, several_targets, finish, input_gradient_maps, refuse_fp16_overflow
 
 __all__ = ["integrated_gradients", "input_x_gradient", "quadrature", "RULES", "IGResult", "CompletenessWarning",
            "GAP_WARNING", "collect_gaps", "gap_floor", "gaps_to_report"]
@@ -264,6 +264,7 @@ def _baseline(x: Tensor, baseline: Any, blur_sigma: Optional[float]) -> Tensor:
     return baseline_tensor(baseline, x)
 
 
+@checked  # the public method: a call its signature refuses is an ArgumentError
 @several_targets
 def integrated_gradients(
     model: nn.Module,
@@ -578,6 +579,7 @@ class PathPoints:
         return _derived.derived(xs, "Integrated Gradients' path points"), owner
 
 
+@checked  # the public method: a call its signature refuses is an ArgumentError
 @several_targets
 def input_x_gradient(
     model: nn.Module,

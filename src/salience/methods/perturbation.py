@@ -44,7 +44,7 @@ from salience._core.errors import SalienceError
 from salience._core.guard import Found, model_guard
 from salience._core.tensors import baseline_tensor, check_fits, check_int, check_number, gaussian_blur, check_flag, fresh_seed
 from salience.methods import _occlusion_local as _local
-from salience.methods._multi import several_targets
+from salience.methods._multi import checked, several_targets
 from salience.reduce import Reduction
 from salience.targets import Classes, MultiLabel, Predicted, Target, resolve, split
 
@@ -358,6 +358,7 @@ class _Occluded:
         return xs, owner, m
 
 
+@checked  # the public method: a call its signature refuses is an ArgumentError
 @several_targets
 def occlusion(
     model: nn.Module,
@@ -694,6 +695,7 @@ def softmax_known(run: _perf.Run, known: Optional[bool]) -> _perf.Run:
     return run
 
 
+@checked  # the public method: a call its signature refuses is an ArgumentError
 @several_targets
 def rise(
     model: nn.Module,

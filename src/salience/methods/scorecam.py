@@ -53,7 +53,7 @@ from salience._core.fingerprint import own_hooks
 from salience._core.guard import Found, user_module, model_guard, put_back_state, record_state, state_changes
 from salience._core.layers import LayerSpec
 from salience._core.tensors import autocast_off, check_fits, check_number, check_flag
-from salience.methods._multi import several_targets, warn_unapplied
+from salience.methods._multi import checked, several_targets, warn_unapplied
 from salience.methods._tokens import Layout, one_model
 from salience.methods.gradcam import grid_layout, resolve_cam_layer, upsample_maps
 from salience.methods.perturbation import (SOFTMAX, _Reused, check_perturbation_targets, check_softmax, clean_batch,
@@ -340,6 +340,7 @@ class _ChannelMasks:
         return up.sub_(lo).div_(span.clamp(min=torch.finfo(up.dtype).tiny)), owner
 
 
+@checked  # the public method: a call its signature refuses is an ArgumentError
 @several_targets
 @one_model()  # one trace of the model's grids for the default layer and the layout
 def scorecam(
@@ -731,6 +732,7 @@ def _ablation_value(value: Any, x: Any) -> float:
     return check_fits(value, x.dtype, "value") if isinstance(x, Tensor) and x.is_floating_point() else value
 
 
+@checked  # the public method: a call its signature refuses is an ArgumentError
 @several_targets
 @one_model()  # one trace of the model's grids for the default layer and the layout
 def ablationcam(

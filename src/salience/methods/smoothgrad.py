@@ -25,8 +25,8 @@ from salience._core.tensors import check_int, check_number, check_flag, fresh_se
 from salience._core.guard import Found, model_guard
 from salience.reduce import GradModifier, Reduction
 from salience.methods import perturbation
-from salience.methods._multi import (as_method, bound_problem, shape_problem, free_maps, is_target_free, options_of,
-                                     takes_several_targets)
+from salience.methods._multi import (as_method, bound_problem, checked, shape_problem, free_maps, is_target_free,
+                                     options_of, takes_several_targets)
 from salience.methods.integrated import GapReport, collect_gaps, gaps_to_report, report_gaps
 from salience.methods.vanilla import vanilla
 from salience.targets import Target, checked_on_output, layers_tag, resolve, split
@@ -37,6 +37,7 @@ VARIANTS = ("mean", "squared", "vargrad")
 _PERF_SETTINGS = ("chunks", "fold_batchnorm", "allocator")  # the engine's options that are settings only, not keywords
 
 
+@checked  # the public method: a call its signature refuses is an ArgumentError
 def smoothgrad(
     model: nn.Module,
     x: Tensor,
@@ -243,7 +244,7 @@ def _check_keywords(method: Callable[..., Any], options: dict, depth: int = 0) -
         raise ArgumentError(problem)
     for name in options:
         if not _engine.accepts(method, name):
-            root = _engine.unbind(method)[0]  # the function under functools.partial (and a public method's Checked)
+            root = _engine.unbind(method)[0]  # the function under functools.partial
             called = getattr(root, "__name__", None) or "the method"
             theirs = options_of(root)
             listed = f"{called}'s options: {', '.join(theirs)}" if theirs else f"{called} takes no options"

@@ -35,7 +35,7 @@ from salience._core.autograd import backward, check_input, unwrap_output
 from salience._core.errors import SalienceError
 from salience._core.guard import modules_of
 from salience._core.tensors import autocast_off, check_flag, upsample_bilinear
-from salience.methods._multi import hooked_pass, refuse_fp16_overflow, several_targets
+from salience.methods._multi import checked, hooked_pass, refuse_fp16_overflow, several_targets
 from salience.methods._tokens import Layout, token_layout
 from salience.targets import TargetLike, check_output, checked_on_output, split
 
@@ -188,6 +188,7 @@ def _class_row(runs: list[Tensor]) -> Tensor:
     return v
 
 
+@checked  # the public method: a call its signature refuses is an ArgumentError
 @several_targets
 def attention_rollout(
     model: nn.Module,
@@ -275,6 +276,7 @@ def _attribution_pass(model: nn.Module, x: Tensor, targets: list, strip_softmax:
     return scoped(model, lambda: AttentionCapture(batch=x.shape[0], grads=True), narrowed, run)
 
 
+@checked  # the public method: a call its signature refuses is an ArgumentError
 @several_targets
 def transformer_attribution(
     model: nn.Module,

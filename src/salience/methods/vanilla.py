@@ -5,13 +5,14 @@ from typing import Union
 
 from torch import Tensor, nn
 
-from salience.methods._multi import several_targets, input_gradient_maps
+from salience.methods._multi import checked, several_targets, input_gradient_maps
 from salience.reduce import GradModifier, Reduction
 from salience.targets import TargetLike
 
 __all__ = ["vanilla"]
 
 
+@checked  # the public method: a call its signature refuses is an ArgumentError
 @several_targets
 def vanilla(
     model: nn.Module,
