@@ -53,6 +53,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from salience._core import derived as _derived
 from salience._core import perf as _perf
 from salience._core.autograd import TargetLike, backward, each_pass_from
+from salience._core.casts import making as _making_cast
 from salience._core.errors import SalienceError
 from salience._core.guard import Found, parameters_of
 from salience._core.info import max_batch
@@ -251,6 +252,8 @@ class MemoryProbe(TorchDispatchMode):
             self._items_held.discard(k)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if _making_cast():  # a weight's bf16 copy kept for the whole call (casts.making): not the items' bytes
+            return func(*args, **(kwargs or {}))
         flat_in = torch.utils._pytree.tree_leaves((args, kwargs or {}))
         from_items = False  # an input holds the items: so does what the operator makes
         for t in flat_in:
