@@ -375,6 +375,7 @@ def check_no_file_in_way(path: str, flag: str = "--out", names_file: bool = Fals
         if kind is None:
             continue
         if kind == "folder":
+            check_writable(p, flag, path)
             return
         if kind == "link":
             raise SalienceError(f"{flag} {path}: {p} is a link to {os.readlink(p)}, which is not there; create that "
@@ -384,6 +385,27 @@ def check_no_file_in_way(path: str, flag: str = "--out", names_file: bool = Fals
         if names_file:
             raise SalienceError(f"{flag} {path}: {p} is a file, not a folder; choose another {flag}")
         raise SalienceError(f"cannot create the output folder {target} (Not a directory)")
+
+
+def check_writable(folder: Path, flag: str, given: str) -> None:
+    """A :class:`SalienceError` naming ``flag`` and its value ``given`` when the existing ``folder`` (the output
+    folder, or the nearest folder above it that is there) cannot be written in (no permission, a read-only or
+    immutable folder): said before the model is loaded, not after every map is computed (a dataset run stopped with
+    an unexpected ``PermissionError``, exit 3, opening its lock file there)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SalienceError(f"{flag} {given}: cannot write in the folder {folder} (no permission to write there, or "
+                            f"a read-only folder); choose another {flag}")
+
+
+def writable_out(path: str, flag: str = "--out") -> None:
+    """:func:`check_writable` of the output folder ``path`` if it is there, else of the nearest folder above it that
+    is (nothing when something else is in the way: the command that makes the folder says that)."""
+    for p in [Path(path), *Path(path).parents]:
+        kind = path_kind(p, flag, path)
+        if kind == "folder":
+            check_writable(p, flag, path)
+        if kind is not None:
+            return
 
 
 def path_kind(p: Path, flag: str, given: str) -> Optional[str]:
