@@ -235,3 +235,27 @@ def test_python_spec_naming_a_folder_says_it_is_a_folder(images, tmp_path, capsy
     rc, _, err = _run(capsys, "explain", images / "a.png", "--model", "python:pkg.py:build", "--out", tmp_path / "o")
     assert rc == 2
     assert err.startswith("salience: error: python:pkg.py: is a folder, not a Python file; give the .py file")
+
+
+# ------------------------------------------------------------- 5. a whole pickled model whose class is not importable
+
+
+def test_trusted_pickle_whose_class_is_gone_says_so_not_that_it_is_no_pytorch_file(tmp_path, monkeypatch, capsys):
+    """Before: ``whole.pt: not a PyTorch model file salience can read (Can't get attribute 'Net' on <module
+    '__main__'>); expected TorchScript ...``: a PyTorch file it is; the class its pickle names is not importable."""
+    import importlib
+    import sys
+    (tmp_path / "s58_gone_mod.py").write_text("import torch.nn as nn\nclass Net(nn.Linear):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("s58_gone_mod")
+    torch.save(mod.Net(2, 3), tmp_path / "whole.pt")
+    sys.modules.pop("s58_gone_mod")
+    (tmp_path / "s58_gone_mod.py").unlink()
+    from salience import SalienceError, load_model
+    with pytest.raises(SalienceError) as e:
+        load_model(str(tmp_path / "whole.pt"), trust_pickle=True)
+    assert "holds pickled Python objects" in str(e.value) and "cannot be found in this process" in str(e.value)
+    assert "No module named 's58_gone_mod'" in str(e.value) and "not a PyTorch model file" not in str(e.value)
+    rc, _, err = _run(capsys, "explain", "x.png", "--model", tmp_path / "whole.pt", "--trust-pickle",
+                      "--out", tmp_path / "o")
+    assert rc == 2 and "with --weights PATH), or save TorchScript" in err
