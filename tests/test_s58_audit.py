@@ -259,3 +259,26 @@ def test_trusted_pickle_whose_class_is_gone_says_so_not_that_it_is_no_pytorch_fi
     rc, _, err = _run(capsys, "explain", "x.png", "--model", tmp_path / "whole.pt", "--trust-pickle",
                       "--out", tmp_path / "o")
     assert rc == 2 and "with --weights PATH), or save TorchScript" in err
+
+
+# ------------------------------------------------------------------- 6. a class name that several classes share
+
+
+@pytest.mark.parametrize("given, explained", [("cardigan", 2), ("Cardigan", 0), ("b", 1), ("CARDIGAN", None)])
+def test_a_name_several_classes_share_is_the_exact_one_or_refused(images, tmp_path, capsys, given, explained):
+    """ImageNet names 264 ``Cardigan`` (the corgi) and 474 ``cardigan`` (the sweater). Before: a case-insensitive
+    match took the first silently, so ``--target cardigan`` explained the corgi. Now the name as written picks the one
+    class it names exactly; a spelling that matches several only ignoring case is refused, naming them."""
+    import json
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.trace(_Net().eval(), torch.rand(1, 3, 16, 16)), str(tmp_path / "net.ts"))
+    (tmp_path / "labels.txt").write_text("Cardigan\nb\ncardigan\n")
+    rc, _, err = _run(capsys, "explain", images / "a.png", "--model", tmp_path / "net.ts", "--labels",
+                      tmp_path / "labels.txt", "--target", given, "--out", tmp_path / "o")
+    if explained is None:
+        assert rc == 2
+        assert err == ("salience: error: target class 'CARDIGAN' names 2 classes: 0 (Cardigan), 2 (cardigan); give "
+                       "the index of the one you mean\n")
+    else:
+        assert rc == 0, err
+        assert json.loads((tmp_path / "o" / "summary.json").read_text())["images"][0]["explained"] == [explained]

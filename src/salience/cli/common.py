@@ -206,7 +206,9 @@ def parse_methods(values: Optional[Sequence[str]]) -> list[str]:
 
 
 def parse_class(value: str, info: Any, num_outputs: int) -> int:
-    """A class given as an index or a name (case-insensitive) -> its index, checked against the model."""
+    """A class given as an index or a name (case-insensitive) -> its index, checked against the model. A name that
+    several classes share when case is ignored is the one class it names exactly (``Cardigan`` of ImageNet: the corgi,
+    264; ``cardigan``: the sweater, 474), else refused, naming their indices."""
     names = list(info.class_names or ())
     v = value.strip()
     if re.fullmatch(r"-?\d+", v):
@@ -217,7 +219,14 @@ def parse_class(value: str, info: Any, num_outputs: int) -> int:
             known = f" (classes: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else \
                 " (the model has no class names; give an index)"
             raise SalienceError(f"unknown target class {v!r}{suggest(v, names)}{known}")
-        idx = lowered.index(v.lower())
+        hits = [i for i, n in enumerate(lowered) if n == v.lower()]
+        exact = [i for i in hits if names[i] == v]
+        if len(hits) > 1 and len(exact) == 1:  # the name as written, case and all, is one class's
+            hits = exact
+        if len(hits) > 1:  # the first was taken silently (ImageNet's 'cardigan': the corgi 264 and the sweater 474)
+            raise SalienceError(f"target class {v!r} names {len(hits)} classes: "
+                                f"{', '.join(f'{i} ({names[i]})' for i in hits)}; give the index of the one you mean")
+        idx = hits[0]
     if not 0 <= idx < num_outputs:
         labels = f": {', '.join(names)}" if names and len(names) <= 10 else ""
         raise SalienceError(
