@@ -206,7 +206,9 @@ def parse_methods(values: Optional[Sequence[str]]) -> list[str]:
 
 
 def parse_class(value: str, info: Any, num_outputs: int) -> int:
-    """A class given as an index or a name (case-insensitive) -> its index, checked against the model."""
+    """A class given as an index or a name (case-insensitive) -> its index, checked against the model. A name that
+    several classes share when case is ignored is the one class it names exactly (``Cardigan`` of ImageNet: the corgi,
+    264; ``cardigan``: the sweater, 474), else refused, naming their indices."""
     names = list(info.class_names or ())
     v = value.strip()
     if re.fullmatch(r"-?\d+", v):
@@ -217,7 +219,14 @@ def parse_class(value: str, info: Any, num_outputs: int) -> int:
             known = f" (classes: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else \
                 " (the model has no class names; give an index)"
             raise SalienceError(f"unknown target class {v!r}{suggest(v, names)}{known}")
-        idx = lowered.index(v.lower())
+        hits = [i for i, n in enumerate(lowered) if n == v.lower()]
+        exact = [i for i in hits if names[i] == v]
+        if len(hits) > 1 and len(exact) == 1:  # the name as written, case and all, is one class's
+            hits = exact
+        if len(hits) > 1:  # the first was taken silently (ImageNet's 'cardigan': the corgi 264 and the sweater 474)
+            raise SalienceError(f"target class {v!r} names {len(hits)} classes: "
+                                f"{', '.join(f'{i} ({names[i]})' for i in hits)}; give the index of the one you mean")
+        idx = hits[0]
     if not 0 <= idx < num_outputs:
         labels = f": {', '.join(names)}" if names and len(names) <= 10 else ""
         raise SalienceError(
@@ -375,6 +384,7 @@ def check_no_file_in_way(path: str, flag: str = "--out", names_file: bool = Fals
         if kind is None:
             continue
         if kind == "folder":
+            check_writable(p, flag, path)
             return
         if kind == "link":
             raise SalienceError(f"{flag} {path}: {p} is a link to {os.readlink(p)}, which is not there; create that "
@@ -384,6 +394,27 @@ def check_no_file_in_way(path: str, flag: str = "--out", names_file: bool = Fals
         if names_file:
             raise SalienceError(f"{flag} {path}: {p} is a file, not a folder; choose another {flag}")
         raise SalienceError(f"cannot create the output folder {target} (Not a directory)")
+
+
+def check_writable(folder: Path, flag: str, given: str) -> None:
+    """A :class:`SalienceError` naming ``flag`` and its value ``given`` when the existing ``folder`` (the output
+    folder, or the nearest folder above it that is there) cannot be written in (no permission, a read-only or
+    immutable folder): said before the model is loaded, not after every map is computed (a dataset run stopped with
+    an unexpected ``PermissionError``, exit 3, opening its lock file there)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SalienceError(f"{flag} {given}: cannot write in the folder {folder} (no permission to write there, or "
+                            f"a read-only folder); choose another {flag}")
+
+
+def writable_out(path: str, flag: str = "--out") -> None:
+    """:func:`check_writable` of the output folder ``path`` if it is there, else of the nearest folder above it that
+    is (nothing when something else is in the way: the command that makes the folder says that)."""
+    for p in [Path(path), *Path(path).parents]:
+        kind = path_kind(p, flag, path)
+        if kind == "folder":
+            check_writable(p, flag, path)
+        if kind is not None:
+            return
 
 
 def path_kind(p: Path, flag: str, given: str) -> Optional[str]:

@@ -19,7 +19,7 @@ from salience._core.info import attach_info, model_info
 from salience._core.tensors import check_int
 from salience.cli import options as _options
 from salience.cli.common import (EXIT_OK, EXIT_PARTIAL, METHOD_FLAGS, flag_errors, load_model_arg, parse_class,
-                                 parse_methods, warn)
+                                 parse_methods, warn, writable_out)
 from salience.cli.inputs import class_names, preprocessing_info, read_inputs
 from salience.runs import explain_dataset
 from salience.runs.dataset import ENGINES, METRICS
@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("batch", "workers", "shard_size", "actors"):
         if getattr(args, flag) is not None:
             check_int(getattr(args, flag), "--" + flag.replace("_", "-"), minimum=0 if flag == "workers" else 1)
+    writable_out(args.out)  # an unwritable folder was an unexpected PermissionError (exit 3) at the run's lock file
     model = load_model_arg(args)
     _options.check_layer(model, given)
     info = preprocessing_info(model_info(model), inputs)

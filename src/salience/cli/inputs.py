@@ -94,7 +94,9 @@ def check_side(value: int, flag: str) -> int:
 
 
 def _split(text: str) -> list[str]:
-    return [t for t in re.split(r"[,x\s]+", text.strip()) if t]
+    """The parts of ``H,W`` / ``HxW`` / ``H W``, one separator between two numbers: an empty part (``8,x``, ``8,,9``)
+    is kept, so that it is refused (runs of separators were one, and ``--size 8,x`` was a silent 8 x 8)."""
+    return re.split(r"\s*[,x]\s*|\s+", text.strip())
 
 
 def _ints(text: str, flag: str, what: str, count: int = 2) -> tuple[int, ...]:
@@ -123,13 +125,41 @@ def preprocessing_info(info: ModelInfo, inputs: Inputs) -> ModelInfo:
     if not inputs.preprocessing:
         return info
     try:
-        return with_preprocessing(info, **inputs.preprocessing)
+        new = with_preprocessing(info, **inputs.preprocessing)
     except SalienceError as e:
         msg = str(e)
         named = [(m.start(), k) for k in inputs.preprocessing
                  for m in [re.search(rf"\b{re.escape(k)}\b", msg)] if m]
         flag = inputs.flags[min(named)[1]] if named else "preprocessing"
         raise SalienceError(f"{flag}: {msg}") from None
+    given = [f"{inputs.flags[k]} {v if isinstance(v, (int, str)) else ','.join(map(str, v))}"
+             for k, v in inputs.preprocessing.items() if k in ("size", "resize", "resize_mode", "channels")]
+    check_static_input(info, new, " ".join(given) or "the preprocessing")
+    return new
+
+
+def check_static_input(info: ModelInfo, new: ModelInfo, given: str) -> None:
+    """A :class:`SalienceError` when ``new`` (``info`` with the preprocessing flags ``given``) feeds the model
+    another channel count or image size than the fixed ones of its ``info.extra["static_input"]`` (``(C, H, W)``, an
+    int where fixed, ``None`` where free: a ``.pt2`` program exported with a static size). The program itself
+    refuses such an input with torch's guard error, which the command said as an unexpected error (exit 3)."""
+    fixed = info.extra.get("static_input")
+    if not fixed:
+        return
+    c, h, w = fixed
+    size = new.input_size
+    channels_wrong = c is not None and new.channels != c
+    size_wrong = (h is not None or w is not None) and (size is None or (h is not None and size[0] != h)
+                                                      or (w is not None and size[1] != w))
+    if not channels_wrong and not size_wrong:
+        return
+    shape = " x ".join("any" if v is None else str(v) for v in fixed)
+    feeds = f"{new.channels} x " + ("each image's own size" if size is None else f"{size[0]} x {size[1]}")
+    fix = "the program's own channels and size are used" if channels_wrong else (
+        "the program's own size is used), or export it again with height and width dynamic (dynamic_shapes="
+        "{'x': {0: Dim('batch'), 2: Dim('h'), 3: Dim('w')}}")
+    raise SalienceError(f"{given}: {info.name} takes inputs of {shape} (channels x height x width) only, fixed when "
+                        f"it was exported, and {given} would give it {feeds}; leave {given} out ({fix})")
 
 
 def class_names(info: ModelInfo, num_outputs: int, inputs: Inputs) -> tuple[ModelInfo, Optional[str]]:

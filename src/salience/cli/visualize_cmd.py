@@ -18,7 +18,7 @@ from salience._core.tensors import check_int
 from salience.cli.common import (EXIT_OK, add_model_args, check_no_file_in_way, flag_errors, load_model_arg, parse_class,
                                  path_kind, scores,
                                  to_image, warn)
-from salience.cli.inputs import check_side
+from salience.cli.inputs import check_side, check_static_input
 from salience.loading import unnormalize
 from salience.methods.class_model import class_model
 from salience.render import viz
@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     info = model_info(model)
     if args.channels is not None:  # the hint of the input error of a gray model ("--channels 1")
         info = dataclasses.replace(info, channels=args.channels)
+        check_static_input(model_info(model), info, f"--channels {args.channels}")  # a .pt2 program's fixed ones
     h, w = info.input_size or (args.size, args.size)
     k = scores(model, model_input(model, torch.zeros(1, info.channels, h, w))).shape[1]
     target = parse_class(args.target, info, k)

@@ -106,6 +106,9 @@ def _import_file(path: Path) -> types.ModuleType:
     """``path`` run as a module named ``salience_user_STEM_N``, its folder first on ``sys.path``
     while it runs (as Python runs a script: ``import blocks`` finds ``blocks.py`` beside it). The
     module and the sibling modules it imported are recorded (:func:`user_modules`)."""
+    if path.is_dir():  # it said "no such file" of a folder that is there
+        raise SalienceError(f"python:{path}: is a folder, not a Python file; give the .py file that defines the "
+                            "function (python:FILE.py:FUNC), or a package's module as python:MODULE:FUNC")
     if not path.is_file():
         raise SalienceError(f"python:{path}: no such file; check the path")
     name = f"salience_user_{path.stem}_{abs(hash(str(path.resolve())))}"
@@ -208,8 +211,12 @@ def load_exported(path: PathLike) -> nn.Module:
         else None
     channels = int(shape[1]) if shape and len(shape) == 4 and isinstance(shape[1], int) else 3
     most = _batch_limit(ep, shape)
-    return attach_info(model, ModelInfo(name=p.name, input_size=size, channels=channels,
-                                        extra={} if most is None else {"max_batch": most}))
+    extra: dict[str, Any] = {} if most is None else {"max_batch": most}
+    if shape and len(shape) == 4 and any(isinstance(v, int) for v in shape[1:]):
+        # the program refuses another channel count or size with torch's raw guard error: the command checks its
+        # preprocessing against this (C, H, W), an int where fixed, None where dynamic
+        extra["static_input"] = tuple(int(v) if isinstance(v, int) else None for v in shape[1:])
+    return attach_info(model, ModelInfo(name=p.name, input_size=size, channels=channels, extra=extra))
 
 
 def _batch_limit(ep: Any, shape: Optional[tuple]) -> Optional[int]:

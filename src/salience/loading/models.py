@@ -296,6 +296,13 @@ def _torch_load(path: Path, trust_pickle: bool):
             ) from None
         text = str(e).strip()
         msg = text.splitlines()[0] if text and not isinstance(e, KeyError) else type(e).__name__
+        if trust_pickle and isinstance(e, (AttributeError, ImportError)):  # said "not a PyTorch model file" of one
+            raise SalienceError(
+                f"{path}: holds pickled Python objects (e.g. a whole model saved with torch.save(model)) whose class "
+                f"or module cannot be found in this process ({msg}): unpickling needs the code that defined them "
+                "importable. Save a state dict instead and give its architecture (python:FILE.py:FUNC with "
+                "weights=PATH), or save TorchScript"
+            ) from None
         raise SalienceError(
             f"{path}: not a PyTorch model file salience can read ({msg}); expected TorchScript "
             "(torch.jit.save) or a state dict (torch.save(model.state_dict()))"
