@@ -103,9 +103,11 @@ def _checking(fn: Callable[..., Any]) -> Callable[..., Any]:
             if is_a(e, own):
                 raise
             problem = problem_of(fn, args, kwargs)
-            if problem is None:  # raised inside the method: not about the call
+            if problem is None:  # raised inside the method: not about the call, re-raised as it came
                 raise
-            raise refused(problem) from None
+        # raised past the handler: its context is what the caller was handling, as a plain function's TypeError's
+        # (inside the handler it was Python's TypeError, which "from None" hid with the caller's own exception)
+        raise refused(problem)
 
     home = getattr(inspect.unwrap(fn), "__globals__", None)  # under one_model()'s wrapper: the method's module
     if isinstance(home, dict):
@@ -133,11 +135,12 @@ def call_problem(method: Callable[..., Any], args: tuple, kwargs: dict) -> Optio
     :func:`checked`'s :class:`~salience._core.errors.ArgumentError`), or ``None`` where the signature takes them."""
     try:
         sig = inspect.signature(method)
+    except (TypeError, ValueError):  # no signature to read (not a function, a builtin): nothing to say
+        return None
+    try:
         sig.bind(*args, **kwargs)
     except TypeError as e:
         return _said(getattr(method, "__name__", "the method"), sig, args, kwargs, str(e))
-    except ValueError:  # no signature to read: nothing to say
-        return None
     return None
 
 
