@@ -72,7 +72,11 @@ def checked(fn: F) -> F:
     keyword it has no option for, a positional argument missing or too many) an
     :class:`~salience._core.errors.ArgumentError` naming the method, the keyword, the closest option and the method's
     options (a ``TypeError`` still). Only a failed call pays for the check: the signature is read after a
-    ``TypeError``, and a ``TypeError`` raised inside ``fn`` comes out as it was.
+    ``TypeError``, and a ``TypeError`` raised inside ``fn`` (the user's model, a torch op: the arguments bind to the
+    signature, so the call was taken) comes out as it was, with this function's one frame added. Python refuses a
+    call the signature does not take before ``fn``'s body runs: no pass has run then. The ArgumentError is raised
+    past the handler, so that its context is what the caller was handling (as a plain function's TypeError's), not
+    Python's TypeError for the same call.
 
     Applied where each public method is defined (``@checked`` over ``def vanilla(...)``), so that the module's name
     for it is the checked function: it pickles by reference (its module and qualified name, which are ``fn``'s, find
