@@ -216,6 +216,33 @@ def test_class_model_refuses_a_positional_option_before_any_pass() -> None:
     assert model.passes == 0
 
 
+def test_eigencams_entry_refuses_a_wrong_keyword_first_as_every_method_does() -> None:
+    """``METHODS["eigencam"]`` with a keyword Eigen-CAM has no option for and a target for another batch: the
+    keyword's ArgumentError, as every other method gives (Python refuses the call before anything), raised by the
+    entry's own check, the only frame under the caller (on e410c27b the adapter read the input and the targets
+    first: the target's SalienceError; with a valid target the inner method's ArgumentError under 5 frames)."""
+    model = Counted()
+    for name in ("vanilla", "eigencam"):
+        with pytest.raises(ArgumentError, match=f"^{name} has no option 'bogus'") as caught:
+            METHODS[name](model, X, [1, 2, 3], bogus=1)
+        assert [f.name for f in traceback.extract_tb(caught.value.__traceback__)][1:] == ["checked_call"]
+        assert caught.value.__context__ is None
+    with pytest.raises(ArgumentError, match="^eigencam has no option 'layers'; did you mean 'layer'") as caught:
+        METHODS["eigencam"](model, X, 1, layers="conv")
+    assert [f.name for f in traceback.extract_tb(caught.value.__traceback__)][1:] == ["checked_call"]
+    assert model.passes == 0
+    assert METHODS["eigencam"](model, X, 1, layer="conv").shape == (2, 8, 8)  # an option it takes goes through
+
+
+def test_the_models_type_error_through_eigencams_entry_passes_one_checked_frame() -> None:
+    """The entry calls Eigen-CAM's implementation under its own check, not the checked function again (on e410c27b
+    two ``checked_call`` frames stood in the user's traceback)."""
+    with pytest.raises(TypeError, match="^the user's own TypeError$") as caught:
+        METHODS["eigencam"](Counted(raise_at=1), X, 1)
+    frames = [f.name for f in traceback.extract_tb(caught.value.__traceback__)]
+    assert frames.count("checked_call") == 1 and frames[-1] == "forward"
+
+
 # ------------------------------------------------------------------ pickled by reference, everywhere
 
 

@@ -237,12 +237,19 @@ def as_method(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
     cached = isinstance(method, types.FunctionType)  # not partials, which callers make per call
     if cached and method in _ADAPTED:
         return _ADAPTED[method]
+    # a checked method's adapter is checked too: a keyword the method has no option for is refused at once (the
+    # ArgumentError of the adapter's own check, before the input and the targets are read), and the implementation
+    # is called under it, not the checked method again (one checked frame in a traceback, not two)
+    takes = _keywords_taken(method) if is_checked(method) else None
+    impl = method.__wrapped__ if takes is not None else method  # type: ignore[attr-defined]
 
     def call(model: nn.Module, x: Tensor, target: Any = None, **options: Any) -> Tensor:
+        if options and takes is not None and not takes.issuperset(options):
+            raise TypeError("an option the method does not take")  # read against the signature: an ArgumentError
         if not isinstance(x, Tensor) or x.dim() != 4:
             check_input(x, model)  # says what x must be (a list, an image without its batch dimension...)
         targets, multi = split(target, x.shape[0])
-        maps = free_maps(lambda: method(model, x, **options), model, x, targets)
+        maps = free_maps(lambda: impl(model, x, **options), model, x, targets)
         return maps.unsqueeze(1).repeat(1, len(targets), *([1] * (maps.dim() - 1))) if multi else maps
 
     functools.update_wrapper(call, method)
@@ -267,6 +274,18 @@ def as_method(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
 
 _ADAPTED: dict[Callable[..., Any], Callable[..., Tensor]] = {}
+
+
+def _keywords_taken(method: Callable[..., Any]) -> Optional[frozenset[str]]:
+    """The keywords a target-free ``method`` takes past ``model`` and ``x`` (``None``: any, a ``**options``; or its
+    signature cannot be read): what its adapter (:func:`as_method`) lets through to it."""
+    try:
+        params = list(inspect.signature(method).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params[2:] if p.kind is not inspect.Parameter.POSITIONAL_ONLY)
 
 
 def free_maps(call: Callable[[], Tensor], model: nn.Module, x: Tensor, targets: Sequence[Target]) -> Tensor:
