@@ -9,7 +9,12 @@ What failed on e410c27b:
   exception ("During handling of the above exception" showed neither). A plain function's TypeError shows the
   user's exception; the ArgumentError now does too, and carries no TypeError of the refused call;
 * ``call_problem`` of an object without a signature to read (not callable) raised ``UnboundLocalError`` (``sig``
-  unset) instead of saying nothing (``None``).
+  unset) instead of saying nothing (``None``);
+* Eigen-CAM's registry entry read the input and the targets before the keyword was refused (a target for another
+  batch was the error a wrong keyword got; every other method refuses the keyword first), and its refusal and a
+  user's exception stood under two ``checked_call`` frames (the adapter's and the checked method's it called);
+* ``typing.get_type_hints`` of Eigen-CAM's entry raised ``NameError`` (its annotations, strings, were read under
+  ``_multi``'s globals).
 
 Pinned here (held on e410c27b too): a TypeError of the user's model (or of a torch op in it) comes out as itself,
 with its traceback and no context, one frame (``checked_call``) added; a TypeError raised after passes ran is not
@@ -241,6 +246,19 @@ def test_the_models_type_error_through_eigencams_entry_passes_one_checked_frame(
         METHODS["eigencam"](Counted(raise_at=1), X, 1)
     frames = [f.name for f in traceback.extract_tb(caught.value.__traceback__)]
     assert frames.count("checked_call") == 1 and frames[-1] == "forward"
+
+
+@pytest.mark.parametrize("name", sorted({**METHODS, "class_model": None}))
+def test_type_hints_of_every_public_method_resolve(name) -> None:
+    """``typing.get_type_hints`` (IDEs, documentation tools) of each method as a real function resolves; Eigen-CAM's
+    entry's were strings read under ``_multi``'s globals (``NameError: LayerSpec`` on e410c27b)."""
+    import typing
+
+    fn = salience.class_model if name == "class_model" else METHODS[name]
+    hints = typing.get_type_hints(fn)
+    assert hints["model"] is nn.Module and "return" in hints
+    if name == "eigencam":
+        assert hints["target"] is typing.Any and "layer" in hints and hints["x"] is torch.Tensor
 
 
 # ------------------------------------------------------------------ pickled by reference, everywhere

@@ -17,6 +17,7 @@ import functools
 import inspect
 import threading
 import types
+import typing
 import warnings
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 
@@ -254,6 +255,7 @@ def as_method(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
     functools.update_wrapper(call, method)
     del call.__wrapped__  # type: ignore[attr-defined]  # the signature below, not the method's
+    call.__annotations__ = {**_hints(method), "target": Any}  # read under this module's globals: resolved
     sig = inspect.signature(method)
     params = [p for p in sig.parameters.values() if p.name != "target"]
     at = 2 if len(params) >= 2 else len(params)
@@ -274,6 +276,16 @@ def as_method(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
 
 _ADAPTED: dict[Callable[..., Any], Callable[..., Tensor]] = {}
+
+
+def _hints(method: Callable[..., Any]) -> dict[str, Any]:
+    """``method``'s annotations resolved in its own module (``typing.get_type_hints``), for its adapter, whose
+    globals are this module's (Eigen-CAM's ``LayerSpec`` was a ``NameError`` there); as written where they do not
+    resolve."""
+    try:
+        return typing.get_type_hints(method)
+    except Exception:  # noqa: BLE001 - a user's annotation that does not resolve: kept as it is written
+        return dict(getattr(method, "__annotations__", None) or {})
 
 
 def _keywords_taken(method: Callable[..., Any]) -> Optional[frozenset[str]]:
