@@ -17,6 +17,7 @@ import functools
 import inspect
 import threading
 import types
+import typing
 import warnings
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 
@@ -72,7 +73,11 @@ def checked(fn: F) -> F:
     keyword it has no option for, a positional argument missing or too many) an
     :class:`~salience._core.errors.ArgumentError` naming the method, the keyword, the closest option and the method's
     options (a ``TypeError`` still). Only a failed call pays for the check: the signature is read after a
-    ``TypeError``, and a ``TypeError`` raised inside ``fn`` comes out as it was.
+    ``TypeError``, and a ``TypeError`` raised inside ``fn`` (the user's model, a torch op: the arguments bind to the
+    signature, so the call was taken) comes out as it was, with this function's one frame added. Python refuses a
+    call the signature does not take before ``fn``'s body runs: no pass has run then. The ArgumentError is raised
+    past the handler, so that its context is what the caller was handling (as a plain function's TypeError's), not
+    Python's TypeError for the same call.
 
     Applied where each public method is defined (``@checked`` over ``def vanilla(...)``), so that the module's name
     for it is the checked function: it pickles by reference (its module and qualified name, which are ``fn``'s, find
@@ -103,9 +108,11 @@ def _checking(fn: Callable[..., Any]) -> Callable[..., Any]:
             if is_a(e, own):
                 raise
             problem = problem_of(fn, args, kwargs)
-            if problem is None:  # raised inside the method: not about the call
+            if problem is None:  # raised inside the method: not about the call, re-raised as it came
                 raise
-            raise refused(problem) from None
+        # raised past the handler: its context is what the caller was handling, as a plain function's TypeError's
+        # (inside the handler it was Python's TypeError, which "from None" hid with the caller's own exception)
+        raise refused(problem)
 
     home = getattr(inspect.unwrap(fn), "__globals__", None)  # under one_model()'s wrapper: the method's module
     if isinstance(home, dict):
@@ -133,11 +140,12 @@ def call_problem(method: Callable[..., Any], args: tuple, kwargs: dict) -> Optio
     :func:`checked`'s :class:`~salience._core.errors.ArgumentError`), or ``None`` where the signature takes them."""
     try:
         sig = inspect.signature(method)
+    except (TypeError, ValueError):  # no signature to read (not a function, a builtin): nothing to say
+        return None
+    try:
         sig.bind(*args, **kwargs)
     except TypeError as e:
         return _said(getattr(method, "__name__", "the method"), sig, args, kwargs, str(e))
-    except ValueError:  # no signature to read: nothing to say
-        return None
     return None
 
 
@@ -230,16 +238,24 @@ def as_method(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
     cached = isinstance(method, types.FunctionType)  # not partials, which callers make per call
     if cached and method in _ADAPTED:
         return _ADAPTED[method]
+    # a checked method's adapter is checked too: a keyword the method has no option for is refused at once (the
+    # ArgumentError of the adapter's own check, before the input and the targets are read), and the implementation
+    # is called under it, not the checked method again (one checked frame in a traceback, not two)
+    takes = _keywords_taken(method) if is_checked(method) else None
+    impl = method.__wrapped__ if takes is not None else method  # type: ignore[attr-defined]
 
     def call(model: nn.Module, x: Tensor, target: Any = None, **options: Any) -> Tensor:
+        if options and takes is not None and not takes.issuperset(options):
+            raise TypeError("an option the method does not take")  # read against the signature: an ArgumentError
         if not isinstance(x, Tensor) or x.dim() != 4:
             check_input(x, model)  # says what x must be (a list, an image without its batch dimension...)
         targets, multi = split(target, x.shape[0])
-        maps = free_maps(lambda: method(model, x, **options), model, x, targets)
+        maps = free_maps(lambda: impl(model, x, **options), model, x, targets)
         return maps.unsqueeze(1).repeat(1, len(targets), *([1] * (maps.dim() - 1))) if multi else maps
 
     functools.update_wrapper(call, method)
     del call.__wrapped__  # type: ignore[attr-defined]  # the signature below, not the method's
+    call.__annotations__ = {**_hints(method), "target": Any}  # read under this module's globals: resolved
     sig = inspect.signature(method)
     params = [p for p in sig.parameters.values() if p.name != "target"]
     at = 2 if len(params) >= 2 else len(params)
@@ -260,6 +276,28 @@ def as_method(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
 
 _ADAPTED: dict[Callable[..., Any], Callable[..., Tensor]] = {}
+
+
+def _hints(method: Callable[..., Any]) -> dict[str, Any]:
+    """``method``'s annotations resolved in its own module (``typing.get_type_hints``), for its adapter, whose
+    globals are this module's (Eigen-CAM's ``LayerSpec`` was a ``NameError`` there); as written where they do not
+    resolve."""
+    try:
+        return typing.get_type_hints(method)
+    except Exception:  # noqa: BLE001 - a user's annotation that does not resolve: kept as it is written
+        return dict(getattr(method, "__annotations__", None) or {})
+
+
+def _keywords_taken(method: Callable[..., Any]) -> Optional[frozenset[str]]:
+    """The keywords a target-free ``method`` takes past ``model`` and ``x`` (``None``: any, a ``**options``; or its
+    signature cannot be read): what its adapter (:func:`as_method`) lets through to it."""
+    try:
+        params = list(inspect.signature(method).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params[2:] if p.kind is not inspect.Parameter.POSITIONAL_ONLY)
 
 
 def free_maps(call: Callable[[], Tensor], model: nn.Module, x: Tensor, targets: Sequence[Target]) -> Tensor:
