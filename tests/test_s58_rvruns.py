@@ -17,6 +17,8 @@
    ``FileNotFoundError`` naming a FIFO that is there (``open_run``'s ``len``, ``done_indices``, a continued run's
    ``inputs.parquet``). Now each is checked first (``_core.files.check_regular``): a ``SalienceError`` saying to
    remove it. Run in a child process that kills itself after 20 s: a regression fails, it never hangs.
+6. A manifest of a newer salience's format holding a key twice was "damaged: use overwrite=True to start again"
+   (which deletes that run). Now its format is said: upgrade salience.
 """
 from __future__ import annotations
 
@@ -284,3 +286,21 @@ def test_check_regular_leaves_a_missing_path_to_its_reader(tmp_path):
         check_regular(p, "a run file's name", "try again")
     with pytest.raises(SalienceError, match="is not a regular file"):
         check_regular(tmp_path, "a run file's name", "try again")
+
+
+# --------------------------------------------------------------------------------- 6. a newer salience's run
+
+def test_a_newer_formats_manifest_holding_a_key_twice_is_never_said_to_start_again(finished, tmp_path):
+    """Fails on the base: a ``run.json`` of an unknown (a newer salience's) format holding a key twice was refused as
+    damaged, "use overwrite=True to start again", which deletes that run. Now its format is said (upgrade salience),
+    by ``open_run`` and by a continued run (which says ``overwrite=True`` would delete it), nothing written."""
+    folder = _copy(finished, tmp_path)
+    text = (folder / "run.json").read_text().replace('"salience-run/2"', '"salience-run/3"', 1)
+    (folder / "run.json").write_text(text.replace('"model": ', '"model": "other", "model": ', 1))
+    before = _files_of(tmp_path)
+    with pytest.raises(SalienceError, match=r"unknown run format 'salience-run/3' .*; upgrade salience$"):
+        open_run(folder)
+    with pytest.raises(SalienceError, match=r"unknown run format 'salience-run/3' .*upgrade salience to continue it.*"
+                                            r"\(overwrite=True would delete it\)"):
+        _a_run(folder)
+    assert _files_of(tmp_path) == before

@@ -306,6 +306,9 @@ def read_manifest(path: Path, use: str = READ) -> dict[str, Any]:
                              "salience wrote")
         manifest = json.loads(data.decode("utf-8"), object_pairs_hook=_unique)
     except _Repeated as e:
+        newer = json.loads(data.decode("utf-8"), object_pairs_hook=_first_wins)
+        if newer.get("format") not in (FORMAT, JOINED_ERRORS):  # a newer salience's: its readers refuse its format
+            return newer  # (upgrade salience), never "start again", which would delete that run
         raise SalienceError(f"{path}: the run's manifest is damaged (the key \"{e.args[0]}\" is in it twice); "
                             f"{START_AGAIN}") from None
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: arrays nested past Python's limit
@@ -320,7 +323,6 @@ def check_manifest(path: Path, manifest: Any, use: str) -> dict[str, Any]:
     if problem is not None:
         raise SalienceError(f"{path}: the run's manifest is damaged ({problem}); {START_AGAIN}")
     return manifest
-
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
