@@ -6,7 +6,9 @@ folder, are flushed to disk, and the temporary file is renamed over the target i
 (``os.replace``). If anything fails on the way, including ``KeyboardInterrupt``, the temporary
 file is removed and an existing target is left exactly as it was. :func:`file_start` reads a file's first bytes
 (what the loaders tell a file's kind by). :func:`open_regular` opens a file that may be no regular file (a FIFO of its
-name) without waiting: what a run's store and lock read their own files with.
+name) without waiting: what a run's store and lock read their own files with; :func:`check_regular` refuses such a
+file before a path is handed to a reader that opens it plainly (pyarrow, numpy); :func:`one_name` tells a name read
+from a file (a run's method) that names one file inside a folder from one that would lead out of it.
 """
 from __future__ import annotations
 
@@ -14,12 +16,13 @@ import contextlib
 import os
 import secrets
 import stat
-from pathlib import Path
-from typing import Iterator, Optional, Union
+from pathlib import Path, PurePath
+from typing import Any, Iterator, Optional, Union
 
 from salience._core.errors import SalienceError
 
-__all__ = ["NO_WAIT", "atomic_path", "atomic_write", "file_start", "folder_name", "make_folder", "open_regular"]
+__all__ = ["NO_WAIT", "atomic_path", "atomic_write", "check_regular", "file_start", "folder_name", "make_folder",
+           "not_regular", "one_name", "open_regular"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -178,3 +181,34 @@ def open_regular(path: PathLike, flags: int = os.O_RDONLY, mode: int = 0o666) ->
         os.close(fd)
         return None
     return fd
+
+
+def not_regular(path: PathLike, what: str, then: str) -> str:
+    """What to say of ``path`` that is no regular file (a FIFO, a device or a socket of ``what``, ``"a run file's
+    name"``): remove it, then ``then``."""
+    return f"{path} is not a regular file (a FIFO, a device or a socket of {what}); remove it, then {then}"
+
+
+def check_regular(path: PathLike, what: str, then: str) -> None:
+    """A :class:`SalienceError` (:func:`not_regular`) when ``path`` is there and is no regular file (a link to one is
+    one): before ``path`` goes to a reader that opens it plainly (``pyarrow.parquet.read_table``, ``np.load``), where
+    a FIFO's open waits for a writer, for ever where none comes. One ``stat``; a path not there, or that cannot be
+    looked at, is left to the reader (its own error, as before)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # not there, no permission, a NUL in it: the reader says so
+        return
+    if not stat.S_ISREG(mode):
+        raise SalienceError(not_regular(path, what, then))
+
+
+def one_name(name: Any, flavour: type = PurePath) -> bool:
+    """Whether ``name`` names one entry inside a folder, never a path outside it nor a hidden one: a non-empty
+    string without NUL or ``/``, not starting with ``.`` (``.``, ``..``, the store's temporaries), that the system's
+    paths (``flavour``: :class:`~pathlib.PurePath`, this system's; :class:`~pathlib.PureWindowsPath` also splits at
+    ``\\`` and reads ``C:x`` as a drive) read as one part without a drive or root. What a name read from a file
+    (a run manifest's method, a table's shard) must be before it becomes part of a path."""
+    if not isinstance(name, str) or not name or "\0" in name or "/" in name or name.startswith("."):
+        return False
+    pure = flavour(name)
+    return pure.parts == (name,) and not pure.anchor

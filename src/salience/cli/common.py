@@ -321,6 +321,12 @@ spec with weights (``model timm:resnet50 with weights=PATH``) as the command lin
 timm:resnet50 --weights PATH``)."""
 
 
+RUN_FLAGS = {"overwrite=True": "--overwrite"}
+"""What a refusal of a dataset run's folder names (a damaged or unreadable ``run.json``: start again with
+``overwrite=True``, :data:`salience.runs.store.START_AGAIN`), as the commands' flags: ``salience explain DIR --out RUN
+--overwrite`` (a dataset run) and ``salience explore RUN`` (which reads runs) say it alike."""
+
+
 def output_arg(args: argparse.Namespace) -> Any:
     """``--output`` as :func:`salience.load_model` takes it: an integer (a tuple index) or a key; ``None`` when not
     given (or the command has no ``--output``)."""

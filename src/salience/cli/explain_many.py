@@ -18,8 +18,8 @@ from salience._core.errors import SalienceError
 from salience._core.info import attach_info, model_info
 from salience._core.tensors import check_int
 from salience.cli import options as _options
-from salience.cli.common import (EXIT_OK, EXIT_PARTIAL, METHOD_FLAGS, flag_errors, load_model_arg, parse_class,
-                                 parse_methods, warn, writable_out)
+from salience.cli.common import (EXIT_OK, EXIT_PARTIAL, METHOD_FLAGS, RUN_FLAGS, flag_errors, load_model_arg,
+                                 parse_class, parse_methods, warn, writable_out)
 from salience.cli.inputs import class_names, preprocessing_info, read_inputs
 from salience.runs import explain_dataset
 from salience.runs.dataset import ENGINES, METRICS
@@ -27,7 +27,7 @@ from salience.runs.job import constant_notes
 from salience.runs.sources import is_dataset_spec, needs_one_size
 from salience.runs.store import error_column, metrics_error_column
 
-FLAGS = {"labels=": "--labels-csv", "masks=": "--masks", "out=": "--out", "overwrite=True": "--overwrite",
+FLAGS = {"labels=": "--labels-csv", "masks=": "--masks", "out=": "--out", **RUN_FLAGS,
          "target=": "--target", "mode=": "--mode", "engine='ray'": "--engine ray", "num_gpus=": "--num-gpus",
          "actors=": "--actors", "address=": "--address", "device=": "--device",
          'map_dtype="float32"': "--map-dtype float32", **METHOD_FLAGS}

@@ -10,8 +10,8 @@ from typing import Any, Optional, Sequence
 
 from salience._core.errors import SalienceError
 from salience._core.tensors import check_int
-from salience.cli.common import (EXIT_INTERRUPTED, EXIT_OK, MODEL_FLAGS, add_model_args, error, flag_errors,
-                                 model_specs_help, output_arg, warn)
+from salience.cli.common import (EXIT_INTERRUPTED, EXIT_OK, MODEL_FLAGS, RUN_FLAGS, add_model_args, error,
+                                 flag_errors, model_specs_help, output_arg, warn, with_flags)
 from salience.loading import DEFAULT_MAX_PIXELS, load_image
 
 
@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         raise SalienceError(f"--compare-weights given {len(weights)} times for {len(args.compare)} --compare models: "
                             "give it once (for all of them) or once per --compare, in the same order")
     images = shown_inputs(args.images, args.max_pixels)
-    with flag_errors(MODEL_FLAGS, args):  # the models' loading errors (load_model's keywords) said with the flags
+    with flag_errors({**MODEL_FLAGS, **RUN_FLAGS}, args):  # the models' loading errors (load_model's keywords), a
+        # run's refusal (a run.json damaged since it was looked at: start it again with --overwrite) said with the flags
         explorer = start(args.model, images, compare=args.compare, host=args.host, port=args.port,
                          max_pixels=args.max_pixels, load=_load_options(args), background=False,
                          compare_load=None if not weights else [{"weights": w} for w in weights]
@@ -115,7 +116,7 @@ def _left_out(given: str, max_pixels: int) -> Optional[str]:
     if is_run(path):
         if not (path / "run.json").is_file():  # its lock or tables only: no rows to show (RunSource needs run.json)
             return _begun_run(path)
-        return None
+        return _unreadable_run(path, given)
     if path.is_dir():
         return _unreadable_folder(path, max_pixels)
     if not path.exists():
@@ -124,6 +125,20 @@ def _left_out(given: str, max_pixels: int) -> Optional[str]:
         load_image(path, max_pixels=max_pixels)
     except SalienceError as e:
         return str(e)
+    return None
+
+
+def _unreadable_run(folder: Path, given: str) -> Optional[str]:
+    """Why the page cannot show the run ``folder`` (given as ``given``) whose ``run.json`` is there, or ``None``: its
+    manifest damaged or unreadable (:func:`salience.runs.store.read_manifest`: a key missing, a method that is no
+    folder's name, ...), said with the flag that starts it again (``--overwrite``, :data:`RUN_FLAGS`), not the
+    Python keyword. Only the manifest is read (:func:`salience.open_run` reads the rows when asked)."""
+    from salience.runs.store import open_run
+
+    try:
+        open_run(folder)
+    except SalienceError as e:
+        return with_flags(str(e), RUN_FLAGS, [given, str(folder)])
     return None
 
 

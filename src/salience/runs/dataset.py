@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from salience._core import perf as _perf
 from salience._core.errors import ArgumentError, SalienceError
-from salience._core.files import atomic_write, folder_name
+from salience._core.files import atomic_write, folder_name, one_name
 from salience._core.guard import run_guard
 from salience._core.malloc import kept_free_bytes, release_shared_heap
 from salience._core.info import ModelInfo, max_batch, model_info
@@ -307,8 +307,9 @@ def _methods(methods: Any, options: Optional[Mapping[str, Any]]) -> tuple[dict[s
     if not fns:
         raise SalienceError("no method given; e.g. methods=['vanilla', 'gradcam']")
     for name in fns:
-        if not name or "/" in name or name.startswith("."):
-            raise SalienceError(f"method name {name!r} cannot name a folder of the store; rename it")
+        if not one_name(name):  # its maps are in maps/<name>/: one folder inside the run's (what its readers check)
+            raise SalienceError(f"method name {name!r} cannot name a folder of the store (no '/', NUL, or leading "
+                                "'.'); rename it")
     for name, fn in fns.items():  # a keyword a user's functools.partial binds that its function does not take
         problem = bound_problem(fn)
         if problem is not None:

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from salience._core.errors import SalienceError, user_stacklevel
-from salience._core.files import make_folder, open_regular
+from salience._core.files import make_folder, not_regular, open_regular
 
 LOCK_NAME = ".salience-run.lock"
 """The lock file's name inside a run folder (never removed, never an input: a hidden file)."""
@@ -341,8 +341,7 @@ def _fence(fd: int, folder: Path, token: Optional[str], *, refuse: bool) -> None
 
 def _not_regular(path: Path, then: str) -> str:
     """What a run says of its lock file ``path`` that is no regular file (a FIFO, a device or a socket of its name)."""
-    return (f"{path} is not a regular file (a FIFO, a device or a socket of the run lock's name); remove it, then "
-            f"{then}")
+    return not_regular(path, "the run lock's name", then)
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ from typing import Any, BinaryIO, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from salience._core.errors import SalienceError
-from salience._core.files import atomic_path, atomic_write, make_folder, open_regular
+from salience._core.files import atomic_path, atomic_write, check_regular, make_folder, one_name, open_regular
 from salience._core.tensors import check_int
 from salience.runs.lock import LOCK_NAME, commit_holder, lock_holder
 
@@ -85,6 +85,10 @@ no run's table, and is not read (a crafted footer claiming 1 GiB made pyarrow re
 MANIFEST_CAP = 1 << 20
 """The most bytes of a ``run.json`` read whole to find its ``format`` (:func:`manifest_format`) when its first key is
 not ``format`` (salience writes it first: there its first 4 KiB are read)."""
+MANIFEST_READ_CAP = 16 << 20
+"""The most bytes of a ``run.json`` its readers read (:func:`read_manifest`, 16 MiB): a run's manifest is a few KiB
+(1.1 KiB for a run of one method, 19 KiB with ImageNet's 1000 class names, 0.4 MiB with 21843; its size grows with
+its class names only). A larger file is refused unread past the cap, not read whole into memory."""
 _MANIFEST_HEAD = 4096
 _FORMAT_FIRST = re.compile(rb'\A\s*\{\s*"format"\s*:\s*"(salience-run/[0-9A-Za-z._-]{1,32})"')
 
@@ -211,6 +215,12 @@ def _names(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
 
 
+def _file_names(value: Any) -> bool:
+    """A list of names each of which names one folder inside the run's (:func:`salience._core.files.one_name`): a
+    method's maps are in ``maps/<method>/``, so ``"../../x"`` would read (and a continued run write) outside it."""
+    return isinstance(value, list) and all(one_name(v) for v in value)
+
+
 _MISSING = object()
 
 READ, PAGE, WRITE = "read", "page", "write"
@@ -228,7 +238,8 @@ _KEYS: tuple[tuple[str, Optional[str], Optional[tuple[str, ...]], Any, str], ...
     ("command.model", READ, None, lambda v: isinstance(v, str), "a string"),
     ("command.inputs", READ, None, lambda v: isinstance(v, dict), "an object"),
     ("command.inputs.count", READ, None, lambda v: _whole(v, 0), "a whole number >= 0"),
-    ("methods", READ, None, _names, "a list of method names"),
+    ("methods", READ, None, _file_names, "a list of method names, each a folder's name (no '/', NUL, or leading "
+     "'.')"),
     ("labels", READ, None, lambda v: isinstance(v, bool), "true or false"),
     ("metrics", READ, None, _names, "a list of metric names"),
     ("k", PAGE, None, lambda v: _whole(v, 1), "a whole number >= 1"),
@@ -279,18 +290,25 @@ def read_manifest(path: Path, use: str = READ) -> dict[str, Any]:
     """The run manifest ``path`` (``RUN/run.json``) read and checked for ``use`` (:data:`READ`, :data:`PAGE`,
     :data:`WRITE`): every object's keys once, the keys ``use`` needs there, and each key salience reads of the kind it
     reads (:func:`manifest_problem`). A :class:`SalienceError` saying what to do
-    (:data:`START_AGAIN`) when it cannot be read (not JSON, cut short, nested past Python's recursion limit, no
-    regular file: a FIFO of its name, opened without waiting and never read) or is damaged (a key held twice: which
+    (:data:`START_AGAIN`) when it cannot be read (not JSON, cut short, nested past Python's recursion limit, over
+    :data:`MANIFEST_READ_CAP`: read no further, no regular file: a FIFO of its name, opened without waiting and never
+    read) or is damaged (a key held twice: which
     one counts is left to the reader by JSON, and :func:`manifest_format` reads a ``format`` by its first; a key
     missing or of another kind). What every reader of a manifest reads it with (:class:`Run`, :class:`Store`, the
     Ray engine's actors)."""
     try:
         with _open_regular(path) as f:
-            data = f.read() if f is not None else None
+            data = f.read(MANIFEST_READ_CAP + 1) if f is not None else None
         if data is None:
             raise OSError("it is not a regular file: a FIFO, a device or a socket of its name")
+        if len(data) > MANIFEST_READ_CAP:
+            raise ValueError(f"it is over {MANIFEST_READ_CAP >> 20} MiB, and a run's manifest is a few KiB: not one "
+                             "salience wrote")
         manifest = json.loads(data.decode("utf-8"), object_pairs_hook=_unique)
     except _Repeated as e:
+        newer = json.loads(data.decode("utf-8"), object_pairs_hook=_first_wins)
+        if newer.get("format") not in (FORMAT, JOINED_ERRORS):  # a newer salience's: its readers refuse its format
+            return newer  # (upgrade salience), never "start again", which would delete that run
         raise SalienceError(f"{path}: the run's manifest is damaged (the key \"{e.args[0]}\" is in it twice); "
                             f"{START_AGAIN}") from None
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: arrays nested past Python's limit
@@ -305,7 +323,6 @@ def check_manifest(path: Path, manifest: Any, use: str) -> dict[str, Any]:
     if problem is not None:
         raise SalienceError(f"{path}: the run's manifest is damaged ({problem}); {START_AGAIN}")
     return manifest
-
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -356,7 +373,7 @@ def _input_differences(folder: Path, manifest: dict[str, Any], planned: Planned)
     """The ``inputs``, ``labels`` and ``masks`` that differ, said image by image (the first one),
     from the run's ``inputs.parquet``; ``{}`` when it cannot be read."""
     try:
-        table = pyarrow().parquet.read_table(folder / "inputs.parquet").to_pydict()
+        table = pyarrow().parquet.read_table(_plain(folder / "inputs.parquet")).to_pydict()
     except (OSError, ValueError, SalienceError):
         return {}
     base = manifest.get("cwd")
@@ -385,7 +402,7 @@ def _check_begun_labels(folder: Path, labels_digest: str) -> None:
     inputs.parquet, or a file another program wrote; or other labels): each item's label could not be
     compared with the one the run was begun with (:attr:`job.Plan.begun_labels`)."""
     try:
-        table = pyarrow().parquet.read_table(folder / "inputs.parquet")
+        table = pyarrow().parquet.read_table(_plain(folder / "inputs.parquet"))
         held = table.column("label").to_pylist() if "label" in table.column_names else None
     except (OSError, ValueError):
         held = None
@@ -407,7 +424,7 @@ def _stored_label_difference(folder: Path, labels: Sequence[Optional[int]], path
     for p in sorted((folder / "shards").glob("*.parquet")):
         if p.name.startswith("."):
             continue
-        names = pa.parquet.read_schema(p).names
+        names = pa.parquet.read_schema(_plain(p)).names
         table = pa.parquet.read_table(p, columns=[c for c in ("index", "label") if c in names])
         stored = table.column("label").to_pylist() if "label" in names else [None] * table.num_rows
         held.update(zip(table.column("index").to_pylist(), stored))
@@ -619,6 +636,14 @@ def _open_regular(path: Path) -> Iterator[Optional[BinaryIO]]:
         yield f
 
 
+def _plain(path: Path) -> Path:
+    """``path``, a run's table or map file, checked before pyarrow or numpy opens it plainly: a
+    :class:`SalienceError` saying to remove it when it is no regular file (a FIFO of its name, whose open waits for a
+    writer; :func:`salience._core.files.check_regular`, one ``stat``)."""
+    check_regular(path, "a run file's name", "run the command again (or open the run again)")
+    return path
+
+
 def _marked(table: Any, kind: bytes) -> Any:
     """``table`` with salience's mark of a run's table of ``kind`` in its schema's metadata (:data:`TABLE_MARK`)."""
     return table.replace_schema_metadata({**(table.schema.metadata or {}), TABLE_MARK: kind})
@@ -631,7 +656,7 @@ def done_indices(folder: PathLike) -> set[int]:
     for p in sorted((Path(folder) / "shards").glob("*.parquet")):
         if p.name.startswith("."):
             continue
-        indices.update(pa.parquet.read_table(p, columns=["index"]).column("index").to_pylist())
+        indices.update(pa.parquet.read_table(_plain(p), columns=["index"]).column("index").to_pylist())
     return indices
 
 
@@ -773,7 +798,7 @@ class Store:
         digest = _digest(labels)
         if self.manifest.get("command", {}).get("labels") != digest:
             return
-        if "label" in pa.parquet.read_schema(target).names:
+        if "label" in pa.parquet.read_schema(_plain(target)).names:
             if _digest(pa.parquet.read_table(target, columns=["label"]).column("label").to_pylist()) == digest:
                 return
             table = pa.parquet.read_table(target)
@@ -786,7 +811,8 @@ class Store:
 
     def input_paths(self) -> list[str]:
         """Each image's path as the run's first command gave it (``inputs.parquet``): the rows' ``path``."""
-        return pyarrow().parquet.read_table(self.folder / "inputs.parquet", columns=["path"]).column("path").to_pylist()
+        table = pyarrow().parquet.read_table(_plain(self.folder / "inputs.parquet"), columns=["path"])
+        return table.column("path").to_pylist()
 
     def begun_labels(self) -> Optional[list[Optional[int]]]:
         """The labels a continued run of a dataset whose items carry them (:data:`ITEM_LABELS`) was
@@ -796,7 +822,7 @@ class Store:
         labels = self.manifest.get("command", {}).get("labels")
         if not isinstance(labels, str) or labels == ITEM_LABELS:
             return None
-        table = pyarrow().parquet.read_table(self.folder / "inputs.parquet")
+        table = pyarrow().parquet.read_table(_plain(self.folder / "inputs.parquet"))
         return table.column("label").to_pylist() if "label" in table.column_names else None
 
     def done(self) -> set[int]:
@@ -898,7 +924,7 @@ def stored_constants(lo: np.ndarray, hi: np.ndarray, dtype: Union[str, np.dtype]
 def read_shards(folder: Path, schema: Any = None) -> Any:
     """Every committed shard's rows as one table sorted by index."""
     pa = pyarrow()
-    parts = [pa.parquet.read_table(p, schema=schema) for p in sorted((folder / "shards").glob("*.parquet"))
+    parts = [pa.parquet.read_table(_plain(p), schema=schema) for p in sorted((folder / "shards").glob("*.parquet"))
              if not p.name.startswith(".")]
     if not parts:
         return schema.empty_table() if schema is not None else pa.table({"index": pa.array([], pa.int64())})
@@ -1114,9 +1140,18 @@ class Run:
         return self._lookup
 
     def _row_of(self, index: int) -> tuple[str, int]:
+        """Image ``index``'s shard and offset; a :class:`SalienceError` when its ``shard`` is no file name inside the
+        run's folders (``../../x``, a ``/`` or a NUL in it: a table written by hand, or damaged), which its maps'
+        and thumbnails' paths (``maps/<method>/<shard>.npy``) would lead out of the run's folder."""
         pos = self.position(index)
         t = self.table
-        return str(t.column("shard")[pos].as_py()), int(t.column("offset")[pos].as_py())
+        shard = str(t.column("shard")[pos].as_py())
+        if not one_name(shard):
+            raise SalienceError(f"image {index}'s row in the run's table ({self.folder}) names the shard {shard!r}, "
+                                "which is no file name in the run's folder (its maps are maps/<method>/<shard>.npy): "
+                                "a table written by hand, or damaged; name its shard as the run's files are named, "
+                                "or run the run's command again with overwrite=True")
+        return shard, int(t.column("offset")[pos].as_py())
 
     def map(self, index: int, method: str, k: int = 0) -> np.ndarray:
         """Image ``index``'s map of ``method`` for its ``k``-th target, ``(H, W)`` float32 (a per-channel
@@ -1126,7 +1161,7 @@ class Run:
         shard, offset = self._row_of(int(index))
         key = (method, shard)
         if key not in self._arrays:
-            self._arrays[key] = np.load(self.folder / "maps" / method / f"{shard}.npy", mmap_mode="r")
+            self._arrays[key] = np.load(_plain(self.folder / "maps" / method / f"{shard}.npy"), mmap_mode="r")
         arr = self._arrays[key]
         if not 0 <= k < arr.shape[1]:
             raise SalienceError(f"target k={k} out of range: the run explains {arr.shape[1]} target(s) per image")
