@@ -311,7 +311,7 @@ def _passes_of(method: Callable[..., Any], options: dict, x: Tensor, depth: int 
         inner = given(key) if key in params else None
         if not (isinstance(inner, numbers.Integral) and not isinstance(inner, bool) and inner > 0):  # np.int64 too
             continue
-        if root is smoothgrad and callable(given("method")) and depth < 32:  # every level: its copies of its method
+        if root is _root(smoothgrad) and callable(given("method")) and depth < 32:  # every level: its copies of its method
             handed = {**_engine.unbind(method)[1], **options}  # partial(smoothgrad, masks=100): its **options' too
             rest = {k: v for k, v in handed.items() if k not in params}  # what it hands on to its method
             n, said = _passes_of(given("method"), rest, x, depth + 1)
