@@ -432,14 +432,13 @@ def occlusion(
         # region-limited passes never run the model's forward: with a folded copy the run makes channels-last weights
         found.before_pass()  # of that copy only (session 45); the copy traced with the state found, not the clean pass's
         run = _perf.Run(model, x, perf, tag=tag, **({"plain_passes": True, "strip_softmax": False} if split_plan else {}))
-        low = score_batch(x, batch, chunk, budget)  # images a 16-bit clean pass: all B (within chunk, max_memory)
+        batch = score_batch(x, batch, chunk, budget)  # now a 16-bit clean pass's: all B (within chunk, max_memory)
         if split_plan is None:
             clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already, plain=True,
-                                 batch=low, found=found)  # (B, K)
+                                 batch=batch, found=found)  # (B, K)
         else:
-            plan, spans = split_plan
-            spans_host = spans.tolist()  # (windows, 2, 3) as lists: the pastes' slices, read once
-            clean_cut, clean = _local_clean(plan, x, out, run, model, low, resolved, probs, already)  # (B, .), (B, K)
+            plan, spans, spans_host = *split_plan, split_plan[1].tolist()  # host: the pastes' slices, read once
+            clean_cut, clean = _local_clean(plan, x, out, run, model, batch, resolved, probs, already)  # (B, .), (B, K)
 
         def compute(start: int, stop: int) -> Tensor:  # the found state put back before each: the engine's (found=)
             if split_plan is None:
