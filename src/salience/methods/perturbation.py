@@ -201,7 +201,7 @@ def clean_scores(model: nn.Module, x: Tensor, out: Tensor, targets: Sequence[Tar
     (about 1e-2 of it) can be as large as the drop a perturbation causes, and differences of a
     float32 score and a bf16 one would show the rounding instead of the drop. ``plain``: the passes run no hook of
     their own (occlusion's full passes), so S runs what they run (the folded copy with ``fold_batchnorm``);
-    ``batch``: images a pass (under an autocast :func:`score_batch`'s); ``found``: the model's state put back before
+    ``batch``: images a pass (the clean output's, :func:`clean_batch`); ``found``: the model's state put back before
     each (:func:`clean_passes`)."""
     if run.dtype is None:
         return scores_of(out, targets, probabilities, already=already)
@@ -432,12 +432,12 @@ def occlusion(
         # region-limited passes never run the model's forward: with a folded copy the run makes channels-last weights
         found.before_pass()  # of that copy only (session 45); the copy traced with the state found, not the clean pass's
         run = _perf.Run(model, x, perf, tag=tag, **({"plain_passes": True, "strip_softmax": False} if split_plan else {}))
-        batch = score_batch(x, batch, chunk, budget)  # now a 16-bit clean pass's: all B (within chunk, max_memory)
         if split_plan is None:
             clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already, plain=True,
-                                 batch=batch, found=found)  # (B, K)
+                                 batch=batch, found=found)  # (B, K), ``batch`` images a pass as the clean output's
         else:
-            plan, spans, spans_host = *split_plan, split_plan[1].tolist()  # host: the pastes' slices, read once
+            plan, spans = split_plan
+            spans_host = spans.tolist()  # (windows, 2, 3) as lists: the pastes' slices, read once
             clean_cut, clean = _local_clean(plan, x, out, run, model, batch, resolved, probs, already)  # (B, .), (B, K)
 
         def compute(start: int, stop: int) -> Tensor:  # the found state put back before each: the engine's (found=)
@@ -679,23 +679,6 @@ def clean_batch(x: Tensor, perf: _perf.Performance, chunk: Optional[int] = None,
             peak = probe.peak
             _CLEAN_PROBES.put(model, key, shape, peak)
         n = max(1, min(n, int(0.8 * budget) // max(1, peak)))
-    return n
-
-
-def score_batch(x: Tensor, batch: int, chunk: Optional[int] = None, budget: Optional[int] = None) -> int:
-    """The images per 16-bit clean-score pass (:func:`clean_scores` and occlusion's region-limited clean cut under a
-    bf16 / fp16 autocast) of a call on ``x`` ``(B, ...)`` whose float32 clean passes take ``batch`` images
-    (:func:`clean_batch`): all ``B`` (at most ``chunk``), as a plain loop's 16-bit pass of the batch.
-    :func:`clean_batch` halves the float32 passes because a float32 pass of ``B`` images held twice a 16-bit chunk's
-    activations; a 16-bit pass of ``B`` images holds about what the float32 pass of half of them before it held, so
-    the halving gave this pass only a second pass (Ablation-CAM and occlusion: two 16-bit passes of 4 for 8 images).
-    With ``max_memory`` (``budget``) the float32 passes' ``batch``, measured within it, bounds it too (the bytes of a
-    16-bit image are not measured; a float32 one's bound them)."""
-    n = int(x.shape[0])
-    if chunk is not None:
-        n = max(1, min(n, int(chunk)))
-    if budget is not None:
-        n = max(1, min(n, int(batch)))
     return n
 
 

@@ -57,8 +57,8 @@ from salience.methods._multi import checked, several_targets, warn_unapplied
 from salience.methods._tokens import Layout, one_model
 from salience.methods.gradcam import grid_layout, resolve_cam_layer, upsample_maps
 from salience.methods.perturbation import (SOFTMAX, _Reused, check_perturbation_targets, check_softmax, clean_batch,
-                                           clean_passes, clean_scores, judge, score_batch, score_items, scores_of,
-                                           softmax_known, use_probabilities)
+                                           clean_passes, clean_scores, judge, score_items, scores_of, softmax_known,
+                                           use_probabilities)
 from salience.targets import Classes, Target, resolve, split
 
 __all__ = ["scorecam", "ablationcam", "SCORECAM_SOFTMAX"]
@@ -790,8 +790,8 @@ def ablationcam(
         run = _perf.Run(model, x, replace(perf, compile=False, fold_batchnorm=False),  # _WHY_ABLATION_PASSES_SKIP:
                         tag=f"ablationcam:{probs}:{strip_softmax}:{value}")  # a hook replaces the layer's output
         with run.casts_kept():  # (B, K) in the clean output's parts, which share one bf16 cast of each weight
-            clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already,
-                                 batch=score_batch(x, batch, chunk, budget), found=found)  # all B a 16-bit pass
+            clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already, batch=batch,
+                                 found=found)
         _check_nonzero(clean, resolved, probs)
 
         def score(inputs: Tensor, owner: Tensor) -> Tensor:
