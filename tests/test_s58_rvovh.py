@@ -4,8 +4,9 @@ the bf16 probe change, docs/methods-perturbation.md "The fixed passes of a call"
 Each test pins the passes a call runs besides its chunks: the float32 clean passes (two of 4 for 8 images under a
 16-bit autocast, ``perturbation.clean_batch``'s memory rule; one of 8 in float32), the 16-bit clean scores of
 Ablation-CAM and occlusion (two of 4: one of 8 was tried and was slower on resnet50,
-benchmarks/clean_score_pass_s58.md), and the engine's thrown-away memory probe (first call of a process only). No code changed with them: they
-pass at 83094711 too (no defect found there to fix); they make a change of these counts a visible choice.
+benchmarks/clean_score_pass_s58.md), and the engine's thrown-away memory probe (first call of a process only).
+No code changed with them: they pass at 83094711 too (no defect found there to fix); they make a change of these
+counts a visible choice.
 """
 from __future__ import annotations
 
