@@ -17,6 +17,8 @@ ones marked "guard" failed on 7e610530 (the audit's merge):
    parser has ``allow_abbrev=False``. ``--max-memory -5GB`` was argparse's "expected one argument": now the value
    reaches the flag's check ("must be positive").
 7. An image that is a symbolic link loop was said as "no such file; check the path".
+8. A ``--size`` outside a ``.pt2`` program's bounded dynamic sizes (``Dim("h", min=8, max=64)``) was torch's guard
+   error, exit 3: now exit 2 naming the bounds.
 """
 from __future__ import annotations
 
@@ -283,3 +285,33 @@ def test_a_name_repeated_exactly_is_refused_with_its_indices():
         with pytest.raises(SalienceError, match=r"names 2 classes: 0 \(crane\), 2 \(crane\)"):
             parse_class(written, info, 3)
     assert parse_class("CAT", info, 3) == 1
+
+
+# ------------------------------------------------------------------------- review: a bounded dynamic size
+
+
+def test_a_size_outside_a_programs_dim_bounds_is_exit_2_naming_them(tmp_path, png, capsys):
+    """Before: ``unexpected RuntimeError: Expected input at *args[0].shape[2] to be <= 64, but got 100`` (exit 3).
+    A size inside the bounds is explained."""
+    ep = torch.export.export(_Net().eval(), (torch.rand(2, 3, 16, 16),),
+                             dynamic_shapes={"x": {0: torch.export.Dim("batch"),
+                                                   2: torch.export.Dim("h", min=8, max=64),
+                                                   3: torch.export.Dim("w", min=8, max=64)}})
+    path = tmp_path / "bounded.pt2"
+    torch.export.save(ep, str(path))
+    assert load_model(str(path)).salience_info.extra["size_bounds"] == ((8, 64), (8, 64))
+    rc, _, err = _run(capsys, "explain", png, "--model", path, "--size", "100,32", "--out", tmp_path / "o")
+    assert rc == 2 and err == (f"salience: error: --size 100,32: bounded.pt2 was exported with bounded dynamic sizes, "
+                               "and --size 100,32 would give it height 100 (it takes 8..64); choose a size in range, "
+                               "or export it again with wider Dim(min=, max=)\n")
+    rc, _, err = _run(capsys, "explain", png, "--model", path, "--size", "4", "--out", tmp_path / "o")
+    assert rc == 2 and "height 4 (it takes 8..64), width 4 (it takes 8..64)" in err
+    rc, _, err = _run(capsys, "explain", png, "--model", path, "--size", "64,8", "--out", tmp_path / "o")
+    assert rc == 0, err
+    # Dim("h", min=4) (no maximum): any size from 4 up is taken
+    free = _exported(tmp_path / "free.pt2")
+    assert load_model(str(free)).salience_info.extra["size_bounds"] == ((4, None), (4, None))
+    rc, _, err = _run(capsys, "explain", png, "--model", free, "--size", "300,4", "--out", tmp_path / "o")
+    assert rc == 0, err
+    rc, _, err = _run(capsys, "explain", png, "--model", free, "--size", "3,300", "--out", tmp_path / "o")
+    assert rc == 2 and "height 3 (it takes 4..any)" in err
