@@ -301,7 +301,7 @@ def test_a_size_outside_a_programs_dim_bounds_is_exit_2_naming_them(tmp_path, pn
     torch.export.save(ep, str(path))
     assert load_model(str(path)).salience_info.extra["size_bounds"] == ((8, 64), (8, 64))
     rc, _, err = _run(capsys, "explain", png, "--model", path, "--size", "100,32", "--out", tmp_path / "o")
-    assert rc == 2 and err == (f"salience: error: --size 100,32: bounded.pt2 was exported with bounded dynamic sizes, "
+    assert rc == 2 and err == ("salience: error: --size 100,32: bounded.pt2 was exported with bounded dynamic sizes, "
                                "and --size 100,32 would give it height 100 (it takes 8..64); choose a size in range, "
                                "or export it again with wider Dim(min=, max=)\n")
     rc, _, err = _run(capsys, "explain", png, "--model", path, "--size", "4", "--out", tmp_path / "o")
