@@ -315,3 +315,19 @@ def test_a_size_outside_a_programs_dim_bounds_is_exit_2_naming_them(tmp_path, pn
     assert rc == 0, err
     rc, _, err = _run(capsys, "explain", png, "--model", free, "--size", "3,300", "--out", tmp_path / "o")
     assert rc == 2 and "height 3 (it takes 4..any)" in err
+
+
+def test_visualize_of_a_bounded_program_refuses_a_size_outside_its_bounds(tmp_path, capsys):
+    """Before: visualize's default ``--size 224`` on ``Dim("h", min=8, max=64)`` was torch's guard error, exit 3."""
+    ep = torch.export.export(_Net().eval(), (torch.rand(2, 3, 16, 16),),
+                             dynamic_shapes={"x": {0: torch.export.Dim("batch"),
+                                                   2: torch.export.Dim("h", min=8, max=64),
+                                                   3: torch.export.Dim("w", min=8, max=64)}})
+    path = tmp_path / "bounded.pt2"
+    torch.export.save(ep, str(path))
+    rc, _, err = _run(capsys, "visualize", "--model", path, "--target", "1", "--out", tmp_path / "v.png")
+    assert rc == 2 and "--size 224: bounded.pt2 was exported with bounded dynamic sizes" in err
+    assert not (tmp_path / "v.png").exists()
+    rc, _, err = _run(capsys, "visualize", "--model", path, "--target", "1", "--size", "32", "--steps", "2",
+                      "--out", tmp_path / "v.png")
+    assert rc == 0 and (tmp_path / "v.png").exists(), err
