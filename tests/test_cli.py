@@ -162,12 +162,12 @@ def test_bad_files_in_a_batch_keep_the_others(tmp_path, pics, capsys):
     assert "5 image(s) skipped" in out
     summary = json.loads((out_dir / "summary.json").read_text())
     assert [e["image"] for e in summary["errors"]] == [str(b) for b in bad]
-    # every file bad: exit 1, nothing explained
+    # every file bad: exit 2 (1 says some results were written), nothing explained
     rc, _, err = run(["explain", d / "text.png", "-m", "demo:shapes", "-o", tmp_path / "none"], capsys)
-    assert rc == 1 and "none of the 1 image(s)" in err
-    # a lower --max-pixels refuses an ordinary image
+    assert rc == 2 and "none of the 1 image(s)" in err
+    # a lower --max-pixels refuses an ordinary image (the only one: nothing explained)
     rc, _, err = run(["explain", paths[0], "-m", "demo:shapes", "--max-pixels", "1000", "-o", tmp_path / "m"], capsys)
-    assert rc == 1 and "limit of 0.001 megapixels" in err
+    assert rc == 2 and "limit of 0.001 megapixels" in err
 
 
 def test_odd_image_modes_are_explained(tmp_path, pics, capsys):

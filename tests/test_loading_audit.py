@@ -119,7 +119,7 @@ def test_a_foreign_file_as_weights_is_not_sent_to_trust_pickle(tmp_path):
     and to pass ``trust_pickle=True``, which would not have helped (nor been safe)."""
     p = tmp_path / "m.onnx"
     p.write_bytes(b"\x08\x07\x12\x07pytorch\x1a\x052.1.0:\x9c\x01\n\x1b")
-    assert "trust_pickle" not in _said(r"not a PyTorch model file \(torch.save writes a zip archive", read_state_dict, p)
+    assert "trust_pickle" not in _said(r"not a PyTorch weights file \(torch.save writes a zip archive", read_state_dict, p)
     empty = tmp_path / "e.pt"
     empty.write_bytes(b"")
     with pytest.raises(SalienceError, match=r"e\.pt: the file is empty"):
@@ -135,7 +135,7 @@ def test_a_whole_model_file_as_weights_says_load_it_by_itself(tmp_path):
         load_model("torchvision:resnet18", weights=ts)
     pt2 = tmp_path / "m.pt2"
     pt2.write_bytes(b"PK\x03\x04")
-    with pytest.raises(SalienceError, match=r"a torch.export program \(\.pt2\) is a whole model"):
+    with pytest.raises(SalienceError, match=r"a torch.export program \(torch.export.save\) is a whole model"):
         read_state_dict(pt2)
 
 

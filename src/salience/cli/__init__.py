@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="salience",
         description="Saliency maps for PyTorch image models: which pixels made the model decide.",
-        epilog="Exit codes: 0 ok, 1 some inputs failed (others written), 2 bad arguments/model/method/target, "
-               "3 internal error.",
+        epilog="Exit codes: 0 ok, 1 some inputs failed (others written), 2 nothing explained (bad arguments/model/"
+               "method/target, or no input readable), 3 internal error.",
     )
     parser.add_argument("--version", action="version", version=f"salience {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

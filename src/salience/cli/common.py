@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 import contextlib
 from typing import Any, ContextManager, Iterator, Mapping, Optional, Sequence
@@ -127,10 +129,40 @@ def many_pass_methods() -> list[str]:
 
 class Parser(argparse.ArgumentParser):
     """The commands' parser: ``--compile`` alone is ``compile=True``, ``--compile freeze`` (or
-    ``--compile=freeze``) ``compile="freeze"`` (:func:`compile_words`)."""
+    ``--compile=freeze``) ``compile="freeze"`` (:func:`compile_words`). Flags are written in full: no
+    abbreviations (``allow_abbrev=False``, the subcommands' parsers too, as they are of this class; ``--sample 3``
+    was taken as ``--samples 3``). A flag's value that starts with ``-`` and a digit (``--max-memory -5GB``) is
+    its value (:meth:`negative_values`), not argparse's "expected one argument"."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> Any:
-        return super().parse_known_args(compile_words(sys.argv[1:] if args is None else args), namespace)
+        words = compile_words(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(self.negative_values(words), namespace)
+
+    def negative_values(self, words: Sequence[str]) -> list[str]:
+        """``words`` with ``FLAG -5GB`` as ``FLAG=-5GB`` where ``FLAG`` is one of this parser's flags that take one
+        value and the next word starts with ``-`` and a digit or a point but is no number argparse reads as one
+        (``-5``, ``-0.5`` are): the value reaches the flag's own check, which says what is wrong with it."""
+        out: list[str] = []
+        i = 0
+        while i < len(words):
+            w = words[i]
+            if w == "--":
+                return out + list(words[i:])
+            action = self._option_string_actions.get(w)
+            nxt = words[i + 1] if i + 1 < len(words) else ""
+            if (action is not None and action.nargs is None and action.option_strings and
+                    not isinstance(action, (argparse._StoreConstAction, argparse._CountAction)) and
+                    re.match(r"-\.?\d", nxt) and not re.fullmatch(r"-\d+|-\d*\.\d+", nxt)):
+                out.append(f"{w}={nxt}")
+                i += 2
+                continue
+            out.append(w)
+            i += 1
+        return out
 
     def parse_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> Any:  # type: ignore[override]
         """argparse's, with "did you mean --layer?" after "unrecognized arguments: --layers" (the command's own
@@ -165,8 +197,7 @@ def compile_words(argv: Sequence[str]) -> list[str]:
         if w == "--":
             out += words[i:]
             break
-        # --compil and --compi too, as argparse's abbreviations (--comp is also --compare's)
-        if len(w) >= 7 and "--compile".startswith(w):
+        if w == "--compile":  # written in full: the parsers take no abbreviations (Parser)
             if i + 1 < len(words) and words[i + 1] == FREEZE:
                 out.append(f"--compile={FREEZE}")
                 i += 2
@@ -230,10 +261,15 @@ def parse_class(value: str, info: Any, num_outputs: int) -> int:
     if not 0 <= idx < num_outputs:
         labels = f": {', '.join(names)}" if names and len(names) <= 10 else ""
         raise SalienceError(
-            f"target class {idx} is out of range for {info.name} with {num_outputs} outputs "
+            f"target class {idx} is out of range for {info.name} with {outputs(num_outputs)} "
             f"(valid: 0..{num_outputs - 1}{labels})"
         )
     return idx
+
+
+def outputs(n: int) -> str:
+    """``"1 output"``, ``"5 outputs"``: a model's number of outputs in words (it said "with 1 outputs")."""
+    return f"{n} output{'' if n == 1 else 's'}"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -407,9 +443,15 @@ def check_writable(folder: Path, flag: str, given: str) -> None:
     folder, or the nearest folder above it that is there) cannot be written in (no permission, a read-only or
     immutable folder): said before the model is loaded, not after every map is computed (a dataset run stopped with
     an unexpected ``PermissionError``, exit 3, opening its lock file there)."""
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise SalienceError(f"{flag} {given}: cannot write in the folder {folder} (no permission to write there, or "
-                            f"a read-only folder); choose another {flag}")
+    try:  # a file made and removed: os.access alone is wrong both ways on network file systems (NFS, SMB: the
+        # server decides), with ACLs, for root (an immutable folder) and on a read-only mount's overlay
+        with tempfile.TemporaryFile(dir=folder, prefix=".salience-write-check-"):
+            pass
+    except OSError as e:
+        why = "no permission to write there, or a read-only folder" if e.errno in (
+            errno.EACCES, errno.EPERM, errno.EROFS) else (e.strerror or type(e).__name__)  # a full disk: said so
+        raise SalienceError(f"{flag} {given}: cannot write in the folder {folder} ({why}); choose another {flag}") \
+            from None
 
 
 def writable_out(path: str, flag: str = "--out") -> None:

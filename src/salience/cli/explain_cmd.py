@@ -23,7 +23,7 @@ from salience.cli import options as _options
 from salience.cli.common import (EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, METHOD_FLAGS, add_model_args,
                                  check_no_file_in_way, error,
                                  figure, load_model_arg, model_specs_help, output_folder, parse_class, parse_methods,
-                                 probabilities, safe_name, scores, to_image, warn, with_flags)
+                                 outputs, probabilities, safe_name, scores, to_image, warn, with_flags)
 from salience.cli.inputs import Inputs, add_input_args, class_names, preprocessing_info, read_inputs
 from salience.loading import DEFAULT_MAX_PIXELS, load_images, unnormalize
 from salience.loading.images import preprocessing_record
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     batch, ok_paths, errors = _load_images(args, info, model)
     if batch is None:
         error(f"none of the {len(args.images)} image(s) could be read; nothing explained")
-        return EXIT_PARTIAL
+        return EXIT_USAGE  # 1 says some results were written: a script would look for them
     checked, said = _options.top_targets(args.top, info, request.inputs.labels, unnamed=1)
     _options.check_values(model, batch[:1], request.methods, request.options, checked, said)
     out = scores(model, batch, args.batch_size)
@@ -207,7 +207,7 @@ def _choose_targets(args: argparse.Namespace, info: ModelInfo, out: Tensor) -> C
                       regression=True, mode=args.mode)
     if args.mode != "increase":  # was ignored: the maps of the class's increase, silently (a dataset run refused it)
         raise SalienceError(f"--mode {args.mode} is for a regression model or a model with one output; {info.name} is "
-                            f"a classifier with {k} outputs: leave --mode out (its maps show what raises the class)")
+                            f"a classifier with {outputs(k)}: leave --mode out (its maps show what raises the class)")
     if args.target is not None:
         idx = parse_class(args.target, info, k)
         return Chosen(torch.full((n, 1), idx, dtype=torch.long), ["target"])

@@ -143,6 +143,7 @@ def check_static_input(info: ModelInfo, new: ModelInfo, given: str) -> None:
     another channel count or image size than the fixed ones of its ``info.extra["static_input"]`` (``(C, H, W)``, an
     int where fixed, ``None`` where free: a ``.pt2`` program exported with a static size). The program itself
     refuses such an input with torch's guard error, which the command said as an unexpected error (exit 3)."""
+    check_size_bounds(info, new, given)
     fixed = info.extra.get("static_input")
     if not fixed:
         return
@@ -160,6 +161,25 @@ def check_static_input(info: ModelInfo, new: ModelInfo, given: str) -> None:
         "{'x': {0: Dim('batch'), 2: Dim('h'), 3: Dim('w')}}")
     raise SalienceError(f"{given}: {info.name} takes inputs of {shape} (channels x height x width) only, fixed when "
                         f"it was exported, and {given} would give it {feeds}; leave {given} out ({fix})")
+
+
+def check_size_bounds(info: ModelInfo, new: ModelInfo, given: str) -> None:
+    """A :class:`SalienceError` when ``new``'s input size ``(H, W)`` is outside the ranges of a ``.pt2`` program's
+    dynamic height and width (``info.extra["size_bounds"]``, ``((h_min, h_max), (w_min, w_max))``, ``None`` for no
+    bound: ``Dim("h", min=8, max=64)``): the program refuses it with torch's guard error, which the command said as
+    an unexpected error (exit 3)."""
+    bounds = info.extra.get("size_bounds")
+    size = new.input_size
+    if not bounds or size is None:
+        return
+    wrong = [(what, v, lo, hi) for what, v, (lo, hi) in zip(("height", "width"), size, bounds)
+             if (lo is not None and v < lo) or (hi is not None and v > hi)]
+    if not wrong:
+        return
+    said = ", ".join(f"{what} {v} (it takes {'any' if lo is None else lo}..{'any' if hi is None else hi})"
+                     for what, v, lo, hi in wrong)
+    raise SalienceError(f"{given}: {info.name} was exported with bounded dynamic sizes, and {given} would give it "
+                        f"{said}; choose a size in range, or export it again with wider Dim(min=, max=)")
 
 
 def class_names(info: ModelInfo, num_outputs: int, inputs: Inputs) -> tuple[ModelInfo, Optional[str]]:

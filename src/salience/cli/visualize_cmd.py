@@ -18,7 +18,7 @@ from salience._core.tensors import check_int
 from salience.cli.common import (EXIT_OK, add_model_args, check_no_file_in_way, flag_errors, load_model_arg, parse_class,
                                  path_kind, scores,
                                  to_image, warn)
-from salience.cli.inputs import check_side, check_static_input
+from salience.cli.inputs import check_side, check_size_bounds, check_static_input
 from salience.loading import unnormalize
 from salience.methods.class_model import class_model
 from salience.render import viz
@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         info = dataclasses.replace(info, channels=args.channels)
         check_static_input(model_info(model), info, f"--channels {args.channels}")  # a .pt2 program's fixed ones
     h, w = info.input_size or (args.size, args.size)
+    if info.input_size is None:  # a .pt2 program's Dim(min=, max=): was torch's guard error, exit 3
+        check_size_bounds(info, dataclasses.replace(info, input_size=(h, w)), f"--size {args.size}")
     k = scores(model, model_input(model, torch.zeros(1, info.channels, h, w))).shape[1]
     target = parse_class(args.target, info, k)
     kwargs: dict[str, Any] = {"shape": (info.channels, h, w), "progress": sys.stderr.isatty()}

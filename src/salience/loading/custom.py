@@ -216,6 +216,9 @@ def load_exported(path: PathLike) -> nn.Module:
         # the program refuses another channel count or size with torch's raw guard error: the command checks its
         # preprocessing against this (C, H, W), an int where fixed, None where dynamic
         extra["static_input"] = tuple(int(v) if isinstance(v, int) else None for v in shape[1:])
+    bounds = _size_bounds(ep, shape)
+    if bounds is not None:  # Dim("h", min=8, max=64): a size outside was torch's raw guard error (exit 3)
+        extra["size_bounds"] = bounds
     return attach_info(model, ModelInfo(name=p.name, input_size=size, channels=channels, extra=extra))
 
 
@@ -230,6 +233,29 @@ def _batch_limit(ep: Any, shape: Optional[tuple]) -> Optional[int]:
         return int(bound) if bound is not None and bound < 2 ** 62 else None
     except (TypeError, ValueError, OverflowError):  # int_oo, a symbolic bound: no limit known
         return None
+
+
+def _size_bounds(ep: Any, shape: Optional[tuple]) -> Optional[tuple]:
+    """The ranges of the program's dynamic height and width, ``((h_min, h_max), (w_min, w_max))`` (``None`` for a
+    bound it has not: ``Dim("h")``'s own minimum of 2 and no maximum are none), or ``None`` when neither is
+    bounded or the shape is not ``(N, C, H, W)``."""
+    if not shape or len(shape) != 4:
+        return None
+    ranges = []
+    for v in shape[2:]:
+        constraint = ep.range_constraints.get(getattr(getattr(v, "node", None), "expr", None))
+        lo = hi = None
+        if constraint is not None and not isinstance(v, int):
+            try:
+                lo = int(constraint.lower) if 2 < constraint.lower < 2 ** 62 else None
+            except (TypeError, ValueError, OverflowError, AttributeError):
+                lo = None
+            try:
+                hi = int(constraint.upper) if constraint.upper < 2 ** 62 else None
+            except (TypeError, ValueError, OverflowError, AttributeError):  # int_oo: no maximum
+                hi = None
+        ranges.append((lo, hi))
+    return tuple(ranges) if any(b is not None for r in ranges for b in r) else None
 
 
 def _flags_eval(self: nn.Module) -> nn.Module:

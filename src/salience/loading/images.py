@@ -120,6 +120,23 @@ def mask_values(path: PathLike) -> Tensor:
     return x[:3].amax(0, keepdim=True)
 
 
+def missing_file(p: Path) -> str:
+    """Why ``p``, which ``Path.exists`` says is not there, is not: a symbolic link loop (``os.stat`` says
+    ``ELOOP``; ``Path.exists`` reads it as missing, and it was said as "no such file"), a link to nothing, or
+    nothing at all."""
+    import errno
+
+    try:
+        os.stat(p)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return (f"{p}: a symbolic link loop (the link leads back to itself: {e.strerror}); point the link at the "
+                    "image file, or give the file's own path")
+    if p.is_symlink():
+        return f"{p}: a link to {os.readlink(p)}, which is not there; check the link"
+    return f"{p}: no such file; check the path"
+
+
 def _load(path: PathLike, max_pixels: Any, data: Any, alpha: bool) -> Tensor:
     """:func:`load_image`; ``alpha``: a transparent image as RGBA ``(4, H, W)``, not composited."""
     import io
@@ -131,7 +148,7 @@ def _load(path: PathLike, max_pixels: Any, data: Any, alpha: bool) -> Tensor:
         raise SalienceError(f"load_image: data must be the file's bytes, got {type(data).__name__}")
     p: Any = _image_path(path) if data is None else str(path)
     if data is None and not p.exists():
-        raise SalienceError(f"{p}: no such file; check the path")
+        raise SalienceError(missing_file(p))
     if data is None and p.is_dir():
         raise SalienceError(f"{p}: is a directory, expected an image file (PNG, JPEG, ...)")
     if data is None:

@@ -231,14 +231,15 @@ def _is_safetensors(path: Path) -> bool:
 
 def _read_state_dict(path: Path, trust_pickle: bool) -> dict:
     safetensors = _is_safetensors(path)
-    whole = "a torch.export program (.pt2)" if path.suffix.lower() == ".pt2" else \
-        "a TorchScript archive (torch.jit.save)" if not safetensors and _is_torchscript(path) else None
+    archive = None if safetensors else _archive_kind(path)  # by its content: a TorchScript file named .pt2 too
+    whole = ARCHIVE_KINDS[archive] if archive else \
+        ARCHIVE_KINDS["export"] if path.suffix.lower() == ".pt2" else None
     if whole:
         raise SalienceError(f"{path}: {whole} is a whole model, not a state dict: load it by itself, "
                             f"load_model({str(path)!r}), without an architecture or weights")
     if safetensors and trust_pickle:
         _needless_trust(path, "a safetensors file loads without unpickling code")
-    obj = _read_safetensors(path) if safetensors else _torch_load(path, trust_pickle)
+    obj = _read_safetensors(path) if safetensors else _torch_load(path, trust_pickle, weights=True)
     if isinstance(obj, dict):
         for key in _CHECKPOINT_KEYS:
             if isinstance(obj.get(key), dict):
@@ -270,8 +271,13 @@ def _holds_weights(obj: dict) -> bool:
         isinstance(obj.get(k), dict) for k in _CHECKPOINT_KEYS)
 
 
-def _torch_load(path: Path, trust_pickle: bool):
+def _torch_load(path: Path, trust_pickle: bool, weights: bool = False):
+    """``torch.load`` of ``path``, its errors said in one line. ``weights``: ``path`` is a ``weights=`` file, and
+    what is expected is a state dict (a model file is TorchScript or a state dict)."""
     import pickle
+
+    expected = ("a state dict (torch.save(model.state_dict())) or a .safetensors file" if weights else
+                "a state dict (torch.save(model.state_dict())) or TorchScript (torch.jit.save)")
 
     start = file_start(path, 4)
     if not start:
@@ -286,8 +292,8 @@ def _torch_load(path: Path, trust_pickle: bool):
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as e:  # noqa: BLE001 - torch.load raises many types on a foreign file
         if foreign:
-            raise SalienceError(f"{path}: not a PyTorch model file (torch.save writes a zip archive or a pickle; this is neither); expected "
-                                "a state dict (torch.save(model.state_dict())) or TorchScript (torch.jit.save)") from None
+            raise SalienceError(f"{path}: not a PyTorch {'weights' if weights else 'model'} file (torch.save writes a "
+                                f"zip archive or a pickle; this is neither); expected {expected}") from None
         if isinstance(e, pickle.UnpicklingError) and not trust_pickle and "weights only" in str(e).lower():
             raise SalienceError(
                 f"{path}: contains pickled Python objects (e.g. a whole model saved with torch.save(model)), "
@@ -301,11 +307,11 @@ def _torch_load(path: Path, trust_pickle: bool):
                 f"{path}: holds pickled Python objects (e.g. a whole model saved with torch.save(model)) whose class "
                 f"or module cannot be found in this process ({msg}): unpickling needs the code that defined them "
                 "importable. Save a state dict instead and give its architecture (python:FILE.py:FUNC with "
-                "weights=PATH), or save TorchScript"
+                "weights=PATH)" + ("" if weights else ", or save TorchScript")
             ) from None
         raise SalienceError(
-            f"{path}: not a PyTorch model file salience can read ({msg}); expected TorchScript "
-            "(torch.jit.save) or a state dict (torch.save(model.state_dict()))"
+            f"{path}: not a PyTorch {'weights' if weights else 'model'} file salience can read ({msg}); "
+            f"expected {expected}"
         ) from None
 
 
@@ -327,11 +333,28 @@ def _needless_trust(path: Path, why: str) -> None:
 
 
 def _is_torchscript(path: Path) -> bool:
+    return _archive_kind(path) == "torchscript"
+
+
+ARCHIVE_KINDS = {"torchscript": "a TorchScript archive (torch.jit.save)",
+                 "export": "a torch.export program (torch.export.save)"}
+"""What a whole-model archive is, in words, by :func:`_archive_kind`."""
+
+
+def _archive_kind(path: Path) -> Optional[str]:
+    """What the zip archive ``path`` holds, by its entries, whatever its name: ``"torchscript"``
+    (``torch.jit.save``: ``code/``, ``constants.pkl``), ``"export"`` (``torch.export.save``: ``archive_format``)
+    or ``None`` (anything else: ``torch.save``'s archive, no zip)."""
     try:
         with zipfile.ZipFile(path) as z:
-            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+            names = z.namelist()
     except (zipfile.BadZipFile, OSError):
-        return False
+        return None
+    if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+        return "torchscript"
+    if any(n == "archive_format" or n.endswith("/archive_format") for n in names):
+        return "export"
+    return None
 
 
 def _torchvision_pretrained(tvm, arch: str, weights_enum) -> nn.Module:
@@ -445,6 +468,13 @@ def _load_file(path: Path, trust_pickle: bool) -> nn.Module:
                 "a subset of ONNX: give the PyTorch model if you have it (torchvision:ARCH with weights=FILE, "
                 "python:MODULE:CALLABLE, a .pt2 from torch.export.save)") from None
         return model
+    archive = _archive_kind(path) if suffix != ".safetensors" else None
+    if (suffix == ".pt2") != (archive == "export") and archive is not None:  # read as its name says, it failed
+        # with torch's "PytorchStreamReader failed locating file ...: checkpoint corrupted"
+        raise SalienceError(
+            f"{path}: is {ARCHIVE_KINDS[archive]}, named {suffix or 'without a suffix'}; salience reads "
+            + ("a .pt2 file as a torch.export program: rename it .pt" if suffix == ".pt2" else
+               "torch.export programs from .pt2 files only: rename it .pt2"))
     if suffix == ".pt2":
         from salience.loading.custom import load_exported
 
@@ -805,7 +835,8 @@ def name_classes(info: ModelInfo, num_outputs: int,
             raise SalienceError(f"labels must be a list of class names (str), one per output, got {type(labels).__name__}"
                                 + (" (a str would be split into its letters)" if isinstance(labels, str) else ""))
         if len(labels) != num_outputs:
-            raise SalienceError(f"{len(labels)} class names for a model with {num_outputs} outputs; "
+            raise SalienceError(f"{len(labels)} class name{'' if len(labels) == 1 else 's'} for a model with {num_outputs} "
+                                f"output{'' if num_outputs == 1 else 's'}; "
                                 f"give one name per output")
         return dataclasses.replace(info, class_names=tuple(str(n) for n in labels)), "labels"
     if info.class_names is not None:
