@@ -282,7 +282,7 @@ _ALL = set(salience.METHODS)
 
 # (kinds, methods, label pattern, a part of the message, why): the first rule that matches a cell says it refuses
 REFUSED: list[tuple[set[str], set[str], str, str, str]] = [
-    ({"regression"}, _ALL, r"target=(1|\[1,0\])$", "out of range for a model with 1 outputs",
+    ({"regression"}, _ALL, r"target=(1|\[1,0\])$", "out of range for a model with 1 output (valid",
      "a one-output model has no class 1"),
     (set(KINDS), {"layercam"}, "gamma=inf", "gamma must be a positive finite number",
      "an infinite slope (was a map of NaN where a layer's map is 0); checked before the model is looked at"),

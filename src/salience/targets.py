@@ -133,7 +133,7 @@ def _check_range(idx: Union[int, Tensor], k: int) -> None:
         bad = int(idx[out][0]) if idx.numel() and bool(out.any()) else None
     if bad is not None:
         raise SalienceError(
-            f"target class {bad} is out of range for a model with {k} outputs (valid: 0..{k - 1})"
+            f"target class {bad} is out of range for a model with {k} output{'s' if k != 1 else ''} (valid: 0..{k - 1})"
         )
 
 
