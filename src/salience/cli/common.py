@@ -21,6 +21,7 @@ from salience._core.perf import ALLOCATORS, FREEZE, MEMORY_FORMATS, PRECISIONS, 
 from salience._core.malloc import available as malloc_available, user_tuned as malloc_user_tuned
 from salience.loading import load_model
 from salience.loading.models import MODEL_SPECS
+from salience.loading.remote import is_remote
 from salience.methods import METHODS
 from salience.render import viz
 
@@ -456,7 +457,10 @@ def check_writable(folder: Path, flag: str, given: str) -> None:
 
 def writable_out(path: str, flag: str = "--out") -> None:
     """:func:`check_writable` of the output folder ``path`` if it is there, else of the nearest folder above it that
-    is (nothing when something else is in the way: the command that makes the folder says that)."""
+    is (nothing when something else is in the way, or for an object storage URL: the command that makes the folder
+    says that; ``s3://b/r`` as a ``Path`` is ``s3:/b/r``, whose nearest folder is the working one)."""
+    if is_remote(path):
+        return
     for p in [Path(path), *Path(path).parents]:
         kind = path_kind(p, flag, path)
         if kind == "folder":
