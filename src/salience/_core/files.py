@@ -22,7 +22,7 @@ from typing import Any, Iterator, Optional, Union
 from salience._core.errors import SalienceError
 
 __all__ = ["NO_WAIT", "atomic_path", "atomic_write", "check_regular", "file_start", "folder_name", "make_folder",
-           "not_regular", "one_name", "open_regular"]
+           "check_image_file", "not_regular", "one_name", "open_regular", "shell_pipe"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -202,13 +202,40 @@ def check_regular(path: PathLike, what: str, then: str) -> None:
         raise SalienceError(not_regular(path, what, then))
 
 
+def _on_windows() -> bool:
+    """Whether this system is Windows (its paths: NTFS, where ``name:stream`` names a file's data stream)."""
+    return os.name == "nt"
+
+
 def one_name(name: Any, flavour: type = PurePath) -> bool:
     """Whether ``name`` names one entry inside a folder, never a path outside it nor a hidden one: a non-empty
     string without NUL or ``/``, not starting with ``.`` (``.``, ``..``, the store's temporaries), that the system's
     paths (``flavour``: :class:`~pathlib.PurePath`, this system's; :class:`~pathlib.PureWindowsPath` also splits at
-    ``\\`` and reads ``C:x`` as a drive) read as one part without a drive or root. What a name read from a file
-    (a run manifest's method, a table's shard) must be before it becomes part of a path."""
+    ``\\`` and reads ``C:x`` as a drive) read as one part without a drive or root; on Windows (:func:`_on_windows`, the system's, whatever
+    ``flavour``) no ``:`` either (``mine:v2`` names the data stream ``v2`` of the file ``mine`` on NTFS, not a folder).
+    What a name read from a file (a run manifest's method, a table's shard) must be before it becomes part of a
+    path."""
     if not isinstance(name, str) or not name or "\0" in name or "/" in name or name.startswith("."):
+        return False
+    if ":" in name and _on_windows():
         return False
     pure = flavour(name)
     return pure.parts == (name,) and not pure.anchor
+
+
+def shell_pipe(path: PathLike) -> bool:
+    """Whether ``path`` names a pipe the shell opened for the command (``/dev/stdin``, ``/dev/fd/N``,
+    ``/proc/self/fd/N``: bash's ``<(curl ...)``), whose writer is there before the command starts: read like a file.
+    Any other FIFO (``mkfifo``'s, named in a folder) may have no writer, and its open waits for ever."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    return text == "/dev/stdin" or text.startswith(("/dev/fd/", "/proc/self/fd/"))
+
+
+def check_image_file(path: PathLike) -> None:
+    """A :class:`SalienceError` when the local image ``path`` is there and is no regular file (a FIFO, a device, a
+    socket; a shell's pipe, :func:`shell_pipe`, is read): before an image is opened, which would wait for ever on a
+    FIFO without a writer (:func:`check_regular`)."""
+    if not shell_pipe(path):
+        check_regular(path, "an image's name", "give the image as a file (a pipe from the shell, <(...), is read)")

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from salience import targets as _targets
 from salience._core.autograd import model_input
 from salience._core.errors import SalienceError
-from salience._core.files import atomic_write
+from salience._core.files import atomic_write, check_image_file
 from salience._core.info import ModelInfo, max_batch, model_info
 from salience._core.progress import Progress, progress
 from salience._core.tensors import check_int
@@ -25,7 +25,8 @@ from salience.cli.common import (EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, METHOD_FLAGS
                                  figure, load_model_arg, model_specs_help, output_folder, parse_class, parse_methods,
                                  outputs, probabilities, safe_name, scores, to_image, warn, with_flags)
 from salience.cli.inputs import Inputs, add_input_args, class_names, preprocessing_info, read_inputs
-from salience.loading import DEFAULT_MAX_PIXELS, load_images, unnormalize
+from salience.loading import DEFAULT_MAX_PIXELS, load_images, remote, unnormalize
+from salience.loading.custom import size_bounds_problem
 from salience.loading.images import preprocessing_record
 from salience.render import viz
 from salience.runs.dataset import one_output_top
@@ -151,10 +152,20 @@ def _places(named: Sequence[Any], ok_paths: Sequence[str]) -> list[int]:
 def _load_images(args: argparse.Namespace, info: ModelInfo,
                  model: nn.Module) -> tuple[Optional[Tensor], list[str], list[tuple[str, str]]]:
     """The readable images as one batch on the model's device (``None`` if none is), their paths, and
-    ``(path, message)`` of the others (each warned about)."""
+    ``(path, message)`` of the others (each warned about). A FIFO named as an image is refused before any image is
+    opened (its open would wait for ever for a writer); a batch outside a ``.pt2`` program's bounded dynamic sizes
+    (each image at its own size: ``--resize-mode none``, a model without a size) is refused saying the bounds and
+    the flags that resize, not left to torch's guard error."""
+    for p in args.images:
+        if not remote.is_remote(str(p)):
+            check_image_file(p)
     batch, ok_paths, errors = load_images(args.images, info, max_pixels=args.max_pixels)
     for _, msg in errors:
         warn(f"skipped {msg}")
+    if batch is not None:  # one batch: each image at the first one's size (load_images)
+        problem = size_bounds_problem(info, (int(batch.shape[-2]), int(batch.shape[-1])))
+        if problem is not None:
+            raise SalienceError(f"{ok_paths[0]}: {problem}")
     # the model's device, and its parameters' dtype (a float64 / float16 python: model)
     return (model_input(model, batch) if batch is not None else None), ok_paths, errors
 

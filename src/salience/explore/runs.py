@@ -25,6 +25,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from salience._core.errors import SalienceError
+from salience._core.files import check_regular
 from salience.explore.images import ImageEntry, image_files
 from salience.loading import remote
 from salience.runs.job import constant_notes, flat_maps
@@ -354,6 +355,10 @@ class RunSource:
             if path in self._sprites:
                 self._sprites.move_to_end(path)
                 return self._sprites[path]
+        try:  # a FIFO of the sprite's name would block the server's thread in its open: never opened
+            check_regular(path, "the run's thumbnails", "run the run's command again to write them")
+        except SalienceError as e:
+            raise self._not_stored(f"the run's thumbnails for this row cannot be read: {e}") from None
         if not path.is_file():
             raise self._not_stored(f"the run has no thumbnails for this row: {path} is missing")
         try:

@@ -27,7 +27,7 @@ from salience._core.guard import train_mode_op
 from salience._core.info import ModelInfo, attach_info, model_info
 from salience.loading.models import PathLike, expand_home, load_state, read_state_dict
 
-__all__ = ["select_output", "load_python", "load_exported", "user_modules"]
+__all__ = ["select_output", "load_python", "load_exported", "user_modules", "size_bounds_problem"]
 
 OutputPick = Union[str, int, Callable[[Any], Tensor]]
 
@@ -256,6 +256,26 @@ def _size_bounds(ep: Any, shape: Optional[tuple]) -> Optional[tuple]:
                 hi = None
         ranges.append((lo, hi))
     return tuple(ranges) if any(b is not None for r in ranges for b in r) else None
+
+
+def size_bounds_problem(info: ModelInfo, size: tuple[int, int]) -> Optional[str]:
+    """What is wrong with feeding ``info``'s model an image of ``size`` ``(H, W)`` when it is a ``.pt2`` program with
+    bounded dynamic height and width (``info.extra["size_bounds"]``, :func:`_size_bounds`): which side is outside
+    which range, and the flags that resize (the program refuses it with torch's guard error); ``None`` when it fits
+    or the program has no bounds. What a command checks each image it read with (``--resize-mode none``, a model
+    with no size of its own: each image at its own size)."""
+    bounds = (info.extra or {}).get("size_bounds")
+    if not bounds:
+        return None
+    wrong = [(what, int(v), lo, hi) for what, v, (lo, hi) in zip(("height", "width"), size, bounds)
+             if (lo is not None and v < lo) or (hi is not None and v > hi)]
+    if not wrong:
+        return None
+    said = ", ".join(f"{what} {v} (it takes {'any' if lo is None else lo}..{'any' if hi is None else hi})"
+                     for what, v, lo, hi in wrong)
+    return (f"{info.name} was exported with bounded dynamic sizes and takes no input of {int(size[0])} x "
+            f"{int(size[1])}: {said}; resize the images into its range (--size H,W with --resize-mode, or size= of "
+            "with_preprocessing), or export it again with wider Dim(min=, max=)")
 
 
 def _flags_eval(self: nn.Module) -> nn.Module:

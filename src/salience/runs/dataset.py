@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from salience._core import perf as _perf
 from salience._core.errors import ArgumentError, SalienceError
 from salience._core.files import atomic_write, folder_name, one_name
+from salience.loading.custom import size_bounds_problem
 from salience._core.guard import run_guard
 from salience._core.malloc import kept_free_bytes, release_shared_heap
 from salience._core.info import ModelInfo, max_batch, model_info
@@ -309,7 +310,7 @@ def _methods(methods: Any, options: Optional[Mapping[str, Any]]) -> tuple[dict[s
     for name in fns:
         if not one_name(name):  # its maps are in maps/<name>/: one folder inside the run's (what its readers check)
             raise SalienceError(f"method name {name!r} cannot name a folder of the store (no '/', NUL, or leading "
-                                "'.'); rename it")
+                                "'.'; on Windows no ':', which names a file's data stream); rename it")
     for name, fn in fns.items():  # a keyword a user's functools.partial binds that its function does not take
         problem = bound_problem(fn)
         if problem is not None:
@@ -398,6 +399,9 @@ def _info(model: nn.Module, dataset: Dataset, first: int = 0) -> tuple[ModelInfo
     """The model's info, with class names (ImageNet's for 1000 outputs without names), and its
     number of outputs (a model without class names run on a user's dataset's item ``first``)."""
     info = model_info(model)
+    problem = size_bounds_problem(info, info.input_size) if info.input_size is not None else None
+    if problem is not None:  # every image is read at this size: a .pt2 program's Dim(min=, max=), not torch's guard
+        raise SalienceError(f"the run's input size: {problem}")
     out = _num_outputs(model, dataset, info, first)
     named, _ = name_classes(info, out, None)
     if named.task not in ("classification", "regression"):

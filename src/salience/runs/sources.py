@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from salience._core.errors import SalienceError, user_stacklevel
+from salience._core.files import check_image_file
 from salience._core.info import ModelInfo
 from salience.loading import remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, load_image, mask_values, normalize_input, resize_crop
@@ -70,6 +71,7 @@ def expand(specs: Sequence[PathLike]) -> list[str]:
                 raise SalienceError(f"{text}: the pattern matches no file; check it (quote it so the shell leaves it)")
             paths += found
         else:
+            check_image_file(p)  # a FIFO named as an image: refused before the run (its open would wait for ever)
             paths.append(text)  # a missing file becomes a row with its error
     if not paths:
         raise SalienceError("no images given; name a folder, a glob, a .txt list or image files")
@@ -288,6 +290,8 @@ class ImageFiles(Dataset):
         h, w = info.input_size  # type: ignore[misc]
         try:
             data = remote.read_bytes(path) if remote.is_remote(path) else None
+            if data is None:
+                check_image_file(path)  # a FIFO listed (a .txt list's line): a failed row, never a wait for ever
             raw = load_image(path, max_pixels=self.max_pixels, data=data)
             x = normalize_input(resize_crop(raw, info), info)
         except SalienceError as e:

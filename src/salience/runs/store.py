@@ -684,6 +684,9 @@ def _old_manifest(path: Path, overwrite: bool) -> dict[str, Any]:
         return read_manifest(path, WRITE)
     except SalienceError:
         if not overwrite:
+            found = manifest_format(path)
+            if found is not None and found != FORMAT:  # an older (or a newer) salience's run lacks keys this one
+                raise _format_refusal(path.parent, found) from None  # writes: said as its format, not as damage
             raise
         return {}
 
@@ -1029,6 +1032,8 @@ class Run:
         if self._table is None:
             index = self.folder / "index.parquet"
             schema = schema_of(self.manifest)
+            check_regular(index, "the run's index.parquet",  # a FIFO or a folder of that name: said, not skipped
+                          "open the run again (its rows are read from its shards)")
             table = (pyarrow().parquet.read_table(index) if index.is_file()
                      else read_shards(self.folder, schema))
             if "index" not in table.column_names:
