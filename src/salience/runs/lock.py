@@ -96,19 +96,8 @@ def run_going(writer: Writer) -> bool:
 
 def _lock_text(path: Path) -> Optional[str]:
     """The text of the lock file ``path`` (its first 4 KiB: ``pid=... host=... run=...``), or ``None``: not there,
-    unreadable, or no regular file (a FIFO of its name: opened without waiting, never read)."""
-    try:
-        fd = open_regular(path)
-    except OSError:
-        return None
-    if fd is None:
-        return None
-    try:
-        return os.read(fd, 4096).decode("utf-8", "replace")
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    unreadable, or no regular file (a FIFO of its name: opened without waiting, never read): :func:`_ask_file`."""
+    return _ask_file(path, lambda fd: os.read(fd, 4096).decode("utf-8", "replace"))
 
 
 def _try_lock(fd: int, shared: bool = False, start: int = 0) -> bool:
