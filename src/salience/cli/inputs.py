@@ -17,6 +17,7 @@ from salience._core.errors import SalienceError
 from salience._core.info import ModelInfo
 from salience._core.tensors import check_int
 from salience.loading.images import RESIZE_MODES, check_input_pixels, with_preprocessing
+from salience.loading.custom import sides_out_of_bounds
 from salience.loading.models import name_classes, read_labels
 
 
@@ -168,16 +169,9 @@ def check_size_bounds(info: ModelInfo, new: ModelInfo, given: str) -> None:
     dynamic height and width (``info.extra["size_bounds"]``, ``((h_min, h_max), (w_min, w_max))``, ``None`` for no
     bound: ``Dim("h", min=8, max=64)``): the program refuses it with torch's guard error, which the command said as
     an unexpected error (exit 3)."""
-    bounds = info.extra.get("size_bounds")
-    size = new.input_size
-    if not bounds or size is None:
+    said = sides_out_of_bounds(info, new.input_size) if new.input_size is not None else None
+    if said is None:
         return
-    wrong = [(what, v, lo, hi) for what, v, (lo, hi) in zip(("height", "width"), size, bounds)
-             if (lo is not None and v < lo) or (hi is not None and v > hi)]
-    if not wrong:
-        return
-    said = ", ".join(f"{what} {v} (it takes {'any' if lo is None else lo}..{'any' if hi is None else hi})"
-                     for what, v, lo, hi in wrong)
     raise SalienceError(f"{given}: {info.name} was exported with bounded dynamic sizes, and {given} would give it "
                         f"{said}; choose a size in range, or export it again with wider Dim(min=, max=)")
 

@@ -27,7 +27,8 @@ from salience._core.guard import train_mode_op
 from salience._core.info import ModelInfo, attach_info, model_info
 from salience.loading.models import PathLike, expand_home, load_state, read_state_dict
 
-__all__ = ["select_output", "load_python", "load_exported", "user_modules", "size_bounds_problem"]
+__all__ = ["select_output", "load_python", "load_exported", "user_modules", "size_bounds_problem",
+           "sides_out_of_bounds"]
 
 OutputPick = Union[str, int, Callable[[Any], Tensor]]
 
@@ -258,12 +259,11 @@ def _size_bounds(ep: Any, shape: Optional[tuple]) -> Optional[tuple]:
     return tuple(ranges) if any(b is not None for r in ranges for b in r) else None
 
 
-def size_bounds_problem(info: ModelInfo, size: tuple[int, int]) -> Optional[str]:
-    """What is wrong with feeding ``info``'s model an image of ``size`` ``(H, W)`` when it is a ``.pt2`` program with
-    bounded dynamic height and width (``info.extra["size_bounds"]``, :func:`_size_bounds`): which side is outside
-    which range, and the flags that resize (the program refuses it with torch's guard error); ``None`` when it fits
-    or the program has no bounds. What a command checks each image it read with (``--resize-mode none``, a model
-    with no size of its own: each image at its own size)."""
+def sides_out_of_bounds(info: ModelInfo, size: tuple[int, int]) -> Optional[str]:
+    """The sides of ``size`` ``(H, W)`` outside the ranges of ``info``'s ``.pt2`` program's bounded dynamic height and
+    width (``info.extra["size_bounds"]``, :func:`_size_bounds`), said (``"height 100 (it takes 8..64)"``); ``None``
+    when both fit or the program has no bounds. What :func:`size_bounds_problem` and the commands' checks of their
+    size flags say."""
     bounds = (info.extra or {}).get("size_bounds")
     if not bounds:
         return None
@@ -271,8 +271,19 @@ def size_bounds_problem(info: ModelInfo, size: tuple[int, int]) -> Optional[str]
              if (lo is not None and v < lo) or (hi is not None and v > hi)]
     if not wrong:
         return None
-    said = ", ".join(f"{what} {v} (it takes {'any' if lo is None else lo}..{'any' if hi is None else hi})"
+    return ", ".join(f"{what} {v} (it takes {'any' if lo is None else lo}..{'any' if hi is None else hi})"
                      for what, v, lo, hi in wrong)
+
+
+def size_bounds_problem(info: ModelInfo, size: tuple[int, int]) -> Optional[str]:
+    """What is wrong with feeding ``info``'s model an image of ``size`` ``(H, W)`` when it is a ``.pt2`` program with
+    bounded dynamic height and width (``info.extra["size_bounds"]``, :func:`_size_bounds`): which side is outside
+    which range, and the flags that resize (the program refuses it with torch's guard error); ``None`` when it fits
+    or the program has no bounds. What a command checks each image it read with (``--resize-mode none``, a model
+    with no size of its own: each image at its own size)."""
+    said = sides_out_of_bounds(info, size)
+    if said is None:
+        return None
     return (f"{info.name} was exported with bounded dynamic sizes and takes no input of {int(size[0])} x "
             f"{int(size[1])}: {said}; resize the images into its range (--size H,W with --resize-mode, or size= of "
             "with_preprocessing), or export it again with wider Dim(min=, max=)")
