@@ -484,7 +484,7 @@ def _load_file(path: Path, trust_pickle: bool) -> nn.Module:
             f"{path}: a .safetensors file holds weights only; give its architecture too, e.g. "
             f"model timm:resnet50 with weights={path} (or torchvision:ARCH, python:MODULE:FUNC)"
         )
-    if _is_torchscript(path):
+    if archive == "torchscript":  # by its entries, read once above
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
