@@ -40,10 +40,9 @@ before (autocast casting).
 from __future__ import annotations
 
 import functools
-import mmap
 import threading
 import weakref
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +50,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["CastCache", "WeightCasts", "CAST_FUNCTIONS", "BLOCK_ALIGN", "block_bytes", "block_storage", "drop_entry",
-           "served", "making"]
+__all__ = ["CastCache", "WeightCasts", "CAST_FUNCTIONS", "drop_entry", "served", "making"]
 
 _MAKING = threading.local()  # set in this thread while CastCache.get makes a copy (making())
 
@@ -127,50 +125,14 @@ class CastCache:
     ``made`` counts the copies made (for tests and reports). ``channels_last``: 4-D copies are made channels-last (the
     run's channels-last chunks, whose model parameters served here stay contiguous: ``Run.set_layout``)."""
 
-    def __init__(self, dtype: torch.dtype = torch.bfloat16, nbytes: int = 0) -> None:
+    def __init__(self, dtype: torch.dtype = torch.bfloat16) -> None:
         self.dtype = dtype
         self.copies: dict[int, tuple[weakref.ref, tuple, Tensor, Tensor]] = {}
         self.made = 0
         self.channels_last = False
-        # the block the copies are made in: ``nbytes`` (the call's copies, each rounded up to BLOCK_ALIGN), mapped at
-        # the first copy (block_storage), ``_used`` bytes of it taken; 0: no block, each copy a tensor of its own
-        self.nbytes = max(0, int(nbytes))
-        self._block: Optional[torch.UntypedStorage] = None
-        self._used = 0
 
     def clear(self) -> None:
-        """Forget the copies and the block (a copy still held elsewhere keeps the block's memory until it dies)."""
         self.copies.clear()
-        self._block, self._used = None, 0
-
-    @property
-    def block(self) -> Optional[torch.UntypedStorage]:
-        """The block the copies are made in (``None`` before the first copy, after :meth:`clear`, or without one)."""
-        return self._block
-
-    def _in_block(self, source: Tensor, fmt: torch.memory_format) -> Optional[Tensor]:
-        """``source.to(self.dtype, memory_format=fmt)`` made in the block: a tensor of its own (its own version
-        counter: a copy made later in the block bumps no counter a pass's autograd graph saved) over the next free
-        bytes, with the strides ``.to`` gives it; ``None`` where there is no block, no room left, or ``.to`` would not
-        give dense strides."""
-        if self.nbytes <= 0:
-            return None
-        like = torch.empty_like(source, dtype=self.dtype, memory_format=fmt, device="meta")
-        shape, strides = tuple(like.shape), like.stride()
-        n = like.numel()
-        if n == 0 or 1 + sum((d - 1) * s for d, s in zip(shape, strides)) != n or min(strides, default=1) < 0:
-            return None
-        size = like.element_size() * n
-        if self._block is None:
-            if self.nbytes < size:
-                return None
-            self._block, self._used = block_storage(self.nbytes), 0
-        if self._used + size > self._block.nbytes():
-            return None
-        out = torch.empty((0,), dtype=self.dtype).set_(self._block, self._used // like.element_size(), shape, strides)
-        out.copy_(source)
-        self._used += -(-size // BLOCK_ALIGN) * BLOCK_ALIGN
-        return out
 
     def get(self, p: Tensor) -> Tensor:
         """The low-precision copy of ``p`` for its current values (made now when ``p`` changed since)."""
@@ -186,43 +148,12 @@ class CastCache:
             fmt = torch.channels_last if cl else torch.preserve_format
             _MAKING.on = True
             try:
-                copy = self._in_block(source, fmt)
-                if copy is None:
-                    copy = source.to(self.dtype, memory_format=fmt)
+                copy = source.to(self.dtype, memory_format=fmt)
             finally:
                 _MAKING.on = False
         self.copies[id(p)] = (weakref.ref(p, functools.partial(drop_entry, self.copies, id(p))), key, copy, source)
         self.made += 1
         return copy
-
-
-BLOCK_ALIGN = 64  # bytes: each copy in a CastCache's block starts at a multiple (torch's CPU allocator's alignment)
-
-
-def block_bytes(params: Iterable[Any], dtype: torch.dtype = torch.bfloat16) -> int:
-    """The bytes of a :class:`CastCache` block for the copies of ``params`` (each counted once) that :func:`served`
-    takes: each copy's bytes in ``dtype`` rounded up to :data:`BLOCK_ALIGN`."""
-    seen: set[int] = set()
-    total = 0
-    size = torch.empty((), dtype=dtype).element_size()
-    for p in params:
-        if id(p) not in seen and served(p):
-            seen.add(id(p))
-            total += -(-p.numel() * size // BLOCK_ALIGN) * BLOCK_ALIGN
-    return total
-
-
-def block_storage(nbytes: int) -> torch.UntypedStorage:
-    """``nbytes`` of a fresh anonymous memory mapping (``mmap``), as a torch storage: the block of a
-    :class:`CastCache`'s copies. Never in the C allocator's heap (glibc serves a block under its mmap threshold, 32 MiB
-    after :func:`salience._core.malloc.raise_dynamic_threshold`, from the heap, where the copies, made one by one in
-    a call's first pass, lay among that pass's activations, and the heap freed around them could not be given back),
-    given back to the system when its last tensor dies; pages never written are never resident. Where a mapping
-    cannot be made: torch's allocator."""
-    try:
-        return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).untyped_storage()
-    except (OSError, ValueError):
-        return torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
 
 
 def drop_entry(entries: dict, key: Any, ref: weakref.ref) -> None:

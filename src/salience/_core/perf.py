@@ -98,7 +98,7 @@ import torch
 from torch import Tensor, nn
 
 from salience._core.calm import calmly
-from salience._core.casts import CastCache, WeightCasts, block_bytes, drop_entry, served
+from salience._core.casts import CastCache, WeightCasts, drop_entry, served
 from salience._core.cpu import native_bf16, warn_bf16_without_native
 from salience._core.compiled import (FREEZE, _GRADIENT, _check_backend_name, _compile_failed, _compiled,
                                      _compiled_model, _freezing_on, _Frozen, _frozen_gradient, _frozen_model,
@@ -688,8 +688,7 @@ class Run:
         cl = self.channels_last
         if cl:
             self.set_layout(False)
-        params = (*self.model.parameters(), *(self._folded.parameters() if self._folded is not None else ()))
-        cache = self._casts = CastCache(self.dtype, block_bytes(params, self.dtype))
+        cache = self._casts = CastCache(self.dtype)
         try:
             if cl:
                 self.set_layout(True)
