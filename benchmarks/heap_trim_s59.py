@@ -7,12 +7,16 @@ glibc's ``malloc_trim(0)`` run at phase boundaries of the call, to see which of 
 ``CastCache`` is made (a bf16 phase starts: Ablation-CAM's after its float32 clean passes, then before its chunks; RISE
 and Score-CAM before their chunks), ``clear`` as one is cleared (the probing chunk done and the layout made
 channels-last; a phase's end); ``none`` (or empty): nothing, session 57's measure. Prints that measure's JSON line
-with ``trims`` (how many ran) and ``trim_at``.
+with ``trims`` (how many ran), ``trim_at`` and ``minflt`` (the process's minor page faults from before the
+measure's setup to the call's end, ``getrusage``: what a trim costs the next passes, counted, not timed). IMPL
+``loop bf16+channels_last``: benchmarks/perturbation.py's plain loop given bf16 + channels-last by hand (the model and
+``x`` converted inside the measured call, the loop under ``torch.autocast``), in this measure (no trim).
 """
 from __future__ import annotations
 
 import ctypes
 import json
+import resource
 import os
 import sys
 from pathlib import Path
@@ -51,8 +55,20 @@ def _patch() -> None:
     casts.CastCache.__init__, casts.CastCache.clear = init_trimmed, clear_trimmed
 
 
+def _call(method: str, impl: str, torch, model, x, target) -> None:
+    """The measure's call, the plain loop by hand under bf16 + channels-last too (as benchmarks/perturbation.py)."""
+    if not impl.endswith(measure.bench.BY_HAND):
+        return _plain_call(method, impl, torch, model, x, target)
+    model = model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        measure.bench._loop(method, torch, model, x, target)
+
+
+_plain_call, measure._call = measure._call, _call
+
 if __name__ == "__main__":
     _patch()
     out = measure.one(sys.argv[1].strip(), sys.argv[2].strip())
-    out.update(trims=trims, trim_at=sorted(TRIM_AT))
+    out.update(trims=trims, trim_at=sorted(TRIM_AT), minflt=resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
     print(json.dumps(out))
