@@ -103,9 +103,10 @@ def _all_finite(x: Tensor) -> bool:
         lo, hi = torch.aminmax(x)
     except (RuntimeError, NotImplementedError):  # pragma: no cover - a backend without aminmax
         return bool(torch.isfinite(x).all())
-    if x.device.type == "cpu":  # the two numbers read as they are (three tensor ops fewer)
+    if x.device.type == "cpu":  # the two numbers read as they are (torch.isfinite is four ops each, & a fifth)
         return math.isfinite(lo.item()) and math.isfinite(hi.item())
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
 
 
 def _bare_keras(model: nn.Module) -> bool:
@@ -772,10 +773,10 @@ def _warn_if_probabilities(out: Tensor) -> None:
     """Warn when ``out`` (a gradient pass's output, no softmax stripped) looks like probabilities: at once
     outside a many-pass call; inside one, the condition is kept on the device and the warning given once at
     the end of the call (:meth:`salience._core.derived.Derived.defer`: no synchronization per pass)."""
-    rows = _probability_rows(out)
+    scope = _derived.current()
+    rows = _probability_rows(out, scope is None or scope.items is None)  # read at once: not an engine run's pass
     if rows is None:
         return
-    scope = _derived.current()
     if scope is not None:
         scope.defer("probabilities", rows, _warn_probabilities)
     elif bool(rows):
@@ -991,7 +992,7 @@ def _finite_scores(scores: list[Tensor], targets: Sequence[TargetLike], fp16: bo
     assert scope is not None  # backward runs in a scope
     if scope.items is None and all(s.device.type == "cpu" and s.dim() == 1 for s in scores) and \
             not scope.noted("finite:target", len(scores)) and \
-            all(bool(torch.isfinite(s.detach()).all()) for s in scores):
+            all(_all_finite(s.detach()) for s in scores):  # aminmax: 3 ops, not isfinite's 6
         # a CPU pass outside an engine run (a one-pass call's own scope), every score finite, none noted bad before in
         # the scope: read at once (no device to wait for); nothing to note (a refusal names only the bad items: their
         # rows were all there were in the notes), the key deferred as not holding (its place in the actions' order)
@@ -1042,15 +1043,16 @@ def softmax_appeared(run: Any, out: Any, strip_softmax: bool) -> bool:
     return True
 
 
-def _probability_rows(out: Tensor) -> "Optional[Tensor | bool]":
+def _probability_rows(out: Tensor, read: bool = True) -> "Optional[Tensor | bool]":
     """:func:`looks_like_probabilities` as a 0-d bool tensor on ``out``'s device (read without waiting for
     it), ``None`` for an output without two classes or more; ``torch.allclose``'s test of the sums
-    (``|s - 1| <= 1e-4 + 1e-5``, NaN never close). ``False`` (a Python bool) for a CPU output with a negative value
-    or a NaN, read at once."""
+    (``|s - 1| <= 1e-4 + 1e-5``, NaN never close). ``read``: a CPU output's least value may be read at once (not in
+    a many-pass call's passes, which read nothing per pass: tests/test_syncs.py counts CPU reads for a GPU's
+    synchronizations); ``False`` (a Python bool) then where it is negative or NaN."""
     if out.dim() != 2 or out.shape[1] < 2 or not out.is_floating_point():
         return None
     o = out.detach()
-    if o.device.type == "cpu" and o.numel() and not o.amin().item() >= 0:
+    if read and o.device.type == "cpu" and o.numel() and not o.amin().item() >= 0:
         return False  # a negative value (or a NaN), known at once on a CPU: one op, not seven (most models' scores)
     return (o >= 0).all() & ((o.sum(1) - 1).abs() <= 1e-4 + 1e-5).all()
 

@@ -27,7 +27,6 @@ Per context (a :class:`~contextvars.ContextVar`): another thread's calls have th
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -327,13 +326,9 @@ def derived(x: Tensor, what: str = "the method's inputs") -> Tensor:
         return x
     from salience._core.errors import SalienceError
 
-    bad: "Tensor | bool"
     try:
         lo, hi = torch.aminmax(x.detach())
-        if x.device.type == "cpu":  # read at once: no device to wait for (two tensor ops fewer)
-            bad = not (math.isfinite(lo.item()) and math.isfinite(hi.item()))
-        else:
-            bad = ~(torch.isfinite(lo) & torch.isfinite(hi))
+        bad = ~(torch.isfinite(lo) & torch.isfinite(hi))
     except (RuntimeError, NotImplementedError):  # pragma: no cover - a backend without aminmax
         bad = ~torch.isfinite(x.detach()).all()
 
