@@ -233,3 +233,26 @@ def test_a_many_pass_call_reads_its_probabilities_look_once_not_per_pass():
     with derived.run_scope() as scope:
         autograd._warn_if_probabilities(out)
         assert scope._flags["probabilities"][0] is False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_path_points_made_at_once_are_the_point_by_point_ones_bit_for_bit(dtype):
+    """Integrated gradients' points of several alphas in one multiply and add (float32, float64): the same bits as
+    ``x' + a (x - x')`` point by point and their ``cat`` (bfloat16 keeps that way), ``x`` exactly at ``a = 1``."""
+    from salience.methods.integrated import PathPoints
+
+    g = torch.Generator().manual_seed(4)
+    for b in (1, 3):
+        x = (torch.randn(b, 3, 5, 5, generator=g) * 7).to(dtype)
+        base = torch.randn(b, 3, 5, 5, generator=g).to(dtype)
+        for alphas in ([i / 32 for i in range(1, 33)], [0.0, 0.1, 0.5, 1.0], torch.linspace(0, 1, 17).tolist()):
+            pp = PathPoints(x, base, alphas)
+            n = len(alphas) * b
+            for start, stop in [(0, n), (1, n - 1), (b, 3 * b), (0, 1), (n - 2, n)]:
+                got = pp(start, stop)[0]
+                want = torch.cat([pp.point(r, max(start, r * b) - r * b, min(stop, (r + 1) * b) - r * b)
+                                  for r in range(start // b, (stop - 1) // b + 1)])
+                assert got.shape == want.shape and got.is_contiguous()
+                assert torch.equal(got.view(-1).view(torch.int16 if dtype == torch.bfloat16 else torch.uint8),
+                                   want.view(-1).view(torch.int16 if dtype == torch.bfloat16 else torch.uint8))
+            assert torch.equal(pp(n - b, n)[0], x)

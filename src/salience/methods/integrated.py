@@ -568,14 +568,43 @@ class PathPoints:
             return self.baseline[lo:hi]
         return self.baseline[lo:hi] + a * self.diff[lo:hi]
 
+    def _at_once(self) -> bool:
+        """Whether the points of several ``alphas`` are made in one multiply and one add (:meth:`_points`): where
+        ``x``, the baseline and their difference are one dtype that computes in itself (float32, float64: a scalar
+        ``a`` is cast to it, as a tensor of alphas is), on one device. float16 and bfloat16 compute ``a * d`` in
+        float32 with ``a`` uncast: point by point, as before."""
+        x, base, diff = self.x, self.baseline, self.diff
+        return x.dtype in (torch.float32, torch.float64) and base.dtype == x.dtype and diff.dtype == x.dtype and \
+            base.shape == x.shape and base.device == x.device and diff.device == x.device
+
+    def _points(self, first: int, last: int) -> Tensor:
+        """The points of ``alphas[first..last]`` for all the images ``(n, C, H, W)``, item ``j`` of point
+        ``first + j // B``: ``x' + a (x - x')`` in one multiply and one add for them all, bit for bit :meth:`point`'s
+        (elementwise, the same two operations in the same dtype), ``x`` itself where ``a`` is 1 and ``x'`` where 0
+        (copied). A chunk of IG's 32 points on one image made 32 slices, multiplies and adds and a ``cat`` (about
+        0.3 ms a call on a small model)."""
+        alphas = self.alphas[first:last + 1]
+        a = torch.tensor(alphas, dtype=self.x.dtype, device=self.x.device).view(-1, *([1] * self.x.dim()))
+        pts = torch.add(self.baseline, a * self.diff)  # (R, B, C, H, W)
+        for k, value in enumerate(alphas):
+            if value == 1.0:
+                pts[k] = self.x
+            elif value == 0.0:
+                pts[k] = self.baseline
+        return pts.reshape(-1, *self.x.shape[1:])
+
     def __call__(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
         """Items ``start..stop-1`` ``(n, C, H, W)`` and the image each belongs to ``(n,)``."""
         b = self.x.shape[0]
-        parts = [self.point(rep, max(start, rep * b) - rep * b, min(stop, (rep + 1) * b) - rep * b)
-                 for rep in range(start // b, (stop - 1) // b + 1)]
+        first, last = start // b, (stop - 1) // b
         owner = torch.arange(start, stop, device=self.x.device) % b
+        if last > first and self._at_once():
+            xs = self._points(first, last)[start - first * b:stop - first * b]
+        else:
+            parts = [self.point(rep, max(start, rep * b) - rep * b, min(stop, (rep + 1) * b) - rep * b)
+                     for rep in range(first, last + 1)]
+            xs = parts[0] if len(parts) == 1 else torch.cat(parts)
         # made from the method's checked x and baseline: not tested again in each pass (at the end of the call)
-        xs = parts[0] if len(parts) == 1 else torch.cat(parts)
         return _derived.derived(xs, "Integrated Gradients' path points"), owner
 
 
