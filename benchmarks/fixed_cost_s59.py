@@ -3,10 +3,11 @@
     PYTHONPATH=src python benchmarks/fixed_cost_s59.py --old-src /tmp/old-fixcost59/src --rounds 5 \\
         --out benchmarks/fixed-cost-s59.md
 
-(``git -C /work/main archive HEAD src | tar -x -C /tmp/old-fixcost59`` makes ``--old-src``.) Each round runs one worker
-process per code, the two in alternating order (old first in odd rounds); a worker measures, per case, the bare pass
-and salience's call in alternating blocks (3 blocks each, one thread, ``time.thread_time``: CPU time of the thread,
-which another process's load changes less than wall time), and reports the best block of each. A cell: salience's us a
+(``git -C /work/main archive HEAD src | tar -x -C /tmp/old-fixcost59`` makes ``--old-src``.) One worker process
+per code, both alive throughout; the parent sends one unit (a case) at a time, to the two workers in turn, the order
+alternating from unit to unit and round to round (only one measures at a time). A unit: the bare pass and salience's
+call in alternating blocks of about 0.1 s (3 blocks each, one thread, ``time.thread_time``: CPU time of the thread,
+which another process's load changes less than wall time), the best block of each. A cell: salience's us a
 call minus the bare pass's of the same worker, min / median / max over the rounds. Cases: a tiny model
 (Conv2d(3, 4, 3), BatchNorm2d, ReLU, AdaptiveAvgPool2d, Flatten, Linear(4, 5); 1x3x16x16) and the demo CNN
 (``load_demo("shapes")``, 1x3x64x64); ``vanilla``, ``smoothgrad`` (samples=16), ``integrated_gradients`` (steps=32),
@@ -28,6 +29,7 @@ CASES = [(model, method) for model in ("tiny", "shapes")
 
 
 def worker(src: str) -> None:
+    """Serve units: a case name a line on stdin, its JSON ``{"bare": us, "sal": us}`` a line on stdout."""
     sys.path.insert(0, src)
     import torch
     import torch.nn.functional as F
@@ -37,8 +39,9 @@ def worker(src: str) -> None:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    out = {}
-    for name, method in CASES:
+    made = {}
+
+    def make(name: str, method: str):
         if name == "tiny":
             m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                                     torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 5)).eval()
@@ -104,16 +107,23 @@ def worker(src: str) -> None:
         t = time.thread_time()
         sal()
         one = max(time.thread_time() - t, 1e-4)
-        n = max(5, int(0.12 / one))
+        return bare, sal, max(5, int(0.1 / one))
+
+    for line in sys.stdin:
+        key = line.strip()
+        if not key:
+            continue
+        if key not in made:
+            made[key] = make(*key.split(":"))
+        bare, sal, n = made[key]
         best = {"bare": float("inf"), "sal": float("inf")}
         for _ in range(3):
-            for key, f in (("bare", bare), ("sal", sal)):
+            for which, f in (("bare", bare), ("sal", sal)):
                 t = time.thread_time()
                 for _ in range(n):
                     f()
-                best[key] = min(best[key], (time.thread_time() - t) / n * 1e6)
-        out[f"{name}:{method}"] = best
-    print(json.dumps(out))
+                best[which] = min(best[which], (time.thread_time() - t) / n * 1e6)
+        print(json.dumps(best), flush=True)
 
 
 def main() -> None:
@@ -128,25 +138,33 @@ def main() -> None:
     if args.worker:
         worker(args.worker)
         return
-    runs: dict = {"old": [], "new": []}
+    procs = {code: subprocess.Popen([sys.executable, os.path.abspath(__file__), "--old-src", args.old_src, "--worker",
+                                     src], env=dict(os.environ, PYTHONPATH=src), stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True)
+             for code, src in (("old", args.old_src), ("new", args.new_src))}
+    runs: dict = {"old": [{} for _ in range(args.rounds)], "new": [{} for _ in range(args.rounds)]}
     loads = []
-    for r in range(args.rounds):
-        order = ("old", "new") if r % 2 == 0 else ("new", "old")
-        for code in order:
-            src = args.old_src if code == "old" else args.new_src
-            env = dict(os.environ, PYTHONPATH=src)
+    try:
+        for r in range(args.rounds):
             loads.append(open("/proc/loadavg").read().split()[0])
-            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--old-src", args.old_src,
-                                   "--worker", src], env=env, capture_output=True, text=True, check=True)
-            runs[code].append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"round {r + 1} {code} done", file=sys.stderr)
+            for i, (name, method) in enumerate(CASES):
+                key = f"{name}:{method}"
+                for code in (("old", "new") if (r + i) % 2 == 0 else ("new", "old")):
+                    procs[code].stdin.write(key + "\n")
+                    procs[code].stdin.flush()
+                    runs[code][r][key] = json.loads(procs[code].stdout.readline())
+            print(f"round {r + 1} done", file=sys.stderr)
+    finally:
+        for p in procs.values():
+            p.stdin.close()
+            p.wait()
     lines = ["# Salience's own CPU work per call over the bare pass (us), main's code against this tree's", "",
              "`PYTHONPATH=src python benchmarks/fixed_cost_s59.py --old-src /tmp/old-fixcost59/src --rounds "
-             f"{args.rounds} --out benchmarks/fixed-cost-s59.md`: {args.rounds} rounds, the two codes' worker processes "
-             "alternating; one thread, `time.thread_time`, best of 3 blocks per worker; 1-minute load at each worker's "
-             f"start: {', '.join(loads)} (the machine, 2 cores, shared with other sessions' tests and benchmarks).", "",
+             f"{args.rounds} --out benchmarks/fixed-cost-s59.md`: {args.rounds} rounds, each case's units sent to the "
+             "two codes' worker processes in turn (alternating order); one thread, `time.thread_time`, best of 3 "
+             f"blocks a unit; 1-minute load at each round's start: {', '.join(loads)} (the machine, 2 cores, shared with other sessions' tests and benchmarks).", "",
              "| case | bare pass (us, median) | main: over bare, min / median / max | this tree: over bare, min / median / "
-             "max | this tree / main (medians) |", "|---|---|---|---|---|"]
+             "max | this tree / main (medians) | this tree / main, per round |", "|---|---|---|---|---|---|"]
     for name, method in CASES:
         key = f"{name}:{method}"
         bare = statistics.median([r[key]["bare"] for code in runs for r in runs[code]])
@@ -156,7 +174,9 @@ def main() -> None:
             over = sorted(r[key]["sal"] - r[key]["bare"] for r in runs[code])
             meds.append(statistics.median(over))
             cells.append(f"{over[0]:.0f} / {statistics.median(over):.0f} / {over[-1]:.0f}")
-        lines.append(f"| {key} | {bare:.0f} | {cells[0]} | {cells[1]} | {meds[1] / meds[0]:.2f} |")
+        paired = [(n[key]["sal"] - n[key]["bare"]) / (o[key]["sal"] - o[key]["bare"]) for o, n in zip(runs["old"], runs["new"])]
+        lines.append(f"| {key} | {bare:.0f} | {cells[0]} | {cells[1]} | {meds[1] / meds[0]:.2f} | "
+                     f"{', '.join(f'{v:.2f}' for v in paired)} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
