@@ -11,10 +11,10 @@ with no mode to enter runs without an ExitStack, and one target's map is not sta
 What fails on main (3 of the 15): the count of tensor operations a vanilla call runs besides the model's own pass on
 the tiny model (``test_a_vanilla_call_runs_few_tensor_ops_of_its_own``: 86 on main, 47 here), and the two tests of
 the new read-at-once answers (a Python bool deferred, ``_probability_rows``'s ``read``). The rest holds on both
-(behaviour kept): the refusals name the same images, the probabilities warning comes as before (at once and in a many-pass
-call), a deferred bool and a deferred tensor combine as two tensors did, a user's reduction's result is still copied,
-a model changed between two calls is still seen, the model comes back exactly after an exception in the pass, and integrated gradients' path points made at once are
-the point-by-point ones bit for bit."""
+(behaviour kept): the refusals name the same images, the probabilities warning comes as before (at once and in a
+many-pass call), a user's reduction's result is still copied, a model changed between two calls is still seen, the
+model comes back exactly after an exception in the pass, a derived input that overflows is refused, and integrated
+gradients' path points made at once are the point-by-point ones bit for bit."""
 from __future__ import annotations
 
 import copy
