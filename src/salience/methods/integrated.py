@@ -571,20 +571,26 @@ class PathPoints:
     def _at_once(self) -> bool:
         """Whether the points of several ``alphas`` are made in one multiply and one add (:meth:`_points`): where
         ``x``, the baseline and their difference are one dtype that computes in itself (float32, float64: a scalar
-        ``a`` is cast to it, as a tensor of alphas is), on one device. float16 and bfloat16 compute ``a * d`` in
-        float32 with ``a`` uncast: point by point, as before."""
+        ``a`` is cast to it, as a tensor of alphas is), on one device, a CPU or a CUDA GPU (whose alphas come from
+        pinned memory without waiting: :meth:`_points`). float16 and bfloat16 compute ``a * d`` in float32 with ``a``
+        uncast, another device copies its alphas from the host with a synchronization: point by point."""
         x, base, diff = self.x, self.baseline, self.diff
         return x.dtype in (torch.float32, torch.float64) and base.dtype == x.dtype and diff.dtype == x.dtype and \
-            base.shape == x.shape and base.device == x.device and diff.device == x.device
+            base.shape == x.shape and base.device == x.device and diff.device == x.device and \
+            x.device.type in ("cpu", "cuda")
 
     def _points(self, first: int, last: int) -> Tensor:
         """The points of ``alphas[first..last]`` for all the images ``(n, C, H, W)``, item ``j`` of point
         ``first + j // B``: ``x' + a (x - x')`` in one multiply and one add for them all, bit for bit :meth:`point`'s
         (elementwise, the same two operations in the same dtype), ``x`` itself where ``a`` is 1 and ``x'`` where 0
         (copied). A chunk of IG's 32 points on one image made 32 slices, multiplies and adds and a ``cat`` (about
-        0.3 ms a call on a small model)."""
+        0.3 ms a call on a small model). On a GPU the alphas are copied from pinned memory without blocking: a plain
+        copy from the host (``torch.tensor(alphas, device=...)``) waits for the device's queue, a synchronization in
+        every chunk (tests/test_s59_rvfixcost.py)."""
         alphas = self.alphas[first:last + 1]
-        a = torch.tensor(alphas, dtype=self.x.dtype, device=self.x.device).view(-1, *([1] * self.x.dim()))
+        cuda = self.x.device.type == "cuda"
+        a = torch.tensor(alphas, dtype=self.x.dtype, pin_memory=cuda).to(self.x.device, non_blocking=cuda)
+        a = a.view(-1, *([1] * self.x.dim()))
         pts = torch.add(self.baseline, a * self.diff)  # (R, B, C, H, W)
         for k, value in enumerate(alphas):
             if value == 1.0:
@@ -596,14 +602,19 @@ class PathPoints:
     def __call__(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
         """Items ``start..stop-1`` ``(n, C, H, W)`` and the image each belongs to ``(n,)``."""
         b = self.x.shape[0]
-        first, last = start // b, (stop - 1) // b
         owner = torch.arange(start, stop, device=self.x.device) % b
-        if last > first and self._at_once():
-            xs = self._points(first, last)[start - first * b:stop - first * b]
+        # (point, first image, end) of each point the chunk takes images of; the whole points (all B images) between
+        # a partial first and last one made at once: only the chunk's items (a slice of whole points kept the points'
+        # other images alive through the pass, up to 2 B - 2 items more than the engine's memory budget gave it)
+        spans = [(rep, max(start, rep * b) - rep * b, min(stop, (rep + 1) * b) - rep * b)
+                 for rep in range(start // b, (stop - 1) // b + 1)]
+        whole = [rep for rep, lo, hi in spans if hi - lo == b]
+        if len(whole) > 1 and self._at_once():
+            parts = [self.point(*s) for s in spans if s[0] < whole[0]] + [self._points(whole[0], whole[-1])] + \
+                [self.point(*s) for s in spans if s[0] > whole[-1]]
         else:
-            parts = [self.point(rep, max(start, rep * b) - rep * b, min(stop, (rep + 1) * b) - rep * b)
-                     for rep in range(first, last + 1)]
-            xs = parts[0] if len(parts) == 1 else torch.cat(parts)
+            parts = [self.point(*s) for s in spans]
+        xs = parts[0] if len(parts) == 1 else torch.cat(parts)
         # made from the method's checked x and baseline: not tested again in each pass (at the end of the call)
         return _derived.derived(xs, "Integrated Gradients' path points"), owner
 
