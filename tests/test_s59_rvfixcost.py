@@ -1,7 +1,8 @@
 """Review of branch wt-fixcost59 (issue 19, salience's own work per call): what its cuts changed besides the cost.
 
-What failed on the branch before the review's fixes (4 of the 8 cases here, 3 of the 7 tests; all pass on main, which had none of
-the cuts):
+What failed on the branch before the review's fixes (4 of the 9 cases here, 3 of the 8 tests; all pass on main,
+which had none of the cuts; the Ctrl-C, channels-last and uneven-chunks tests pass on both, kept as guards; the CUDA
+one is skipped without a GPU):
 
 - ``test_a_chunk_across_points_holds_only_its_items``: integrated gradients' path points of a chunk that starts or ends
   inside a point (items ``3..4`` of 4 images: the engine's first chunk is one item, so every later chunk's edges
@@ -144,3 +145,34 @@ def test_integrated_gradients_of_several_images_in_uneven_chunks_equal_one_chunk
     whole = salience.integrated_gradients(model, x, torch.tensor([0, 1, 2]), steps=8, reduce=None)
     parts = salience.integrated_gradients(model, x, torch.tensor([0, 1, 2]), steps=8, reduce=None, chunk=5)
     assert torch.allclose(whole, parts, rtol=1e-5, atol=1e-7)
+
+
+class _Interrupted(nn.Module):
+    """A forward that a Ctrl-C stops (KeyboardInterrupt), after writing the model's buffer in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.bn.running_mean.data.add_(1.0)
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_a_ctrl_c_in_the_pass_leaves_every_context_of_backward_exited(inference):
+    """``backward``'s five contexts in one ``with``: a KeyboardInterrupt in the pass exits them all (the model as it
+    was, no scope of deferred checks left, the grad and inference modes and ``torch.utils.checkpoint`` as before)."""
+    import torch.utils.checkpoint as ckpt
+
+    from salience._core import derived
+
+    m = _Interrupted().train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    checkpoint = ckpt.checkpoint
+    with torch.inference_mode(inference), torch.no_grad():
+        with pytest.raises(KeyboardInterrupt):
+            salience.vanilla(m, torch.rand(1, 3, 4, 4), 0)
+        assert not torch.is_grad_enabled() and torch.is_inference_mode_enabled() == inference
+    assert m.training and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert derived.current() is None and ckpt.checkpoint is checkpoint
