@@ -145,6 +145,13 @@ def test_integrated_gradients_of_several_images_in_uneven_chunks_equal_one_chunk
     whole = salience.integrated_gradients(model, x, torch.tensor([0, 1, 2]), steps=8, reduce=None)
     parts = salience.integrated_gradients(model, x, torch.tensor([0, 1, 2]), steps=8, reduce=None, chunk=5)
     assert torch.allclose(whole, parts, rtol=1e-5, atol=1e-7)
+    # an x that requires grad, or a call under inference mode: the same points, the same map (no graph through them)
+    held = x.clone().requires_grad_(True)
+    again = salience.integrated_gradients(model, held, torch.tensor([0, 1, 2]), steps=8, reduce=None, chunk=5)
+    assert torch.equal(again, parts) and not again.requires_grad and held.grad is None
+    with torch.inference_mode():
+        inside = salience.integrated_gradients(model, x, torch.tensor([0, 1, 2]), steps=8, reduce=None, chunk=5)
+    assert torch.equal(inside, parts)
 
 
 class _Interrupted(nn.Module):
