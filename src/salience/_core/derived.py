@@ -43,7 +43,7 @@ class Derived:
 
     def __init__(self) -> None:
         self.inputs: list[Tensor] = []  # the inputs of the chunks that run (a stack: nested calls push theirs)
-        self._flags: dict[str, tuple[Tensor, Callable[[], None]]] = {}
+        self._flags: dict[str, tuple["Tensor | bool", Callable[[], None]]] = {}  # a CPU pass's read at once: a bool
         self._done: dict[Any, Any] = {}
         self.levels: list[tuple[int, int]] = []  # the engine's running chunks (first item, images), outermost first
         self._scores: dict[str, list[tuple[Tensor, Optional[Tensor], tuple[tuple[int, int], ...], list[Any]]]] = {}
