@@ -137,20 +137,22 @@ def test_a_target_s_own_gradient_is_copied_without_modifier_or_reduction():
 
 
 def test_integrated_gradients_of_several_images_in_uneven_chunks_equal_one_chunk():
-    """End to end: chunks whose edges fall inside points (chunk=5 on 3 images) give the one-chunk call's map to
-    float rounding (the passes' batches differ), and the same points."""
+    """End to end: chunks whose edges fall inside points (chunk=8 and 11 on 3 images: whole points between a partial
+    first and last one, made at once) give the one-chunk call's map to float rounding (the passes' batches differ)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
     x = torch.rand(3, 3, 6, 6)
-    whole = salience.integrated_gradients(model, x, torch.tensor([0, 1, 2]), steps=8, reduce=None)
-    parts = salience.integrated_gradients(model, x, torch.tensor([0, 1, 2]), steps=8, reduce=None, chunk=5)
-    assert torch.allclose(whole, parts, rtol=1e-5, atol=1e-7)
+    target = torch.tensor([0, 1, 2])
+    whole = salience.integrated_gradients(model, x, target, steps=8, reduce=None)
+    for chunk in (5, 8, 11):
+        parts = salience.integrated_gradients(model, x, target, steps=8, reduce=None, chunk=chunk)
+        assert torch.allclose(whole, parts, rtol=1e-5, atol=1e-7), chunk
     # an x that requires grad, or a call under inference mode: the same points, the same map (no graph through them)
     held = x.clone().requires_grad_(True)
-    again = salience.integrated_gradients(model, held, torch.tensor([0, 1, 2]), steps=8, reduce=None, chunk=5)
+    again = salience.integrated_gradients(model, held, target, steps=8, reduce=None, chunk=11)
     assert torch.equal(again, parts) and not again.requires_grad and held.grad is None
     with torch.inference_mode():
-        inside = salience.integrated_gradients(model, x, torch.tensor([0, 1, 2]), steps=8, reduce=None, chunk=5)
+        inside = salience.integrated_gradients(model, x, target, steps=8, reduce=None, chunk=11)
     assert torch.equal(inside, parts)
 
 
