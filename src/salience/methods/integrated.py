@@ -572,27 +572,23 @@ class PathPoints:
     def _at_once(self) -> bool:
         """Whether the points of several ``alphas`` are made in one multiply and one add (:meth:`_points`): where
         ``x``, the baseline and their difference are one dtype that computes in itself (float32, float64: a scalar
-        ``a`` is cast to it, as a tensor of alphas is), on one device, a CPU or a CUDA GPU (whose alphas come from
-        pinned memory without waiting: :meth:`_points`), the baseline of ``x``'s shape. float16 and bfloat16 compute
-        ``a * d`` in float32 with ``a`` uncast, another device copies its alphas from the host with a synchronization:
+        ``a`` is cast to it, as a tensor of alphas is), on a CPU, the baseline of ``x``'s shape. float16 and bfloat16
+        compute ``a * d`` in float32 with ``a`` uncast; on a GPU the alphas' tensor would be a copy from the host in
+        every chunk (a synchronization), and the per-point Python work this saves does not hold the device back:
         point by point."""
         x, base, diff = self.x, self.baseline, self.diff
         return x.dtype in (torch.float32, torch.float64) and base.dtype == x.dtype and diff.dtype == x.dtype and \
-            base.shape == x.shape and base.device == x.device and diff.device == x.device and \
-            x.device.type in ("cpu", "cuda")
+            base.shape == x.shape and base.device == x.device and diff.device == x.device and x.device.type == "cpu"
 
     def _points(self, first: int, out: Tensor) -> None:
         """The points of ``alphas[first:first + R]`` for all the images written into ``out`` ``(R B, C, H, W)``, item
         ``j`` of point ``first + j // B``: ``x' + a (x - x')`` in one multiply and one add for them all, bit for bit
         :meth:`point`'s (elementwise, the same two operations in the same dtype; the sum taken in place, which
         commutes exactly), ``x`` itself where ``a`` is 1 and ``x'`` where 0 (copied). A chunk of IG's 32 points on one
-        image made 32 slices, multiplies and adds and a ``cat`` (about 0.3 ms a call on a small model). On a GPU the
-        alphas are copied from pinned memory without blocking: a plain copy from the host
-        (``torch.tensor(alphas, device=...)``) waits for the device's queue, a synchronization in every chunk."""
+        image made 32 slices, multiplies and adds and a ``cat`` (about 0.3 ms a call on a small model). A CPU's only."""
         pts = out.view(-1, *self.x.shape)  # (R, B, C, H, W)
         alphas = self.alphas[first:first + pts.shape[0]]
-        cuda = self.x.device.type == "cuda"
-        a = torch.tensor(alphas, dtype=self.x.dtype, pin_memory=cuda).to(self.x.device, non_blocking=cuda)
+        a = torch.tensor(alphas, dtype=self.x.dtype)
         torch.mul(a.view(-1, *([1] * self.x.dim())), self.diff, out=pts)
         pts.add_(self.baseline)
         for k, value in enumerate(alphas):
