@@ -180,6 +180,15 @@ def get_reduction(reduce: Union[None, str, Reduction]) -> Optional[Reduction]:
     raise SalienceError(f"reduce must be None, a name or a function, got {type(reduce).__name__}")
 
 
+_OWN = frozenset(f for f in (*GRAD_MODIFIERS.values(), *REDUCTIONS.values()) if f is not None)
+
+
+def own(fn: Optional[Callable[[Tensor], Tensor]]) -> bool:
+    """Whether ``fn`` (a :func:`get_grad_modifier` or :func:`get_reduction` result) is none or one of salience's own
+    (:data:`GRAD_MODIFIERS`, :data:`REDUCTIONS`), whose result is a new tensor, never one the user holds."""
+    return fn is None or fn in _OWN
+
+
 def apply(grad: Tensor, grad_modifier: Union[None, str, GradModifier], reduce: Union[None, str, Reduction]) -> Tensor:
     """Grad modifier, then channel reduction: the tail every method shares."""
     mod = get_grad_modifier(grad_modifier)

@@ -9,6 +9,7 @@ touched and no graph is built for parameters.
 from __future__ import annotations
 
 import inspect
+import math
 import operator
 import os
 import re
@@ -102,6 +103,8 @@ def _all_finite(x: Tensor) -> bool:
         lo, hi = torch.aminmax(x)
     except (RuntimeError, NotImplementedError):  # pragma: no cover - a backend without aminmax
         return bool(torch.isfinite(x).all())
+    if x.device.type == "cpu":  # the two numbers read as they are (torch.isfinite is four ops each, & a fifth)
+        return math.isfinite(lo.item()) and math.isfinite(hi.item())
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
@@ -769,10 +772,10 @@ def _warn_if_probabilities(out: Tensor) -> None:
     """Warn when ``out`` (a gradient pass's output, no softmax stripped) looks like probabilities: at once
     outside a many-pass call; inside one, the condition is kept on the device and the warning given once at
     the end of the call (:meth:`salience._core.derived.Derived.defer`: no synchronization per pass)."""
-    rows = _probability_rows(out)
+    scope = _derived.current()
+    rows = _probability_rows(out, scope is None or scope.items is None)  # read at once: not an engine run's pass
     if rows is None:
         return
-    scope = _derived.current()
     if scope is not None:
         scope.defer("probabilities", rows, _warn_probabilities)
     elif bool(rows):
@@ -804,14 +807,17 @@ def _hooked_pass(model: nn.Module, x_in: Tensor, target_layer: Optional[LayerSpe
             # Registered last, so the other layers' hooks on the same module run first.
             handles.append(_hooked(model, target_layer, capture_hook(target_store, True)))
         try:
-            with ExitStack() as modes:
-                for mode in extra_modes:
-                    modes.enter_context(mode)
-                if tap is not None:
-                    modes.enter_context(tap)
-                if run is not None:
-                    modes.enter_context(run.autocast())
+            if not extra_modes and tap is None and run is None:  # nothing to enter: no ExitStack
                 out = model(x_in)
+            else:
+                with ExitStack() as modes:
+                    for mode in extra_modes:
+                        modes.enter_context(mode)
+                    if tap is not None:
+                        modes.enter_context(tap)
+                    if run is not None:
+                        modes.enter_context(run.autocast())
+                    out = model(x_in)
         except StopForward as stop:
             out = stop.value
     finally:
@@ -890,17 +896,14 @@ def backward(
     if not targets:
         raise SalienceError("no target to differentiate")
     target_layer = _common_layer(targets)
-    with ExitStack() as stack:
-        # the call's deferred checks (the targets' scores finite, the probabilities warning): one synchronization
-        # after the backward pass, none in a many-pass call (its scope, which this joins, tests them at its end)
-        stack.enter_context(_derived.run_scope())
-        stack.enter_context(model_guard(model))
-        stack.enter_context(torch.inference_mode(False))
-        stack.enter_context(torch.enable_grad())
-        # A torch.utils.checkpoint of this thread as a plain call: torch refuses autograd.grad through a reentrant
-        # one, and a layer inside one has no gradient in the forward pass; a non-reentrant one recomputes its block
-        # in the backward pass outside the extra modes (the attention capture, a backprop rule).
-        stack.enter_context(plain_checkpoints())
+    # the call's deferred checks (the targets' scores finite, the probabilities warning): one synchronization
+    # after the backward pass, none in a many-pass call (its scope, which this joins, tests them at its end).
+    # A torch.utils.checkpoint of this thread as a plain call (plain_checkpoints): torch refuses autograd.grad through
+    # a reentrant one, and a layer inside one has no gradient in the forward pass; a non-reentrant one recomputes its
+    # block in the backward pass outside the extra modes (the attention capture, a backprop rule). One with
+    # statement, not an ExitStack: the same order in and out, without its Python calls per context.
+    with _derived.run_scope(), model_guard(model), torch.inference_mode(False), torch.enable_grad(), \
+            plain_checkpoints():
         # With parameters frozen, the graph to the layers' outputs starts at x: it needs grad even
         # when only the layers' gradients are asked for.
         x_in = (x.clone() if x.is_inference() else x).detach()
@@ -986,6 +989,14 @@ def _finite_scores(scores: list[Tensor], targets: Sequence[TargetLike], fp16: bo
     overflow the message names (``torch.isfinite(model(x))`` in float32 would not show it)."""
     scope = _derived.current()
     assert scope is not None  # backward runs in a scope
+    if scope.items is None and all(s.device.type == "cpu" and s.dim() == 1 for s in scores) and \
+            not scope.noted("finite:target", len(scores)) and \
+            all(_all_finite(s.detach()) for s in scores):  # aminmax: 3 ops, not isfinite's 6
+        # a CPU pass outside an engine run (a one-pass call's own scope), every score finite, none noted bad before in
+        # the scope: read at once (no device to wait for); nothing to note (a refusal names only the bad items: their
+        # rows were all there were in the notes), the key deferred as not holding (its place in the actions' order)
+        scope.defer("finite:target", False, lambda: _refuse_target_scores(scope, len(targets), fp16))
+        return scores
     if all(s.dim() == 1 for s in scores):
         bad = torch.stack([~torch.isfinite(s.detach()) for s in scores], 1)  # (n, K)
         scope.note_scores("finite:target", bad, targets)
@@ -1031,13 +1042,17 @@ def softmax_appeared(run: Any, out: Any, strip_softmax: bool) -> bool:
     return True
 
 
-def _probability_rows(out: Tensor) -> Optional[Tensor]:
+def _probability_rows(out: Tensor, read: bool = True) -> "Optional[Tensor | bool]":
     """:func:`looks_like_probabilities` as a 0-d bool tensor on ``out``'s device (read without waiting for
     it), ``None`` for an output without two classes or more; ``torch.allclose``'s test of the sums
-    (``|s - 1| <= 1e-4 + 1e-5``, NaN never close)."""
+    (``|s - 1| <= 1e-4 + 1e-5``, NaN never close). ``read``: a CPU output's least value may be read at once (not in
+    a many-pass call's passes, which read nothing per pass: tests/test_syncs.py counts CPU reads for a GPU's
+    synchronizations); ``False`` (a Python bool) then where it is negative or NaN."""
     if out.dim() != 2 or out.shape[1] < 2 or not out.is_floating_point():
         return None
     o = out.detach()
+    if read and o.device.type == "cpu" and o.numel() and not o.amin().item() >= 0:
+        return False  # a negative value (or a NaN), known at once on a CPU: one op, not seven (most models' scores)
     return (o >= 0).all() & ((o.sum(1) - 1).abs() <= 1e-4 + 1e-5).all()
 
 

@@ -43,7 +43,7 @@ class Derived:
 
     def __init__(self) -> None:
         self.inputs: list[Tensor] = []  # the inputs of the chunks that run (a stack: nested calls push theirs)
-        self._flags: dict[str, tuple[Tensor, Callable[[], None]]] = {}
+        self._flags: dict[str, tuple["Tensor | bool", Callable[[], None]]] = {}  # a CPU pass's read at once: a bool
         self._done: dict[Any, Any] = {}
         self.levels: list[tuple[int, int]] = []  # the engine's running chunks (first item, images), outermost first
         self._scores: dict[str, list[tuple[Tensor, Optional[Tensor], tuple[tuple[int, int], ...], list[Any]]]] = {}
@@ -73,6 +73,10 @@ class Derived:
             noted.add(bad, img, cls, batch)
             return
         self._scores.setdefault(key, []).append((bad, owner, tuple(self.levels), list(targets)))
+
+    def noted(self, key: str, k: int) -> bool:
+        """Whether CPU passes' scores of ``k`` targets were noted under ``key`` in the call (:meth:`note_scores`)."""
+        return (key, k) in self._cpu
 
     def bad_images(self, key: str) -> tuple[list[tuple[int, int, Optional[int]]], Optional[int]]:
         """The noted bad scores of ``key`` as sorted ``(image, target, class)`` triples, and the call's number of
@@ -105,11 +109,21 @@ class Derived:
         for k, noted in self._cpu.items():  # the buffers kept (made once for the call): their rows forgotten
             noted.n = saved[2].get(k, 0)
 
-    def defer(self, key: str, flag: Tensor, action: Callable[[], None]) -> None:
-        """``flag`` (a 0-d bool tensor, on the device) OR-ed into the call's ``key`` condition; ``action``
-        (raise, warn) runs once at the end of the call when any flag of ``key`` held. No synchronization."""
+    def defer(self, key: str, flag: "Tensor | bool", action: Callable[[], None]) -> None:
+        """``flag`` (a 0-d bool tensor, on the device; or a Python bool where the caller read it at no cost, a CPU
+        pass's) OR-ed into the call's ``key`` condition; ``action`` (raise, warn) runs once at the end of the call
+        when any flag of ``key`` held. No synchronization. A ``False`` still enters ``key`` (the actions run in the
+        order their keys were first deferred)."""
         old = self._flags.get(key)
-        self._flags[key] = (flag if old is None else old[0] | flag, action)
+        if old is not None:
+            was = old[0]
+            if flag is True or was is True:
+                flag = True
+            elif flag is False:
+                flag = was
+            elif was is not False:
+                flag = was | flag
+        self._flags[key] = (flag, action)
 
     def once(self, key: Any, make: Callable[[], Any]) -> Any:
         """``make()`` the first time ``key`` is asked for in the call, then what it returned, kept for the call
@@ -132,8 +146,13 @@ class Derived:
             return
         items = list(self._flags.values())
         self._flags.clear()
-        device = items[0][0].device
-        held = torch.stack([f.reshape(()).to(device) for f, _ in items]).tolist()
+        flags = [f for f, _ in items if type(f) is not bool]  # the tensors, read with one synchronization
+        if flags:
+            device = flags[0].device
+            read = iter(torch.stack([f.reshape(()).to(device) for f in flags]).tolist())
+            held = [f if type(f) is bool else next(read) for f, _ in items]
+        else:  # every flag a Python bool already (a CPU call's): no tensor op
+            held = [f for f, _ in items]
         for h, (_, action) in zip(held, items):
             if h:
                 action()

@@ -346,6 +346,12 @@ def finish(maps: Tensor, grad_modifier: Any, reduce: Any, multi: bool,
         if red is not None:
             m = red(targets[k].map_part(m) if targets is not None else m)
         outs.append(m)
+    if not multi and len(outs) == 1 and outs[0].is_contiguous() and (mod is not None or red is not None) and \
+            _reduce.own(mod) and _reduce.own(red):
+        # one target's map as it is (salience's own modifier or reduction made it, a new tensor): a stack of one copied
+        # it, and its [:, 0] gave these values, contiguous. Not with neither: maps[:, 0] is then a view of the method's
+        # maps, which may be a target's modify_gradient result, a tensor the user holds (copied, as a user's reduce's)
+        return outs[0]
     out = torch.stack(outs, dim=1)
     return out if multi else out[:, 0]
 

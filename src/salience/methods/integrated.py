@@ -559,6 +559,7 @@ class PathPoints:
     def __init__(self, x: Tensor, baseline: Tensor, alphas: Sequence[float]) -> None:
         self.x, self.baseline, self.alphas = x, baseline, list(alphas)
         self.diff = x - baseline
+        self._format: Optional[torch.memory_format] = None  # the layout of a chunk made at once (_made)
 
     def point(self, rep: int, lo: int, hi: int) -> Tensor:
         a = self.alphas[rep]
@@ -568,14 +569,72 @@ class PathPoints:
             return self.baseline[lo:hi]
         return self.baseline[lo:hi] + a * self.diff[lo:hi]
 
+    def _at_once(self) -> bool:
+        """Whether the points of several ``alphas`` are made in one multiply and one add (:meth:`_points`): where
+        ``x``, the baseline and their difference are one dtype that computes in itself (float32, float64: a scalar
+        ``a`` is cast to it, as a tensor of alphas is), on a CPU, the baseline of ``x``'s shape. float16 and bfloat16
+        compute ``a * d`` in float32 with ``a`` uncast; on a GPU the alphas' tensor would be a copy from the host in
+        every chunk (a synchronization), and the per-point Python work this saves does not hold the device back:
+        point by point."""
+        x, base, diff = self.x, self.baseline, self.diff
+        return x.dtype in (torch.float32, torch.float64) and base.dtype == x.dtype and diff.dtype == x.dtype and \
+            base.shape == x.shape and base.device == x.device and diff.device == x.device and x.device.type == "cpu"
+
+    def _points(self, first: int, out: Tensor) -> None:
+        """The points of ``alphas[first:first + R]`` for all the images written into ``out`` ``(R B, C, H, W)``, item
+        ``j`` of point ``first + j // B``: ``x' + a (x - x')`` in one multiply and one add for them all, bit for bit
+        :meth:`point`'s (elementwise, the same two operations in the same dtype; the sum taken in place, which
+        commutes exactly), ``x`` itself where ``a`` is 1 and ``x'`` where 0 (copied). A chunk of IG's 32 points on one
+        image made 32 slices, multiplies and adds and a ``cat`` (about 0.3 ms a call on a small model). A CPU's only."""
+        pts = out.view(-1, *self.x.shape)  # (R, B, C, H, W)
+        alphas = self.alphas[first:first + pts.shape[0]]
+        a = torch.tensor(alphas, dtype=self.x.dtype)
+        torch.mul(a.view(-1, *([1] * self.x.dim())), self.diff, out=pts)
+        pts.add_(self.baseline)
+        for k, value in enumerate(alphas):
+            if value == 1.0:
+                pts[k] = self.x
+            elif value == 0.0:
+                pts[k] = self.baseline
+
+    def _made(self, spans: list[tuple[int, int, int]], whole: list[int], n: int) -> Tensor:
+        """The chunk's ``n`` items ``(n, C, H, W)`` written into one new tensor in ``x``'s layout (the one ``cat`` of
+        the points gives): its whole points (all B images) at once (:meth:`_points`), a point at its edge that it
+        takes some images of on its own (``spans``: :meth:`__call__`'s). No more than the chunk's items is made or
+        kept (a slice of whole points kept the points' other images alive through the pass, up to ``2 B - 2`` items
+        more than the engine's memory budget gave the chunk), and nothing is copied twice. Without autograd: the
+        pass takes its input detached (:func:`salience._core.autograd.backward`), and ``out=`` refuses a graph."""
+        if self._format is None:
+            like = torch.empty_like(self.x)  # x's strides, or the format torch suggests for them (as cat does)
+            last = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
+            self._format = torch.channels_last if last else torch.contiguous_format
+        b = self.x.shape[0]
+        xs = torch.empty((n, *self.x.shape[1:]), dtype=self.x.dtype, device=self.x.device, memory_format=self._format)
+        at = 0
+        with torch.no_grad():
+            for rep, lo, hi in spans:
+                if rep == whole[0]:
+                    self._points(rep, xs[at:at + len(whole) * b])
+                    at += len(whole) * b
+                elif not whole[0] < rep <= whole[-1]:
+                    xs[at:at + hi - lo] = self.point(rep, lo, hi)
+                    at += hi - lo
+        return xs
+
     def __call__(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
         """Items ``start..stop-1`` ``(n, C, H, W)`` and the image each belongs to ``(n,)``."""
         b = self.x.shape[0]
-        parts = [self.point(rep, max(start, rep * b) - rep * b, min(stop, (rep + 1) * b) - rep * b)
-                 for rep in range(start // b, (stop - 1) // b + 1)]
         owner = torch.arange(start, stop, device=self.x.device) % b
+        # (point, first image, end) of each point the chunk takes images of
+        spans = [(rep, max(start, rep * b) - rep * b, min(stop, (rep + 1) * b) - rep * b)
+                 for rep in range(start // b, (stop - 1) // b + 1)]
+        whole = [rep for rep, lo, hi in spans if hi - lo == b]
+        if len(whole) > 1 and self._at_once():
+            xs = self._made(spans, whole, stop - start)
+        else:
+            parts = [self.point(*s) for s in spans]
+            xs = parts[0] if len(parts) == 1 else torch.cat(parts)
         # made from the method's checked x and baseline: not tested again in each pass (at the end of the call)
-        xs = parts[0] if len(parts) == 1 else torch.cat(parts)
         return _derived.derived(xs, "Integrated Gradients' path points"), owner
 
 
