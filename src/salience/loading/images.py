@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from salience._core.errors import SalienceError, quiet_warnings
-from salience._core.files import file_start
+from salience._core.files import NO_WAIT, file_start, shell_pipe
 from salience._core.info import ModelInfo
 from salience._core.tensors import MAX_INPUT_PIXELS as _MAX_INPUT_PIXELS, check_input_pixels
 from salience.loading.png import SIGNATURE, decode_png16, is_png16
@@ -207,20 +207,62 @@ def _check_sides(p: Any, sides: tuple[int, int], max_pixels: Optional[int]) -> N
         raise SalienceError(f"{p}: the image is empty ({w}x{h})")
 
 
+PIPE_WAIT_S = 5.0
+"""How long :func:`load_image` waits for the first bytes of a named pipe (``mkfifo``'s, a FIFO named in a folder) in
+seconds: such a pipe may have no writer, and a plain open of it for reading waits for one for ever. Its writer's
+bytes that come in time are read whole; a pipe the shell opened for the command (``/dev/stdin``, ``/dev/fd/N``, bash's
+``<(curl ...)``: :func:`salience._core.files.shell_pipe`), whose writer is there before the command starts, is read
+without this limit."""
+
+
 def _pipe_bytes(p: Path) -> Optional[bytes]:
     """The bytes of ``p`` when it is a pipe (bash's ``<(curl ...)``, a named pipe), read whole, as PIL reads a stream it
     cannot seek (a second look at its first bytes, :func:`_unidentified`, would wait for ever); ``None`` for any other
-    file, which is opened where it is. A pipe that cannot be read says it is a pipe (its writer is gone or failed)."""
+    file, which is opened where it is. A named pipe nothing comes through in :data:`PIPE_WAIT_S` (no writer) is a
+    :class:`SalienceError` saying so (:func:`_named_pipe_bytes`). A pipe that cannot be read says it is a pipe (its
+    writer is gone or failed)."""
     try:
         fifo = stat.S_ISFIFO(p.stat().st_mode)
     except OSError as e:
         raise SalienceError(f"{p}: cannot be read ({e.strerror or e}); check the path and its permissions") from None
+    if not fifo:
+        return None
     try:
-        return p.read_bytes() if fifo else None
+        if shell_pipe(p) or not getattr(os, "O_NONBLOCK", 0):  # the shell's pipe; a system without FIFOs' open
+            return p.read_bytes()
+        return _named_pipe_bytes(p, PIPE_WAIT_S)
     except OSError as e:
         raise SalienceError(f"{p}: a pipe (/dev/stdin, a named pipe, <(...)) that cannot be read ({e.strerror or e}); "
                             "run the command that writes to it again, or save the image to a file and give its "
                             "path") from None
+
+
+def _named_pipe_bytes(p: Path, wait: float) -> bytes:
+    """The bytes of the named pipe ``p``, read whole once its first bytes come within ``wait`` seconds (or its writer
+    closes it, empty). Opened without waiting (``O_NONBLOCK``: the open of a FIFO for reading returns at once, writer
+    or not), then waited on for ``wait`` seconds at most (:mod:`selectors`), then read in blocking mode to its end
+    (the writer's close). A :class:`SalienceError` when nothing comes in time: no program has it open for writing,
+    or its writer wrote nothing; ``OSError``: the open or a read failed."""
+    import selectors
+    import time
+
+    with os.fdopen(os.open(p, os.O_RDONLY | NO_WAIT), "rb", buffering=0) as f:
+        deadline = time.monotonic() + wait
+        with selectors.DefaultSelector() as ready:
+            ready.register(f.fileno(), selectors.EVENT_READ)
+            first = None
+            while first is None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not ready.select(left):
+                    raise SalienceError(
+                        f"{p}: a named pipe that nothing was written to in {wait:g} s: no program has it open for "
+                        "writing (or its writer wrote nothing); start the program that writes the image to it "
+                        "first, or save the image to a file and give its path")
+                first = f.read(1 << 16)  # None: not ready after all (read again); b"": its writer closed it, empty
+        if not first:
+            return b""
+        os.set_blocking(f.fileno(), True)
+        return first + f.readall()
 
 
 def _file_bytes(p: Path) -> bytes:
