@@ -228,7 +228,7 @@ def _pipe_bytes(p: Path) -> Optional[bytes]:
     if not fifo:
         return None
     try:
-        if shell_pipe(p) or not getattr(os, "O_NONBLOCK", 0):  # the shell's pipe; a system without FIFOs' open
+        if shell_pipe(p) or not hasattr(os, "mkfifo"):  # the shell's pipe; a system without named pipes (Windows)
             return p.read_bytes()
         return _named_pipe_bytes(p, PIPE_WAIT_S)
     except OSError as e:
@@ -239,8 +239,8 @@ def _pipe_bytes(p: Path) -> Optional[bytes]:
 
 def _named_pipe_bytes(p: Path, wait: float) -> bytes:
     """The bytes of the named pipe ``p``, read whole once its first bytes come within ``wait`` seconds (or its writer
-    closes it, empty). Opened without waiting (``O_NONBLOCK``: the open of a FIFO for reading returns at once, writer
-    or not), then waited on for ``wait`` seconds at most (:mod:`selectors`), then read in blocking mode to its end
+    closes it, empty). Opened without waiting (:data:`salience._core.files.NO_WAIT`: the open of a FIFO for reading
+    returns at once, writer or not), then waited on for ``wait`` seconds at most (:mod:`selectors`), then read in blocking mode to its end
     (the writer's close). A :class:`SalienceError` when nothing comes in time: no program has it open for writing,
     or its writer wrote nothing; ``OSError``: the open or a read failed."""
     import selectors
