@@ -13,8 +13,8 @@ commit 738b35b3), as its docstring says; the others guard what the change must k
    are numpy's and pyarrow's own (guards); an ``.npz`` archive under a map's name was returned as an archive (an
    ``AttributeError`` later, a 500 in the explorer): now a ``ValueError``, a damaged map.
 2. ``load_image`` of a named pipe (``mkfifo``'s) that no program writes to waited for ever. Now it is opened without
-   waiting and waited on for ``PIPE_WAIT_S`` (5 s) at most: a ``SalienceError`` saying no program writes to it; a
-   writer that comes in time is read whole (guard), as are the shell's pipes (``/dev/stdin``, ``<(...)``; guards).
+   waiting and waited on for a writer ``PIPE_WAIT_S`` (5 s) at most: a ``SalienceError`` saying no program opened
+   it for writing; a writer that comes in time is read whole (guard), as are the shell's pipes (``/dev/stdin``, ``<(...)``; guards).
 3. ``python -m salience.demo.train`` and each example's parser took an abbreviated flag for the full one (``--epo 3``
    for ``--epochs 3``). Now they refuse it (the trainer naming the full flag: ``_core.args.FullFlags``, which the
    ``salience`` command's parser is too); a flag written in full still works (guard).
@@ -286,9 +286,8 @@ def test_load_image_of_a_named_pipe_without_a_writer_is_refused_in_bounded_time(
     os.mkfifo(path)
     waited, said = _child(_WRITERLESS, str(path)).split(" ", 1)
     assert 4.5 <= float(waited) < 15, waited
-    assert said == (f"{path}: a named pipe that nothing was written to in 5 s: no program has it open for writing (or "
-                    "its writer wrote nothing); start the program that writes the image to it first, or save the "
-                    "image to a file and give its path")
+    assert said == (f"{path}: a named pipe that no program opened for writing in 5 s; start the program that writes "
+                    "the image to it first, or save the image to a file and give its path")
 
 
 @fifo
@@ -317,7 +316,7 @@ def test_the_wait_for_a_named_pipes_writer_is_pipe_wait_s(tmp_path, monkeypatch)
         os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
         reader.join(5)
         pytest.fail("load_image waited on a named pipe without a writer")
-    assert isinstance(got["error"], SalienceError) and "nothing was written to in 0.3 s" in str(got["error"])
+    assert isinstance(got["error"], SalienceError) and "no program opened for writing in 0.3 s" in str(got["error"])
     assert got["took"] < 3, got
 
 
