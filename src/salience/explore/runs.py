@@ -390,7 +390,7 @@ class RunSource:
             return self.run.map(int(index), method, k)
         except SalienceError:
             raise
-        except (OSError, ValueError, IndexError) as e:  # not an .npy of maps, or cut short
+        except (OSError, EOFError, ValueError, IndexError) as e:  # not an .npy of maps (empty: EOFError), cut short
             raise self._not_stored(f"the run's stored {method} maps for this row are damaged: {path} is not a "
                                    f"readable array of maps ({type(e).__name__})") from None
 

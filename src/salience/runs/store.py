@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional, Sequence, Union
@@ -663,12 +664,21 @@ def _table_source(path: Path, what: str = RUN_FILE[0], then: str = RUN_FILE[1]) 
     reads. pyarrow reads that path as it read ``path`` (natively, only the parts it needs). Not a Python file object
     nor the bytes in a ``pyarrow.BufferReader``: a process that had imported salience then aborted as it ended,
     pyarrow's threads left running (``terminate called without an active exception``: 7 to 13 exits in 20; 0 in 30
-    through the descriptor's path). Where neither folder is there (Windows: no FIFOs), ``path`` itself."""
+    through the descriptor's path). Where neither folder is there (Windows, which has no FIFOs; a container without
+    ``/proc``, whose ``/dev/fd`` links to it), ``path`` itself, looked at once more just before: a FIFO of its name
+    then is a :class:`SalienceError` too (pyarrow's ``read_schema`` of a FIFO waits for a writer), a swap between
+    that look and pyarrow's open is not seen."""
     with _read_regular(path, what, then) as f:
         for folder in ("/proc/self/fd", "/dev/fd"):
             if os.path.isdir(folder):
                 yield f"{folder}/{f.fileno()}"
                 return
+        try:
+            swapped = not stat.S_ISREG(os.stat(path).st_mode)
+        except OSError:  # gone since the open: pyarrow says so
+            swapped = False
+        if swapped:
+            raise SalienceError(not_regular(path, what, then))
         yield os.fspath(path)
 
 
