@@ -7,6 +7,13 @@ says; the others guard what the fixes must keep.
    only while no program has the pipe open for writing (a read that does not wait: ``EAGAIN`` says a writer is
    there); a writer that is there is read to its end with no time limit, and one that opens and closes it without
    writing gives an empty image (the error of an empty file).
+2. Review of the rest. An empty map file (``maps/<method>/<shard>.npy`` of 0 bytes) raises numpy's ``EOFError``,
+   which the explorer's stored map did not catch: a 500; now a damaged map, 404. Where neither ``/proc/self/fd`` nor
+   ``/dev/fd`` is there (a container without ``/proc``), a run's table was handed to pyarrow by its name unchecked:
+   a FIFO there made ``read_schema`` wait for ever; now looked at again, a ``SalienceError``. ``FullFlags`` named
+   ``--help`` for ``--ep`` (an abbreviation of both ``--epochs`` and ``--epsilon``): now both; and ``--lr -1e-3``
+   was "expected one argument" in the trainer's parser (the ``salience`` command's alone read it): now its value.
+   Guards: no descriptor is left open by any refused read.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import test_s57_ends2
 from salience import SalienceError
 from salience.loading import images, load_image
 
@@ -154,3 +162,157 @@ def test_a_named_pipe_whose_writer_waits_then_closes_without_writing_is_an_empty
     assert isinstance(got.get("error"), SalienceError), got
     assert "not an image file PIL can read" in str(got["error"]), got
     assert got["took"] >= 0.9, got
+
+
+# ------------------------------------------------------------------------------ 2. review of the rest
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """One finished run of 2 images (one shard), copied by each test that changes it."""
+    folder = tmp_path_factory.mktemp("s59rv") / "run"
+    test_s57_ends2._a_run(folder)
+    return folder
+
+
+def _copy(finished: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    folder = tmp_path / "box" / "run"
+    shutil.copytree(finished, folder)
+    return folder
+
+
+def test_an_empty_map_file_is_a_damaged_map_in_the_explorer_not_a_500(finished, tmp_path):
+    """Fails before: the explorer's stored map of an empty map file raised numpy's ``EOFError`` (no ``OSError``, not
+    caught: the server's 500). Now ``NotStored`` (404) saying the maps are damaged."""
+    from salience.explore.runs import NotStored, RunSource
+    from salience.runs.store import open_run
+
+    folder = _copy(finished, tmp_path)
+    shard = open_run(folder).table.column("shard")[0].as_py()
+    (folder / "maps" / "vanilla" / f"{shard}.npy").write_bytes(b"")
+    with pytest.raises(NotStored, match="maps for this row are damaged: .* is not a readable array of maps "
+                                        r"\(EOFError\)"):
+        RunSource(folder).stored_map(0, "vanilla")
+
+
+def _no_fd_folders(monkeypatch) -> None:
+    real = os.path.isdir
+    monkeypatch.setattr(os.path, "isdir", lambda p: False if p in ("/proc/self/fd", "/dev/fd") else real(p))
+
+
+def test_without_proc_a_runs_tables_read_the_same(finished, monkeypatch):
+    """Guard: without ``/proc/self/fd`` and ``/dev/fd`` the tables are read by their names, the same tables."""
+    import pyarrow.parquet as pq
+
+    from salience.runs import store
+
+    _no_fd_folders(monkeypatch)
+    assert store.read_shards(finished).equals(pq.read_table(next((finished / "shards").glob("*.parquet"))))
+    assert store._table_names(finished / "inputs.parquet") == pq.read_schema(finished / "inputs.parquet").names
+    assert store.done_indices(finished) == {0, 1}
+
+
+@fifo
+def test_without_proc_a_table_swapped_for_a_fifo_is_refused_not_waited_on(finished, tmp_path, monkeypatch):
+    """Fails before (killed here by a 20 s bound in a thread): without ``/proc``, a table checked regular on its
+    handle and then swapped for a FIFO (the swap stood in for by an ``os.open`` that opens the real file once) was
+    handed to pyarrow by name, and ``read_schema`` waited for a writer. Now a ``SalienceError`` saying so."""
+    from salience.runs import store
+
+    folder = _copy(finished, tmp_path)
+    path = folder / "inputs.parquet"
+    real_bytes = path.read_bytes()
+    keep = tmp_path / "real.parquet"
+    keep.write_bytes(real_bytes)
+    path.unlink()
+    os.mkfifo(path)
+    real_open = os.open
+
+    def open_real_once(p, *args, **kwargs):  # the handle's check sees the regular file it was
+        if os.fspath(p) == os.fspath(path):
+            return real_open(keep, *args, **kwargs)
+        return real_open(p, *args, **kwargs)
+
+    _no_fd_folders(monkeypatch)
+    monkeypatch.setattr(os, "open", open_real_once)
+    got: dict = {}
+
+    def read() -> None:
+        try:
+            got["names"] = store._table_names(path)
+        except Exception as e:  # noqa: BLE001 - returned to the test
+            got["error"] = e
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(20)
+    if reader.is_alive():  # let it go: a writer that closes at once
+        os.close(real_open(path, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(5)
+        pytest.fail("pyarrow waited on a FIFO of a table's name")
+    assert isinstance(got.get("error"), SalienceError), got
+    assert "is not a regular file (a FIFO, a device or a socket of a run file's name); remove it" in str(got["error"])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="/proc/self/fd")
+def test_no_refused_read_leaves_a_descriptor_open(tmp_path):
+    """Guard: a damaged map (empty, cut short, a pickle, an object array, an .npz), a FIFO under a map's or a table's
+    name, a damaged table, a missing one: the same number of open descriptors after each refusal."""
+    from salience.runs import store
+
+    cases = {"empty": b"", "short": np.lib.format.MAGIC_PREFIX + b"\x01\x00\x20", "pickle": b"\x80\x04K\x01.",
+             "table": b"PAR1 not a table PAR1"}
+    for name, data in cases.items():
+        (tmp_path / f"{name}.npy").write_bytes(data)
+    np.save(tmp_path / "object.npy", np.array([1, "a"], dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "archive.npy", a=np.zeros(3))
+    os.mkfifo(tmp_path / "fifo.npy")
+    before = _open_fds()
+    for name in ("empty", "short", "pickle", "table", "object", "archive.npy", "fifo", "missing"):
+        p = tmp_path / (name if name.endswith(".npy") else f"{name}.npy")
+        with pytest.raises((OSError, EOFError, ValueError, SalienceError)):
+            store._load_maps(p)
+        with pytest.raises(Exception):  # noqa: B017 - pyarrow's own errors, SalienceError for the FIFO
+            store._read_table(p)
+        assert _open_fds() == before, name
+
+
+def test_full_flags_name_every_flag_an_abbreviation_stands_for():
+    """Fails before: ``--ep`` (an abbreviation of ``--epochs`` and ``--epsilon``) was refused "did you mean
+    '--help'?"; now both are named. One flag's abbreviation names it; a misspelling the closest (as before)."""
+    import contextlib
+    import io
+
+    from salience._core.args import FullFlags
+
+    p = FullFlags(prog="t")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--epsilon", type=float)
+    p.add_argument("--lr", type=float)
+
+    def refusal(argv: list) -> str:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+            p.parse_args(argv)
+        return err.getvalue().strip().splitlines()[-1]
+
+    assert refusal(["--ep", "3"]) == "t: error: unrecognized arguments: --ep 3; did you mean '--epochs' or '--epsilon'?"
+    assert refusal(["--ep=3"]) == "t: error: unrecognized arguments: --ep=3; did you mean '--epochs' or '--epsilon'?"
+    assert refusal(["--epo", "3"]) == "t: error: unrecognized arguments: --epo 3; did you mean '--epochs'?"
+    assert refusal(["--lrr=0.1"]) == "t: error: unrecognized arguments: --lrr=0.1; did you mean '--lr'?"
+    assert p.parse_args(["--epochs=3", "--lr", "-1"]).epochs == 3
+
+
+def test_full_flags_read_a_negative_value_in_any_form():
+    """Fails before: ``--lr -1e-3`` was argparse's "expected one argument" under ``FullFlags`` (only the
+    ``salience`` command's parser read it); now its value, as ``--lr=-1e-3`` and ``--lr -0.5`` are."""
+    from salience._core.args import FullFlags
+
+    p = FullFlags(prog="t")
+    p.add_argument("--lr", type=float)
+    p.add_argument("name", nargs="?")
+    assert p.parse_args(["--lr", "-1e-3"]).lr == -1e-3
+    assert p.parse_args(["--lr", "-.5", "x"]).lr == -0.5
+    assert p.parse_args(["--lr=-1e-3"]).lr == -1e-3
+    assert p.parse_args(["--", "-1e-3"]).name == "-1e-3"

@@ -134,34 +134,11 @@ class Parser(FullFlags):
     ``--compile=freeze``) ``compile="freeze"`` (:func:`compile_words`). Flags are written in full: no
     abbreviations, and an unknown flag's refusal names the closest (:class:`salience._core.args.FullFlags`; the
     subcommands' parsers too, as they are of this class; ``--sample 3`` was taken as ``--samples 3``). A flag's value
-    that starts with ``-`` and a digit (``--max-memory -5GB``) is its value (:meth:`negative_values`), not argparse's
-    "expected one argument"."""
+    that starts with ``-`` and a digit (``--max-memory -5GB``) is its value (``FullFlags.negative_values``), not
+    argparse's "expected one argument"."""
 
     def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> Any:
-        words = compile_words(sys.argv[1:] if args is None else args)
-        return super().parse_known_args(self.negative_values(words), namespace)
-
-    def negative_values(self, words: Sequence[str]) -> list[str]:
-        """``words`` with ``FLAG -5GB`` as ``FLAG=-5GB`` where ``FLAG`` is one of this parser's flags that take one
-        value and the next word starts with ``-`` and a digit or a point but is no number argparse reads as one
-        (``-5``, ``-0.5`` are): the value reaches the flag's own check, which says what is wrong with it."""
-        out: list[str] = []
-        i = 0
-        while i < len(words):
-            w = words[i]
-            if w == "--":
-                return out + list(words[i:])
-            action = self._option_string_actions.get(w)
-            nxt = words[i + 1] if i + 1 < len(words) else ""
-            if (action is not None and action.nargs is None and action.option_strings and
-                    not isinstance(action, (argparse._StoreConstAction, argparse._CountAction)) and
-                    re.match(r"-\.?\d", nxt) and not re.fullmatch(r"-\d+|-\d*\.\d+", nxt)):
-                out.append(f"{w}={nxt}")
-                i += 2
-                continue
-            out.append(w)
-            i += 1
-        return out
+        return super().parse_known_args(compile_words(sys.argv[1:] if args is None else args), namespace)
 
 
 def compile_words(argv: Sequence[str]) -> list[str]:
