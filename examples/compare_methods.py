@@ -20,7 +20,8 @@ import salience
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 allow_abbrev=False)  # flags written in full, never abbreviated
     ap.add_argument("--model", default="demo:shapes")
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--out", default="compare-methods")

@@ -21,7 +21,8 @@ from salience.loading import load_image, preprocess, unnormalize
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 allow_abbrev=False)  # flags written in full, never abbreviated
     ap.add_argument("image")
     ap.add_argument("--arch", default="resnet18", help="a torchvision classifier name")
     ap.add_argument("--weights", default=None, help="state dict file, 'random', or none for pretrained")

@@ -164,7 +164,8 @@ def explain(model: nn.Module, x: torch.Tensor, target: torch.Tensor, methods: Se
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 allow_abbrev=False)  # flags written in full, never abbreviated
     ap.add_argument("--photos", default=",".join(PHOTOS), help="scikit-image photo names, comma-separated")
     ap.add_argument("--method", action="append", choices=sorted(salience.METHODS), help=f"default: {', '.join(METHODS)}")
     ap.add_argument("--steps", type=int, default=32, help="Integrated Gradients' path points")

@@ -77,7 +77,8 @@ def draw(images: torch.Tensor, masks: torch.Tensor, maps: dict[str, torch.Tensor
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 allow_abbrev=False)  # flags written in full, never abbreviated
     ap.add_argument("--n", type=int, default=3, help="held-out images (rows)")
     ap.add_argument("--method", action="append", choices=list(METHODS), help=f"default: {', '.join(METHODS)}")
     ap.add_argument("--out", default="explain-vit")

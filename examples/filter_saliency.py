@@ -18,7 +18,8 @@ from salience import targets
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 allow_abbrev=False)  # flags written in full, never abbreviated
     ap.add_argument("--model", default="demo:shapes")
     ap.add_argument("--layer", default=None, help="dotted module name (default: the model's last conv block)")
     ap.add_argument("--channel", type=int, default=0)

@@ -114,7 +114,8 @@ def randomization_figure(rand: dict, path: Path) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 allow_abbrev=False)  # flags written in full, never abbreviated
     ap.add_argument("--out", default="real-evidence")
     ap.add_argument("--photos", default="chelsea,coffee,rocket", help="scikit-image photo names")
     ap.add_argument("--method", action="append", choices=METHODS, help=f"default: {', '.join(METHODS)}")

@@ -20,7 +20,8 @@ from salience import targets
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 allow_abbrev=False)  # flags written in full, never abbreviated
     ap.add_argument("--output", default="size", help="output name or index")
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--out", default="regression-targets")

@@ -6,8 +6,9 @@ folder, are flushed to disk, and the temporary file is renamed over the target i
 (``os.replace``). If anything fails on the way, including ``KeyboardInterrupt``, the temporary
 file is removed and an existing target is left exactly as it was. :func:`file_start` reads a file's first bytes
 (what the loaders tell a file's kind by). :func:`open_regular` opens a file that may be no regular file (a FIFO of its
-name) without waiting: what a run's store and lock read their own files with; :func:`check_regular` refuses such a
-file before a path is handed to a reader that opens it plainly (pyarrow, numpy); :func:`one_name` tells a name read
+name) without waiting: what a run's store, lock and explorer read their own files with (the reader, pyarrow, numpy
+or PIL, reads through that one checked handle); :func:`check_regular` refuses such a file by one ``stat`` (an image
+named to a run or a command, refused before the run: :func:`check_image_file`); :func:`one_name` tells a name read
 from a file (a run's method) that names one file inside a folder from one that would lead out of it.
 """
 from __future__ import annotations
@@ -191,9 +192,10 @@ def not_regular(path: PathLike, what: str, then: str) -> str:
 
 def check_regular(path: PathLike, what: str, then: str) -> None:
     """A :class:`SalienceError` (:func:`not_regular`) when ``path`` is there and is no regular file (a link to one is
-    one): before ``path`` goes to a reader that opens it plainly (``pyarrow.parquet.read_table``, ``np.load``), where
-    a FIFO's open waits for a writer, for ever where none comes. One ``stat``; a path not there, or that cannot be
-    looked at, is left to the reader (its own error, as before)."""
+    one): an early refusal (the images a run is given, before it starts: :func:`check_image_file`), where a FIFO's
+    plain open waits for a writer, for ever where none comes. One ``stat``, so a file swapped after it is not seen: a
+    reader that must never wait opens the file once with :func:`open_regular` and reads through its handle. A path
+    not there, or that cannot be looked at, is left to the reader (its own error)."""
     try:
         mode = os.stat(path).st_mode
     except (OSError, ValueError):  # not there, no permission, a NUL in it: the reader says so

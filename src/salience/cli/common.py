@@ -14,6 +14,7 @@ from typing import Any, ContextManager, Iterator, Mapping, Optional, Sequence
 import numpy as np
 from torch import Tensor, nn
 
+from salience._core.args import FullFlags
 from salience._core.autograd import forward_scores, class_probabilities
 from salience._core.errors import SalienceError, suggest
 from salience._core.files import make_folder
@@ -128,62 +129,16 @@ def many_pass_methods() -> list[str]:
     return [name for name, fn in METHODS.items() if "memory_format" in signature_of(fn).parameters]
 
 
-class Parser(argparse.ArgumentParser):
+class Parser(FullFlags):
     """The commands' parser: ``--compile`` alone is ``compile=True``, ``--compile freeze`` (or
     ``--compile=freeze``) ``compile="freeze"`` (:func:`compile_words`). Flags are written in full: no
-    abbreviations (``allow_abbrev=False``, the subcommands' parsers too, as they are of this class; ``--sample 3``
-    was taken as ``--samples 3``). A flag's value that starts with ``-`` and a digit (``--max-memory -5GB``) is
-    its value (:meth:`negative_values`), not argparse's "expected one argument"."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
+    abbreviations, and an unknown flag's refusal names the closest (:class:`salience._core.args.FullFlags`; the
+    subcommands' parsers too, as they are of this class; ``--sample 3`` was taken as ``--samples 3``). A flag's value
+    that starts with ``-`` and a digit (``--max-memory -5GB``) is its value (``FullFlags.negative_values``), not
+    argparse's "expected one argument"."""
 
     def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> Any:
-        words = compile_words(sys.argv[1:] if args is None else args)
-        return super().parse_known_args(self.negative_values(words), namespace)
-
-    def negative_values(self, words: Sequence[str]) -> list[str]:
-        """``words`` with ``FLAG -5GB`` as ``FLAG=-5GB`` where ``FLAG`` is one of this parser's flags that take one
-        value and the next word starts with ``-`` and a digit or a point but is no number argparse reads as one
-        (``-5``, ``-0.5`` are): the value reaches the flag's own check, which says what is wrong with it."""
-        out: list[str] = []
-        i = 0
-        while i < len(words):
-            w = words[i]
-            if w == "--":
-                return out + list(words[i:])
-            action = self._option_string_actions.get(w)
-            nxt = words[i + 1] if i + 1 < len(words) else ""
-            if (action is not None and action.nargs is None and action.option_strings and
-                    not isinstance(action, (argparse._StoreConstAction, argparse._CountAction)) and
-                    re.match(r"-\.?\d", nxt) and not re.fullmatch(r"-\d+|-\d*\.\d+", nxt)):
-                out.append(f"{w}={nxt}")
-                i += 2
-                continue
-            out.append(w)
-            i += 1
-        return out
-
-    def parse_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> Any:  # type: ignore[override]
-        """argparse's, with "did you mean --layer?" after "unrecognized arguments: --layers" (the command's own
-        flags; argparse names none). Only the error path does more than argparse."""
-        parsed, extra = self.parse_known_args(args, namespace)
-        if extra:
-            self.error(f"unrecognized arguments: {' '.join(extra)}{self._did_you_mean(parsed, extra)}")
-        return parsed
-
-    def _did_you_mean(self, parsed: Any, extra: Sequence[str]) -> str:
-        """``"; did you mean '--layer'?"`` for the first unknown flag of ``extra``, among the flags of the command
-        that ran (the subcommand's parser) or of this parser; ``""`` when none is close."""
-        parser: argparse.ArgumentParser = self
-        for action in self._actions:
-            if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None) in action.choices:
-                parser = action.choices[getattr(parsed, action.dest)]
-        flags = [f[2:] for f in parser._option_string_actions if f.startswith("--")]  # compared without the "--"
-        unknown = next((w.split("=", 1)[0][2:] for w in extra if w.startswith("--")), None)
-        hint = suggest(unknown, flags, n=1) if unknown else ""
-        return hint.replace("mean '", "mean '--")
+        return super().parse_known_args(compile_words(sys.argv[1:] if args is None else args), namespace)
 
 
 def compile_words(argv: Sequence[str]) -> list[str]:

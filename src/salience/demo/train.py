@@ -12,7 +12,6 @@ the data randomization test of ``salience evaluate``.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from salience.demo import data
+from salience._core.args import FullFlags
 from salience._core.errors import SalienceError
 from salience._core.files import atomic_path, atomic_write
 from salience.demo.zoo import DEMOS, ShapesNet, build
@@ -246,7 +246,7 @@ def demo_train_fn(epochs: int = 4, seed: int = 0, lr: float = 4e-3, batch: int =
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line: ``python -m salience.demo.train NAME [--out DIR] [--seed N]``."""
-    p = argparse.ArgumentParser(prog="python -m salience.demo.train", description=__doc__.split("\n\n")[0])
+    p = FullFlags(prog="python -m salience.demo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("name", choices=sorted(CONFIGS))
     p.add_argument("--out", default=None, help="output folder (default: the package's _weights)")
     p.add_argument("--seed", type=int, default=0)

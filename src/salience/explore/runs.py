@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from salience._core.errors import SalienceError
-from salience._core.files import check_regular
+from salience._core.files import not_regular, open_regular
 from salience.explore.images import ImageEntry, image_files
 from salience.loading import remote
 from salience.runs.job import constant_notes, flat_maps
@@ -355,14 +355,18 @@ class RunSource:
             if path in self._sprites:
                 self._sprites.move_to_end(path)
                 return self._sprites[path]
-        try:  # a FIFO of the sprite's name would block the server's thread in its open: never opened
-            check_regular(path, "the run's thumbnails", "run the run's command again to write them")
-        except SalienceError as e:
-            raise self._not_stored(f"the run's thumbnails for this row cannot be read: {e}") from None
-        if not path.is_file():
-            raise self._not_stored(f"the run has no thumbnails for this row: {path} is missing")
+        try:  # one open, without waiting, checked on its handle: a FIFO of the sprite's name (even one put there
+            fd = open_regular(path)  # after a look) would block the server's thread in a plain open
+        except FileNotFoundError:  # a link to nothing too
+            raise self._not_stored(f"the run has no thumbnails for this row: {path} is missing") from None
+        except OSError as e:  # not allowed: said as a file that cannot be read
+            raise self._not_stored(f"the run's thumbnails for this row are damaged: {path} is not a readable "
+                                   f"image ({type(e).__name__})") from None
+        if fd is None:
+            said = not_regular(path, "the run's thumbnails", "run the run's command again to write them")
+            raise self._not_stored(f"the run's thumbnails for this row cannot be read: {said}")
         try:
-            with Image.open(path) as im:
+            with os.fdopen(fd, "rb") as f, Image.open(f) as im:
                 im = im.convert("RGB")
         except OSError as e:  # not an image (PIL's UnidentifiedImageError), or cut short
             raise self._not_stored(f"the run's thumbnails for this row are damaged: {path} is not a readable "
@@ -386,7 +390,7 @@ class RunSource:
             return self.run.map(int(index), method, k)
         except SalienceError:
             raise
-        except (OSError, ValueError, IndexError) as e:  # not an .npy of maps, or cut short
+        except (OSError, EOFError, ValueError, IndexError) as e:  # not an .npy of maps (empty: EOFError), cut short
             raise self._not_stored(f"the run's stored {method} maps for this row are damaged: {path} is not a "
                                    f"readable array of maps ({type(e).__name__})") from None
 

@@ -19,6 +19,7 @@ import math
 import numbers
 import os
 import stat
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from salience._core.errors import SalienceError, quiet_warnings
-from salience._core.files import file_start
+from salience._core.files import NO_WAIT, file_start, shell_pipe
 from salience._core.info import ModelInfo
 from salience._core.tensors import MAX_INPUT_PIXELS as _MAX_INPUT_PIXELS, check_input_pixels
 from salience.loading.png import SIGNATURE, decode_png16, is_png16
@@ -207,20 +208,81 @@ def _check_sides(p: Any, sides: tuple[int, int], max_pixels: Optional[int]) -> N
         raise SalienceError(f"{p}: the image is empty ({w}x{h})")
 
 
+PIPE_WAIT_S = 5.0
+"""How long :func:`load_image` waits for a program to open a named pipe (``mkfifo``'s, a FIFO named in a folder) for
+writing, in seconds: such a pipe may have no writer, and a plain open of it for reading waits for one for ever. A
+writer that comes in time is read whole, however long it takes to send its bytes (:func:`_named_pipe_bytes`); a pipe the shell opened for the command (``/dev/stdin``, ``/dev/fd/N``, bash's
+``<(curl ...)``: :func:`salience._core.files.shell_pipe`), whose writer is there before the command starts, is read
+without this limit."""
+
+
 def _pipe_bytes(p: Path) -> Optional[bytes]:
     """The bytes of ``p`` when it is a pipe (bash's ``<(curl ...)``, a named pipe), read whole, as PIL reads a stream it
     cannot seek (a second look at its first bytes, :func:`_unidentified`, would wait for ever); ``None`` for any other
-    file, which is opened where it is. A pipe that cannot be read says it is a pipe (its writer is gone or failed)."""
+    file, which is opened where it is. A named pipe no program opens for writing in :data:`PIPE_WAIT_S` is a
+    :class:`SalienceError` saying so (:func:`_named_pipe_bytes`). A pipe that cannot be read says it is a pipe (its
+    writer is gone or failed)."""
     try:
         fifo = stat.S_ISFIFO(p.stat().st_mode)
     except OSError as e:
         raise SalienceError(f"{p}: cannot be read ({e.strerror or e}); check the path and its permissions") from None
+    if not fifo:
+        return None
     try:
-        return p.read_bytes() if fifo else None
+        if shell_pipe(p) or not hasattr(os, "mkfifo"):  # the shell's pipe; a system without named pipes (Windows)
+            return p.read_bytes()
+        return _named_pipe_bytes(p, PIPE_WAIT_S)
     except OSError as e:
         raise SalienceError(f"{p}: a pipe (/dev/stdin, a named pipe, <(...)) that cannot be read ({e.strerror or e}); "
                             "run the command that writes to it again, or save the image to a file and give its "
                             "path") from None
+
+
+PIPE_POLL_S = 0.05
+"""How often :func:`_named_pipe_bytes` looks whether a named pipe has a writer yet, in seconds (a writer's open
+wakes no ``select``; its first bytes or its close do)."""
+
+
+def _named_pipe_bytes(p: Path, wait: float) -> bytes:
+    """The bytes of the named pipe ``p``, read whole once a program has it open for writing, if one opens it within
+    ``wait`` seconds. Opened without waiting (:data:`salience._core.files.NO_WAIT`: the open of a FIFO for reading
+    returns at once, writer or not), then looked at every :data:`PIPE_POLL_S` by a read that does not wait: bytes or
+    ``EAGAIN`` (a writer has it open, nothing sent yet) say a writer is there, and the pipe is then read in blocking
+    mode to its end (the writer's close) with no time limit, however slow the writer (``curl URL > p &``); ``b""``
+    (end of file) says no writer has it open. On Linux ``select`` tells a writer that came and closed it (its end of
+    file is ready) from none yet (not ready): an empty pipe so closed is ``b""`` (an empty image file). Elsewhere the
+    two are not told apart, and a writer that opened and closed it between two looks is waited for until ``wait``
+    ends. A :class:`SalienceError` when no writer comes in ``wait`` seconds; ``OSError``: the open or a read failed."""
+    import selectors
+    import time
+
+    closed_is_seen = sys.platform.startswith("linux")  # a writer's close wakes select, a reader alone does not
+    with os.fdopen(os.open(p, os.O_RDONLY | NO_WAIT), "rb", buffering=0) as f:
+        deadline = time.monotonic() + wait
+        with selectors.DefaultSelector() as looks:
+            looks.register(f.fileno(), selectors.EVENT_READ)
+            while True:
+                ready = bool(looks.select(0))
+                try:
+                    first = os.read(f.fileno(), 1 << 16)
+                except BlockingIOError:  # EAGAIN: a writer has it open and has sent nothing yet
+                    first = None
+                    break
+                if first or (ready and closed_is_seen):  # its first bytes; or a writer came and closed it, empty
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SalienceError(
+                        f"{p}: a named pipe that no program opened for writing in {wait:g} s; start the program "
+                        "that writes the image to it first, or save the image to a file and give its path")
+                if ready:  # (not Linux) an end of file ready wakes select at once: slept instead
+                    time.sleep(min(left, PIPE_POLL_S))
+                else:
+                    looks.select(min(left, PIPE_POLL_S))  # wakes early for bytes or a close
+        if first == b"":
+            return b""
+        os.set_blocking(f.fileno(), True)
+        return (first or b"") + f.readall()
 
 
 def _file_bytes(p: Path) -> bytes:

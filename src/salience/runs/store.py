@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional, Sequence, Union
@@ -35,7 +36,7 @@ from typing import Any, BinaryIO, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from salience._core.errors import SalienceError
-from salience._core.files import atomic_path, atomic_write, check_regular, make_folder, one_name, open_regular
+from salience._core.files import atomic_path, atomic_write, make_folder, not_regular, one_name, open_regular
 from salience._core.tensors import check_int
 from salience.runs.lock import LOCK_NAME, commit_holder, lock_holder
 
@@ -373,7 +374,7 @@ def _input_differences(folder: Path, manifest: dict[str, Any], planned: Planned)
     """The ``inputs``, ``labels`` and ``masks`` that differ, said image by image (the first one),
     from the run's ``inputs.parquet``; ``{}`` when it cannot be read."""
     try:
-        table = pyarrow().parquet.read_table(_plain(folder / "inputs.parquet")).to_pydict()
+        table = _read_table(folder / "inputs.parquet").to_pydict()
     except (OSError, ValueError, SalienceError):
         return {}
     base = manifest.get("cwd")
@@ -402,7 +403,7 @@ def _check_begun_labels(folder: Path, labels_digest: str) -> None:
     inputs.parquet, or a file another program wrote; or other labels): each item's label could not be
     compared with the one the run was begun with (:attr:`job.Plan.begun_labels`)."""
     try:
-        table = pyarrow().parquet.read_table(_plain(folder / "inputs.parquet"))
+        table = _read_table(folder / "inputs.parquet")
         held = table.column("label").to_pylist() if "label" in table.column_names else None
     except (OSError, ValueError):
         held = None
@@ -424,8 +425,10 @@ def _stored_label_difference(folder: Path, labels: Sequence[Optional[int]], path
     for p in sorted((folder / "shards").glob("*.parquet")):
         if p.name.startswith("."):
             continue
-        names = pa.parquet.read_schema(_plain(p)).names
-        table = pa.parquet.read_table(p, columns=[c for c in ("index", "label") if c in names])
+        with _table_source(p) as source:  # one open: the schema, then the columns it has
+            names = _named(p, source, lambda: pa.parquet.read_schema(source).names)
+            columns = [c for c in ("index", "label") if c in names]
+            table = _named(p, source, lambda: pa.parquet.read_table(source, columns=columns))
         stored = table.column("label").to_pylist() if "label" in names else [None] * table.num_rows
         held.update(zip(table.column("index").to_pylist(), stored))
     for i in sorted(i for i in held if i is not None and 0 <= i < len(labels)):
@@ -636,12 +639,114 @@ def _open_regular(path: Path) -> Iterator[Optional[BinaryIO]]:
         yield f
 
 
-def _plain(path: Path) -> Path:
-    """``path``, a run's table or map file, checked before pyarrow or numpy opens it plainly: a
-    :class:`SalienceError` saying to remove it when it is no regular file (a FIFO of its name, whose open waits for a
-    writer; :func:`salience._core.files.check_regular`, one ``stat``)."""
-    check_regular(path, "a run file's name", "run the command again (or open the run again)")
-    return path
+RUN_FILE = ("a run file's name", "run the command again (or open the run again)")
+"""What a run's table or map file that is no regular file is said to be, and what to do (:func:`_read_regular`)."""
+
+
+@contextlib.contextmanager
+def _read_regular(path: Path, what: str = RUN_FILE[0], then: str = RUN_FILE[1]) -> Iterator[BinaryIO]:
+    """``path``, a run's table or map file, open for reading: the one open its reader (pyarrow, numpy) reads through,
+    opened without waiting and checked on the open handle (:func:`_open_regular`), so a file swapped for a FIFO
+    after a look is never waited on. A :class:`SalienceError` saying to remove it when it is no regular file (a FIFO,
+    a device or a socket of its name: :func:`salience._core.files.not_regular` of ``what``, then ``then``);
+    ``OSError``: not there, unreadable (what the reader's own open said)."""
+    with _open_regular(path) as f:
+        if f is None:
+            raise SalienceError(not_regular(path, what, then))
+        yield f
+
+
+@contextlib.contextmanager
+def _table_source(path: Path, what: str = RUN_FILE[0], then: str = RUN_FILE[1]) -> Iterator[str]:
+    """The run's table ``path`` for pyarrow, as a path that names its one checked handle (:func:`_read_regular`):
+    ``/proc/self/fd/N`` (Linux) or ``/dev/fd/N`` (macOS, the BSDs), which open the very file the handle holds, never
+    what the name ``path`` leads to later (a FIFO put there after the check); the handle stays open while pyarrow
+    reads. pyarrow reads that path as it read ``path`` (natively, only the parts it needs). Not a Python file object
+    nor the bytes in a ``pyarrow.BufferReader``: a process that had imported salience then aborted as it ended,
+    pyarrow's threads left running (``terminate called without an active exception``: 7 to 13 exits in 20; 0 in 30
+    through the descriptor's path). Where neither folder is there (Windows, which has no FIFOs; a container without
+    ``/proc``, whose ``/dev/fd`` links to it), ``path`` itself, looked at once more just before: a FIFO of its name
+    then is a :class:`SalienceError` too (pyarrow's ``read_schema`` of a FIFO waits for a writer), a swap between
+    that look and pyarrow's open is not seen."""
+    with _read_regular(path, what, then) as f:
+        for folder in ("/proc/self/fd", "/dev/fd"):
+            if os.path.isdir(folder):
+                yield f"{folder}/{f.fileno()}"
+                return
+        try:
+            swapped = not stat.S_ISREG(os.stat(path).st_mode)
+        except OSError:  # gone since the open: pyarrow says so
+            swapped = False
+        if swapped:
+            raise SalienceError(not_regular(path, what, then))
+        yield os.fspath(path)
+
+
+def _read_table(path: Path, what: str = RUN_FILE[0], then: str = RUN_FILE[1], **options: Any) -> Any:
+    """``pyarrow.parquet.read_table(path, **options)`` read through one checked handle (:func:`_table_source`): the
+    same table, and the same error for a damaged file (the handle's path in pyarrow's words: ``path`` put back)."""
+    with _table_source(path, what, then) as source:
+        return _named(path, source, lambda: pyarrow().parquet.read_table(source, **options))
+
+
+def _table_names(path: Path) -> list[str]:
+    """The column names of the run's table ``path`` (its schema, from its footer), read through one checked handle."""
+    with _table_source(path) as source:
+        return _named(path, source, lambda: pyarrow().parquet.read_schema(source).names)
+
+
+def _named(path: Path, source: str, read: Any) -> Any:
+    """``read()`` of ``source``, the path of ``path``'s handle; a pyarrow error that names ``source`` names ``path``
+    instead, as pyarrow's own open of ``path`` said it."""
+    pa = pyarrow()
+    try:
+        return read()
+    except pa.ArrowException as e:
+        text = str(e)
+        if source == os.fspath(path) or f"'{source}'" not in text:
+            raise
+        raise type(e)(text.replace(f"'{source}'", f"'{path}'")) from None
+
+
+def _zip_or_pickle(magic: bytes) -> str:
+    """What ``np.load`` says of a file that is no ``.npy`` (no :data:`numpy.lib.format.MAGIC_PREFIX`)."""
+    if magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # np.load gave an NpzFile, which no map indexes
+        return "This file is a zip archive (.npz), not an .npy file of maps."
+    return ("This file contains pickled (object) data. If you trust the file you can load it unsafely using the "
+            "`allow_pickle=` keyword argument or `pickle.load()`.")
+
+
+def _load_maps(path: Path) -> np.memmap:
+    """The map file ``path`` (``RUN/maps/<method>/<shard>.npy``) memory-mapped read-only: what
+    ``np.load(path, mmap_mode="r")`` gives (the same array, dtype, order, shape; ``.npy`` format versions 1, 2 and
+    3), read through one handle opened without waiting and checked regular on it (:func:`_read_regular`: a FIFO of
+    its name, even one put there after a look, is a :class:`SalienceError`, never waited on). ``np.load`` cannot map
+    an open handle, so its steps are done here on it: the magic, the header, then ``np.memmap`` of the handle (which
+    keeps its own mapping; the handle is closed). A damaged file raises what ``np.load`` raised: ``EOFError`` (empty),
+    ``ValueError`` (not an ``.npy``: a pickle, a bad header or version, an object array, cut short); a zip archive
+    (``.npz``, which ``np.load`` returned as an archive) a ``ValueError`` too."""
+    fmt = np.lib.format
+    with _read_regular(path) as f:
+        magic = f.read(len(fmt.MAGIC_PREFIX))
+        if not magic:
+            raise EOFError("No data left in file")
+        if magic != fmt.MAGIC_PREFIX:
+            raise ValueError(_zip_or_pickle(magic))
+        f.seek(0)
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(f)
+        elif version == (3, 0):  # version 2's layout, its header UTF-8: numpy reads it with its private reader only
+            shape, fortran, dtype = fmt.read_array_header_2_0.__globals__["_read_array_header"](f, version)
+        else:
+            raise ValueError(f"we only support format version (1,0), (2,0), and (3,0), not {version}")
+        if dtype.hasobject:
+            raise ValueError("Array can't be memory-mapped: Python objects in dtype.")
+        arr = np.memmap(f, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order="F" if fortran else "C")
+    arr.filename = path.resolve()  # what np.memmap of the path records
+    return arr
 
 
 def _marked(table: Any, kind: bytes) -> Any:
@@ -651,12 +756,12 @@ def _marked(table: Any, kind: bytes) -> Any:
 
 def done_indices(folder: PathLike) -> set[int]:
     """The indices of the images in the committed shards of the run in ``folder`` (none: empty)."""
-    pa = pyarrow()
+    pyarrow()  # without it: how to install it, before any shard is looked at
     indices: set[int] = set()
     for p in sorted((Path(folder) / "shards").glob("*.parquet")):
         if p.name.startswith("."):
             continue
-        indices.update(pa.parquet.read_table(_plain(p), columns=["index"]).column("index").to_pylist())
+        indices.update(_read_table(p, columns=["index"]).column("index").to_pylist())
     return indices
 
 
@@ -801,20 +906,20 @@ class Store:
         digest = _digest(labels)
         if self.manifest.get("command", {}).get("labels") != digest:
             return
-        if "label" in pa.parquet.read_schema(_plain(target)).names:
-            if _digest(pa.parquet.read_table(target, columns=["label"]).column("label").to_pylist()) == digest:
+        if "label" in _table_names(target):
+            if _digest(_read_table(target, columns=["label"]).column("label").to_pylist()) == digest:
                 return
-            table = pa.parquet.read_table(target)
+            table = _read_table(target)
             table = table.set_column(table.column_names.index("label"), "label", pa.array(list(labels), pa.int64()))
         else:
-            table = pa.parquet.read_table(target)
+            table = _read_table(target)
             table = table.add_column(table.column_names.index("path") + 1, "label", pa.array(list(labels), pa.int64()))
         with atomic_path(target) as tmp:
             pa.parquet.write_table(_marked(table, b"inputs"), tmp)
 
     def input_paths(self) -> list[str]:
         """Each image's path as the run's first command gave it (``inputs.parquet``): the rows' ``path``."""
-        table = pyarrow().parquet.read_table(_plain(self.folder / "inputs.parquet"), columns=["path"])
+        table = _read_table(self.folder / "inputs.parquet", columns=["path"])
         return table.column("path").to_pylist()
 
     def begun_labels(self) -> Optional[list[Optional[int]]]:
@@ -825,7 +930,7 @@ class Store:
         labels = self.manifest.get("command", {}).get("labels")
         if not isinstance(labels, str) or labels == ITEM_LABELS:
             return None
-        table = pyarrow().parquet.read_table(_plain(self.folder / "inputs.parquet"))
+        table = _read_table(self.folder / "inputs.parquet")
         return table.column("label").to_pylist() if "label" in table.column_names else None
 
     def done(self) -> set[int]:
@@ -927,7 +1032,7 @@ def stored_constants(lo: np.ndarray, hi: np.ndarray, dtype: Union[str, np.dtype]
 def read_shards(folder: Path, schema: Any = None) -> Any:
     """Every committed shard's rows as one table sorted by index."""
     pa = pyarrow()
-    parts = [pa.parquet.read_table(_plain(p), schema=schema) for p in sorted((folder / "shards").glob("*.parquet"))
+    parts = [_read_table(p, schema=schema) for p in sorted((folder / "shards").glob("*.parquet"))
              if not p.name.startswith(".")]
     if not parts:
         return schema.empty_table() if schema is not None else pa.table({"index": pa.array([], pa.int64())})
@@ -1032,10 +1137,11 @@ class Run:
         if self._table is None:
             index = self.folder / "index.parquet"
             schema = schema_of(self.manifest)
-            check_regular(index, "the run's index.parquet",  # a FIFO or a folder of that name: said, not skipped
-                          "open the run again (its rows are read from its shards)")
-            table = (pyarrow().parquet.read_table(index) if index.is_file()
-                     else read_shards(self.folder, schema))
+            try:  # a FIFO or a folder of that name: said, not skipped
+                table = _read_table(index, "the run's index.parquet",
+                                    "open the run again (its rows are read from its shards)")
+            except FileNotFoundError:  # not there (a link to nothing too): a run still going, or stopped
+                table = read_shards(self.folder, schema)
             if "index" not in table.column_names:
                 table = table.add_column(0, "index", pyarrow().array(np.arange(table.num_rows, dtype=np.int64)))
             self._table = table
@@ -1166,7 +1272,7 @@ class Run:
         shard, offset = self._row_of(int(index))
         key = (method, shard)
         if key not in self._arrays:
-            self._arrays[key] = np.load(_plain(self.folder / "maps" / method / f"{shard}.npy"), mmap_mode="r")
+            self._arrays[key] = _load_maps(self.folder / "maps" / method / f"{shard}.npy")
         arr = self._arrays[key]
         if not 0 <= k < arr.shape[1]:
             raise SalienceError(f"target k={k} out of range: the run explains {arr.shape[1]} target(s) per image")
