@@ -158,11 +158,13 @@ def main() -> None:
         for p in procs.values():
             p.stdin.close()
             p.wait()
-    lines = ["# Salience's own CPU work per call over the bare pass (us), main's code against this tree's", "",
-             "`PYTHONPATH=src python benchmarks/fixed_cost_s59.py --old-src /tmp/old-fixcost59/src --rounds "
-             f"{args.rounds} --out benchmarks/fixed-cost-s59.md`: {args.rounds} rounds, each case's units sent to the "
+    command = " ".join(["PYTHONPATH=src python benchmarks/fixed_cost_s59.py", *sys.argv[1:]])
+    lines = [f"# Salience's own CPU work per call over the bare pass (us), {args.old_src} (\"main\") against this "
+             "tree's", "",
+             f"`{command}`: {args.rounds} rounds, each case's units sent to the "
              "two codes' worker processes in turn (alternating order); one thread, `time.thread_time`, best of 3 "
-             f"blocks a unit; 1-minute load at each round's start: {', '.join(loads)} (the machine, 2 cores, shared with other sessions' tests and benchmarks).", "",
+             f"blocks a unit; 1-minute load at each round's start: {', '.join(loads)} ({os.cpu_count()} CPUs; any "
+             "other work on the machine is not listed here: say it beside the table).", "",
              "| case | bare pass (us, median) | main: over bare, min / median / max | this tree: over bare, min / median / "
              "max | this tree / main (medians) | this tree / main, per round |", "|---|---|---|---|---|---|"]
     for name, method in CASES:
