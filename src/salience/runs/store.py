@@ -28,7 +28,6 @@ import math
 import os
 import re
 import shutil
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional, Sequence, Union
@@ -36,7 +35,8 @@ from typing import Any, BinaryIO, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from salience._core.errors import SalienceError
-from salience._core.files import atomic_path, atomic_write, make_folder, not_regular, one_name, open_regular
+from salience._core.files import (atomic_path, atomic_write, check_regular, make_folder, not_regular, one_name,
+                                  open_regular)
 from salience._core.tensors import check_int
 from salience.runs.lock import LOCK_NAME, commit_holder, lock_holder
 
@@ -673,12 +673,7 @@ def _table_source(path: Path, what: str = RUN_FILE[0], then: str = RUN_FILE[1]) 
             if os.path.isdir(folder):
                 yield f"{folder}/{f.fileno()}"
                 return
-        try:
-            swapped = not stat.S_ISREG(os.stat(path).st_mode)
-        except OSError:  # gone since the open: pyarrow says so
-            swapped = False
-        if swapped:
-            raise SalienceError(not_regular(path, what, then))
+        check_regular(path, what, then)  # gone since the open, or unreadable: left to pyarrow, which says so
         yield os.fspath(path)
 
 
