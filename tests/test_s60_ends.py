@@ -106,8 +106,25 @@ def test_an_image_swapped_for_a_fifo_after_its_stat_is_not_waited_on(tmp_path, m
     assert str(got["error"]).startswith(f"{path}: a named pipe that no program opened for writing in 0.2 s")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="/proc/self/fd")
+def test_an_image_swapped_for_a_folder_after_its_stat_says_so_and_leaves_no_descriptor(tmp_path, monkeypatch):
+    """Fails on the base ("cannot be read as an image (IsADirectoryError ...)": PIL's open of the name). Now the
+    handle says folder: the message of a folder named as an image, and the handle closed."""
+    path = tmp_path / "a.png"
+    path.mkdir()
+    _stat_says_regular(monkeypatch, path, _png(tmp_path / "real.png"))
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(SalienceError) as e:
+        load_image(path)
+    assert str(e.value) == f"{path}: is a directory, expected an image file (PNG, JPEG, ...)"
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def _opens_of(monkeypatch, path: Path) -> list:
-    """Every open of ``path`` by name from now on (``os.open`` and ``open``: PIL's, ``file_start``'s)."""
+    """Every open of ``path`` by name from now on (``os.open``; ``open`` and ``io.open``: PIL's, ``file_start``'s,
+    ``Path.read_bytes``')."""
+    import io
+
     opened: list = []
     real_os_open, real_open = os.open, builtins.open
 
@@ -123,6 +140,7 @@ def _opens_of(monkeypatch, path: Path) -> list:
 
     monkeypatch.setattr(os, "open", os_open)
     monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)  # Path.open's (Path.read_bytes')
     return opened
 
 
@@ -142,7 +160,8 @@ def test_an_image_file_is_opened_once_and_read_through_that_handle(tmp_path, mon
 
 
 def test_a_device_named_as_an_image_is_refused_as_check_image_file_refuses_it():
-    """Guard of the new handle's third case: a device (``/dev/null``) is no image file, said as a run says it."""
+    """Fails on the base ("not an image file PIL can read": PIL read the device): a device (``/dev/null``, the
+    handle's third case, neither a file nor a pipe) is refused as a run refuses it before it starts."""
     if not os.path.exists("/dev/null") or os.name == "nt":
         pytest.skip("/dev/null")
     with pytest.raises(SalienceError, match=r"^/dev/null is not a regular file \(a FIFO, a device or a socket of an "

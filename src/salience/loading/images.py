@@ -241,13 +241,15 @@ def _image_file(p: Path) -> Iterator[tuple[Optional[BinaryIO], Optional[bytes]]]
         with os.fdopen(fd, "rb") as f:
             yield f, None
         return
-    with os.fdopen(fd, "rb", buffering=0) as raw:
-        if stat.S_ISDIR(mode):
+    try:
+        if stat.S_ISDIR(mode):  # a folder put there after the look (Linux opens one for reading)
             raise SalienceError(f"{p}: is a directory, expected an image file (PNG, JPEG, ...)")
         if not stat.S_ISFIFO(mode):
             raise SalienceError(not_regular(p, "an image's name", "give the image as a file (a pipe from the shell, "
                                             "<(...), is read)"))
-        data = _pipe_bytes(p, raw.fileno())
+        data = _pipe_bytes(p, fd)
+    finally:
+        os.close(fd)
     yield None, data
 
 
