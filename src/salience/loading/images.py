@@ -260,7 +260,8 @@ def _pipe_bytes(p: Path, fd: int) -> bytes:
     (:func:`_named_pipe_bytes`). A pipe that cannot be read says it is a pipe (its writer is gone or failed)."""
     try:
         if shell_pipe(p) or not hasattr(os, "mkfifo"):  # the shell's pipe; a system without named pipes (Windows)
-            os.set_blocking(fd, True)
+            if getattr(os, "O_NONBLOCK", 0):  # opened without waiting (POSIX): read it waiting for its bytes
+                os.set_blocking(fd, True)
             return _read_to_end(fd)
         return _named_pipe_bytes(p, fd, PIPE_WAIT_S)
     except OSError as e:
