@@ -8,9 +8,10 @@ file is removed and an existing target is left exactly as it was. :func:`file_st
 (what the loaders tell a file's kind by). :func:`open_regular` opens a file that may be no regular file (a FIFO of its
 name) without waiting: what a run's store, lock and explorer read their own files with (the reader, pyarrow, numpy
 or PIL, reads through that one checked handle; :func:`open_no_wait` opens and tells what it opened, the image loader's
-one open, which reads a FIFO too); :func:`read_text` reads a dataset's list or labels CSV through it (a FIFO, a
-folder, a huge or a non-UTF-8 file refused, saying what was expected); :func:`check_regular` refuses such a file by one ``stat`` (an image
-named to a run or a command, refused before the run: :func:`check_image_file`); :func:`one_name` tells a name read
+one open, which reads a FIFO too); :func:`read_text` reads a dataset's list, its labels CSV or a class names' file
+through it (a FIFO, a folder, a huge or a non-UTF-8 file refused, saying what was expected); :func:`check_regular`
+refuses such a file by one ``stat`` (an image named to a run or a command, refused before the run:
+:func:`check_image_file`, in the words of :func:`not_image_file`); :func:`one_name` tells a name read
 from a file (a run's method) that names one file inside a folder from one that would lead out of it.
 """
 from __future__ import annotations
@@ -25,8 +26,8 @@ from typing import Any, BinaryIO, Iterator, Optional, Union
 from salience._core.errors import SalienceError
 
 __all__ = ["NO_WAIT", "TEXT_FILE_CAP", "atomic_path", "atomic_write", "check_regular", "file_start", "folder_name",
-           "make_folder", "check_image_file", "not_regular", "one_name", "open_no_wait", "open_regular", "read_text",
-           "shell_pipe"]
+           "make_folder", "check_image_file", "not_image_file", "not_regular", "one_name", "open_no_wait",
+           "open_regular", "read_text", "shell_pipe"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -208,19 +209,22 @@ def open_regular(path: PathLike, flags: int = os.O_RDONLY, mode: int = 0o666) ->
 
 
 TEXT_FILE_CAP = 256 << 20
-"""The most bytes a text file that salience reads whole (a dataset's ``.txt`` list of images, its labels CSV) may
-hold: 256 MiB (a million paths of 250 characters). A larger file is refused before it is read
+"""The most bytes a text file that salience reads whole (a dataset's ``.txt`` list of images, its labels CSV, a class
+names' file) may hold: 256 MiB (a million paths of 250 characters). A larger file is refused before it is read
 (:func:`read_text`)."""
 
 
-def read_text(path: PathLike, name: str, expected: str, limit: Optional[int] = None) -> str:
+def read_text(path: PathLike, name: str, expected: str, limit: Optional[int] = None,
+              too_big: str = "split it in smaller files") -> str:
     """The text of the UTF-8 file ``path`` (a byte order mark dropped; lines as they are, ``\r\n`` too), read
     through one handle opened without waiting and checked regular on it (:func:`open_regular`): a FIFO there,
     even one put there after a look, is never waited on. A :class:`SalienceError` that starts with ``name`` (how the
     user gave the file: ``labels=PATH``, ``PATH``) and says what was expected (``expected``: ``"a CSV file of
     path,label lines"``) for a file that cannot be opened (its system error), a folder, a FIFO, a device or a
     socket, a file over ``limit`` bytes (:data:`TEXT_FILE_CAP` by default; its size checked on the handle before a
-    byte is read), or one that is not UTF-8 (the offset of its first bad byte)."""
+    byte is read; ``too_big`` says what to do then, what the caller can take: several lists, one CSV of fewer
+    lines), or one that is not UTF-8 (the offset of its first bad byte; UTF-16, told by its byte order mark, said
+    so: what Windows' editors save as "Unicode")."""
     limit = TEXT_FILE_CAP if limit is None else limit
     try:
         fd = open_regular(path)
@@ -237,12 +241,14 @@ def read_text(path: PathLike, name: str, expected: str, limit: Optional[int] = N
             raise SalienceError(f"{name}: cannot read it ({e.strerror or e}); check the file") from None
     if size > limit or len(data) > limit:
         raise SalienceError(f"{name}: {max(size, len(data)):,} bytes, over the {limit:,} a text file may hold; "
-                            f"expected {expected} (split it in smaller files)")
+                            f"expected {expected} ({too_big})")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise SalienceError(f"{name}: not UTF-8 text (byte {e.start}: {e.reason}); expected {expected}, saved as "
-                            "UTF-8") from None
+        utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")  # Windows' "Unicode"
+        bad = ("UTF-16 text (its byte order mark), not UTF-8" if utf16
+               else f"not UTF-8 text (byte {e.start}: {e.reason})")
+        raise SalienceError(f"{name}: {bad}; expected {expected}, saved as UTF-8") from None
 
 
 def not_regular(path: PathLike, what: str, then: str) -> str:
@@ -296,9 +302,29 @@ def shell_pipe(path: PathLike) -> bool:
     return text == "/dev/stdin" or text.startswith(("/dev/fd/", "/proc/self/fd/"))
 
 
+IMAGE_AS_FILE = "give the image as a file (a pipe from the shell, <(...), is read)"
+"""What to do with an image named by no regular file (:func:`not_image_file`)."""
+
+
+def not_image_file(path: PathLike, st_mode: int) -> str:
+    """What to say of the image ``path`` that is no regular file (``st_mode``): a FIFO, :func:`not_regular` (remove
+    it); a device or a socket (``/dev/null``, a terminal as ``/dev/stdin``, a server's socket), never to be removed,
+    said as what it is."""
+    if stat.S_ISCHR(st_mode) or stat.S_ISBLK(st_mode) or stat.S_ISSOCK(st_mode):
+        kind = "a socket" if stat.S_ISSOCK(st_mode) else "a device"
+        return f"{path} is {kind}, not an image file; {IMAGE_AS_FILE}"
+    return not_regular(path, "an image's name", IMAGE_AS_FILE)
+
+
 def check_image_file(path: PathLike) -> None:
     """A :class:`SalienceError` when the local image ``path`` is there and is no regular file (a FIFO, a device, a
-    socket; a shell's pipe, :func:`shell_pipe`, is read): before an image is opened, which would wait for ever on a
-    FIFO without a writer (:func:`check_regular`)."""
-    if not shell_pipe(path):
-        check_regular(path, "an image's name", "give the image as a file (a pipe from the shell, <(...), is read)")
+    socket: :func:`not_image_file`; a shell's pipe, :func:`shell_pipe`, is read): before an image is opened, which
+    would wait for ever on a FIFO without a writer. One ``stat``, as :func:`check_regular`."""
+    if shell_pipe(path):
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # not there, no permission, a NUL in it: the reader says so
+        return
+    if not stat.S_ISREG(mode):
+        raise SalienceError(not_image_file(path, mode))
