@@ -139,7 +139,8 @@ def _list_file(p: Path) -> list[str]:
     """The image paths the ``.txt`` list ``p`` names (blank lines and ``#`` comments skipped; relative ones from its
     folder), read through one checked handle (:func:`salience._core.files.read_text`: a FIFO, a folder, a device, a
     huge or a non-UTF-8 file is a :class:`SalienceError` saying a list was expected, never waited on)."""
-    lines = [ln.strip() for ln in read_text(p, str(p), LIST_FILE).splitlines()]
+    text = read_text(p, str(p), LIST_FILE, too_big="split it into smaller lists and give them all")
+    lines = [ln.strip() for ln in text.splitlines()]
     out = [ln if Path(ln).is_absolute() or remote.is_remote(ln) else str(p.parent / ln)
            for ln in lines if ln and not ln.startswith("#")]
     if not out:
@@ -190,7 +191,9 @@ def read_labels_csv(path: PathLike, paths: Sequence[str], class_names: Optional[
     refused with its line. The file is read through one checked handle (:func:`salience._core.files.read_text`): a
     FIFO, a folder, a device, a huge or a non-UTF-8 file is a :class:`SalienceError` saying a CSV was expected."""
     p = Path(path)
-    reader = csv.reader(io.StringIO(read_text(p, f"labels={p}", LABELS_CSV), newline=""))
+    text = read_text(p, f"labels={p}", LABELS_CSV, too_big="keep the lines of this run's images alone: one labels "
+                     "file is read")
+    reader = csv.reader(io.StringIO(text, newline=""))
     try:
         rows = [(reader.line_num, r) for r in reader if r and not r[0].startswith("#")]
     except csv.Error as e:  # a field over csv's limit, a quote left open at the end
