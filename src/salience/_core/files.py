@@ -27,7 +27,7 @@ from salience._core.errors import SalienceError
 
 __all__ = ["NO_WAIT", "TEXT_FILE_CAP", "atomic_path", "atomic_write", "check_regular", "file_start", "folder_name",
            "make_folder", "check_image_file", "not_image_file", "not_regular", "one_name", "open_no_wait",
-           "open_regular", "read_text", "shell_pipe"]
+           "open_regular", "read_text", "shell_pipe", "wait_again"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -178,6 +178,14 @@ reading waits for a writer, for ever where none comes), binary on Windows. The o
 (:func:`open_regular`, and the run lock's own opens, :mod:`salience.runs.lock`)."""
 
 
+def wait_again(fd: int) -> None:
+    """The descriptor ``fd``, opened with :data:`NO_WAIT`, put back to blocking mode where ``NO_WAIT`` made it
+    non-blocking (``O_NONBLOCK``, POSIX; ``os.set_blocking`` is POSIX's alone in Python 3.11): a shell's pipe read
+    whole, a regular file (:func:`open_no_wait`)."""
+    if NO_WAIT & getattr(os, "O_NONBLOCK", 0):
+        os.set_blocking(fd, True)
+
+
 def open_no_wait(path: PathLike, flags: int = os.O_RDONLY, mode: int = 0o666) -> tuple[int, int]:
     """``path`` opened with ``flags | NO_WAIT`` (and ``mode``, where ``flags`` create it): its descriptor and what it
     is (``st_mode``, of ``fstat`` on the descriptor: no race between a look and the open). A regular file's
@@ -188,8 +196,8 @@ def open_no_wait(path: PathLike, flags: int = os.O_RDONLY, mode: int = 0o666) ->
     fd = os.open(path, flags | NO_WAIT, mode)
     try:
         st_mode = os.fstat(fd).st_mode
-        if stat.S_ISREG(st_mode) and NO_WAIT & getattr(os, "O_NONBLOCK", 0):
-            os.set_blocking(fd, True)
+        if stat.S_ISREG(st_mode):
+            wait_again(fd)
     except BaseException:
         os.close(fd)
         raise

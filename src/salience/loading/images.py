@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from salience._core.errors import SalienceError, quiet_warnings
-from salience._core.files import file_start, not_image_file, open_no_wait, shell_pipe
+from salience._core.files import file_start, not_image_file, open_no_wait, shell_pipe, wait_again
 from salience._core.info import ModelInfo
 from salience._core.tensors import MAX_INPUT_PIXELS as _MAX_INPUT_PIXELS, check_input_pixels
 from salience.loading.png import SIGNATURE, decode_png16, is_png16
@@ -269,8 +269,7 @@ def _pipe_bytes(p: Path, fd: int) -> bytes:
     (:func:`_named_pipe_bytes`). A pipe that cannot be read says it is a pipe (its writer is gone or failed)."""
     try:
         if shell_pipe(p) or not hasattr(os, "mkfifo"):  # the shell's pipe; a system without named pipes (Windows)
-            if getattr(os, "O_NONBLOCK", 0):  # opened without waiting (POSIX): read it waiting for its bytes
-                os.set_blocking(fd, True)
+            wait_again(fd)  # opened without waiting (POSIX): read it waiting for its bytes
             return _read_to_end(fd)
         return _named_pipe_bytes(p, fd, PIPE_WAIT_S)
     except OSError as e:
