@@ -12,6 +12,8 @@ Each test marked "fails on the branch" failed on its head (4a46f37a) and passes 
    UTF-16.
 5. ``read_labels`` (``--labels``, the class names' file) still opened its file by path: a FIFO waited for ever
    (run in a thread joined with a timeout: a regression fails, it never hangs the suite).
+6. ``Store._restore_labels`` read the whole ``inputs.parquet`` (paths and all) on every resume with labels, where the
+   base read its schema and labels alone: now one handle, its schema and labels, the whole table only to write it.
 The others guard what the branch keeps: no descriptor left open on any path (counted in ``/proc/self/fd``), every
 format read as on the base, a BOM and CRLF lines in a list and a CSV.
 """
@@ -279,3 +281,36 @@ def test_pipes_and_refusals_leave_no_descriptor(tmp_path):
     with pytest.raises(SalienceError, match="a FIFO, a device or a socket"):
         _within(lambda: sources.read_labels_csv(path, [], None))
     assert _fds() == before
+
+
+# ----------------------------------------------------------------------------------------- 6. inputs.parquet
+
+
+def test_a_resume_whose_inputs_hold_its_labels_reads_them_alone(tmp_path, monkeypatch):
+    """Fails on the branch (its one read of ``inputs.parquet`` was the whole table, paths and all: 69 MiB for a
+    million rows where its labels are 8 MiB, on every resume of a run with labels). Now its schema and its labels
+    column, through the one handle; the whole table only when the labels are written back (test_s60_ends.py)."""
+    import pyarrow.parquet as pq
+
+    import test_s57_ends2
+    from salience.runs import store
+
+    run = tmp_path / "run"
+    test_s57_ends2._a_run(run, labels=[1, 2])
+    real, reads = pq.read_table, []
+
+    def read_table(source, *args, **kwargs):
+        reads.append(kwargs.get("columns"))
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "read_table", read_table)
+    restore, during = store.Store._restore_labels, []
+
+    def counted(self, *args, **kwargs):
+        start = len(reads)
+        restore(self, *args, **kwargs)
+        during.extend(reads[start:])
+
+    monkeypatch.setattr(store.Store, "_restore_labels", counted)
+    test_s57_ends2._a_run(run, labels=[1, 2])
+    assert during == [["label"]]

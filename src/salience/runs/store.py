@@ -890,17 +890,22 @@ class Store:
         """Write ``labels`` into the existing ``inputs.parquet`` when it does not hold them (no ``label``
         column, or other labels) and they are the labels of the run's command (its digest): a run whose
         inputs.parquet lost them is refused without ``labels=`` (:func:`_check_begun_labels`); continued
-        once with them, it holds them again. The table is opened and read once (:func:`_read_table`), its labels
-        compared in it."""
+        once with them, it holds them again. The table is opened once (:func:`_table_source`, its one checked
+        handle) and read through it as little as it needs: its schema, its labels (what a run that holds them reads,
+        a resume's common case: 8 MiB of a million rows, not the 69 MiB of the table with its paths), the whole
+        table only to write it back."""
         pa = pyarrow()
         digest = _digest(labels)
         if self.manifest.get("command", {}).get("labels") != digest:
             return
-        table = _read_table(target)
+        with _table_source(target) as source:
+            names = _named(target, source, lambda: pa.parquet.read_schema(source).names)
+            if "label" in names and _digest(_named(target, source, lambda: pa.parquet.read_table(
+                    source, columns=["label"])).column("label").to_pylist()) == digest:
+                return
+            table = _named(target, source, lambda: pa.parquet.read_table(source))
         column = pa.array(list(labels), pa.int64())
         if "label" in table.column_names:
-            if _digest(table.column("label").to_pylist()) == digest:
-                return
             table = table.set_column(table.column_names.index("label"), "label", column)
         else:
             table = table.add_column(table.column_names.index("path") + 1, "label", column)
