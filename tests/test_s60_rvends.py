@@ -4,8 +4,9 @@ Each test marked "fails on the branch" failed on its head (4a46f37a) and passes 
 1. A device named as an image (``/dev/null``; ``/dev/stdin`` on a terminal or ``< /dev/null``) was refused with
    "... is not a regular file ...; remove it": advice to remove ``/dev/null`` or ``/dev/stdin``. A device or a
    socket is now said as what it is, never "remove it" (``_core.files.not_image_file``); a FIFO keeps its words.
-2. A socket named as an image said "cannot be read (No such device or address); check the path and its
-   permissions": now "is a socket, not an image file".
+2. A socket named as an image (or as a list, a labels CSV) said "cannot be read (No such device or address); check
+   the path and its permissions": now "is a socket, not an image file" ("a FIFO, a device or a socket, not a
+   regular file" of a text).
 3. A labels CSV over ``TEXT_FILE_CAP`` said "split it in smaller files", which ``labels=`` (one file) cannot take:
    each caller says what it can take (several lists; one CSV of this run's images).
 4. A list saved as UTF-16 (Windows' "Unicode") said "not UTF-8 text (byte 0: invalid start byte)": now it says
@@ -314,3 +315,15 @@ def test_a_resume_whose_inputs_hold_its_labels_reads_them_alone(tmp_path, monkey
     monkeypatch.setattr(store.Store, "_restore_labels", counted)
     test_s57_ends2._a_run(run, labels=[1, 2])
     assert during == [["label"]]
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="AF_UNIX")
+def test_a_socket_as_a_list_or_labels_csv_is_said_not_a_regular_file(tmp_path):
+    """Fails on the branch ("cannot read it (No such device or address); check the path and its permissions": a
+    socket's open fails with ENXIO). Now said as the FIFO and the device are."""
+    path = tmp_path / "s.csv"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+        with pytest.raises(SalienceError, match=r"^labels=\S+s\.csv: a FIFO, a device or a socket, not a regular "
+                                                r"file; expected a CSV file of path,label lines"):
+            sources.read_labels_csv(path, [], None)

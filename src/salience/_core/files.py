@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Iterator, Optional, Union
 from salience._core.errors import SalienceError
 
 __all__ = ["NO_WAIT", "TEXT_FILE_CAP", "atomic_path", "atomic_write", "check_regular", "file_start", "folder_name",
-           "make_folder", "check_image_file", "not_image_file", "not_regular", "one_name", "open_no_wait",
+           "make_folder", "check_image_file", "is_socket", "not_image_file", "not_regular", "one_name", "open_no_wait",
            "open_regular", "read_text", "shell_pipe", "wait_again"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -237,7 +237,10 @@ def read_text(path: PathLike, name: str, expected: str, limit: Optional[int] = N
     try:
         fd = open_regular(path)
     except OSError as e:
-        raise SalienceError(f"{name}: cannot read it ({e.strerror or e}); check the path and its permissions") from None
+        if not is_socket(path):  # a socket's open fails (ENXIO): said as what it is, below
+            raise SalienceError(f"{name}: cannot read it ({e.strerror or e}); check the path and its permissions") \
+                from None
+        fd = None
     if fd is None:
         kind = "a folder" if os.path.isdir(path) else "a FIFO, a device or a socket"
         raise SalienceError(f"{name}: {kind}, not a regular file; expected {expected}")
@@ -257,6 +260,14 @@ def read_text(path: PathLike, name: str, expected: str, limit: Optional[int] = N
         bad = ("UTF-16 text (its byte order mark), not UTF-8" if utf16
                else f"not UTF-8 text (byte {e.start}: {e.reason})")
         raise SalienceError(f"{name}: {bad}; expected {expected}, saved as UTF-8") from None
+
+
+def is_socket(path: PathLike) -> bool:
+    """Whether ``path`` is a socket (whose ``open`` fails with ``ENXIO``), by one ``stat``: what it is, said."""
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def not_regular(path: PathLike, what: str, then: str) -> str:

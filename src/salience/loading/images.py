@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from salience._core.errors import SalienceError, quiet_warnings
-from salience._core.files import file_start, not_image_file, open_no_wait, shell_pipe, wait_again
+from salience._core.files import file_start, is_socket, not_image_file, open_no_wait, shell_pipe, wait_again
 from salience._core.info import ModelInfo
 from salience._core.tensors import MAX_INPUT_PIXELS as _MAX_INPUT_PIXELS, check_input_pixels
 from salience.loading.png import SIGNATURE, decode_png16, is_png16
@@ -236,7 +236,7 @@ def _image_file(p: Path) -> Iterator[tuple[Optional[BinaryIO], Optional[bytes]]]
     try:
         fd, mode = open_no_wait(p)
     except OSError as e:
-        if _is_socket(p):  # a socket cannot be opened (ENXIO): said as what it is
+        if is_socket(p):  # a socket cannot be opened (ENXIO): said as what it is
             raise SalienceError(not_image_file(p, stat.S_IFSOCK)) from None
         raise SalienceError(f"{p}: cannot be read ({e.strerror or e}); check the path and its permissions") from None
     if stat.S_ISREG(mode):
@@ -252,14 +252,6 @@ def _image_file(p: Path) -> Iterator[tuple[Optional[BinaryIO], Optional[bytes]]]
     finally:
         os.close(fd)
     yield None, data
-
-
-def _is_socket(p: Path) -> bool:
-    """Whether ``p`` is a socket (which ``open`` refuses with ``ENXIO``), by one ``stat``: what it is, said."""
-    try:
-        return stat.S_ISSOCK(os.stat(p).st_mode)
-    except (OSError, ValueError):
-        return False
 
 
 def _pipe_bytes(p: Path, fd: int) -> bytes:
