@@ -209,13 +209,16 @@ def test_arm_bf16_is_unchanged(monkeypatch, tmp_path, fresh_cpu_cache):
 
 
 def _failing_read(monkeypatch):
+    """Every ``os.read`` fails (EIO): what ``load_image`` reads a file or a pipe whole by, through the handle it
+    opened once (``images._read_to_end``; its first bytes and PIL's reads go through the buffered file, unaffected).
+    Since session 60; before, ``Path.read_bytes`` (an open of the file by its name again) was patched."""
     import errno
-    import pathlib
+    import os
 
-    def read_bytes(self):
+    def read(fd, n):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(pathlib.Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(os, "read", read)
 
 
 def test_a_pipe_that_cannot_be_read_says_it_is_a_pipe(tmp_path, monkeypatch):
@@ -226,7 +229,7 @@ def test_a_pipe_that_cannot_be_read_says_it_is_a_pipe(tmp_path, monkeypatch):
 
     if not hasattr(os, "mkfifo") or not os.path.isdir("/dev/fd"):
         pytest.skip("pipes named /dev/fd/N are POSIX")
-    read_end, write_end = os.pipe()  # the shell's pipe (read without a time limit, through Path.read_bytes); a named
+    read_end, write_end = os.pipe()  # the shell's pipe (read without a time limit, by os.read); a named
     fifo = Path(f"/dev/fd/{read_end}")  # pipe without a writer is refused before a read (test_s59_ends.py)
     _failing_read(monkeypatch)
     try:
@@ -245,7 +248,7 @@ def test_a_16_bit_png_file_that_cannot_be_read_whole_says_it_is_the_file(tmp_pat
 
     p = tmp_path / "deep.png"
     p.write_bytes(_png(RNG.integers(0, 65536, (2, 3, 3), dtype=np.uint16), 16))
-    _failing_read(monkeypatch)  # the header is read (file_start opens the file); reading it whole fails
+    _failing_read(monkeypatch)  # the header is read (file_start, through the handle); reading it whole fails
     with pytest.raises(SalienceError) as e:
         load_image(p)
     message = str(e.value)

@@ -7,8 +7,11 @@ folder, are flushed to disk, and the temporary file is renamed over the target i
 file is removed and an existing target is left exactly as it was. :func:`file_start` reads a file's first bytes
 (what the loaders tell a file's kind by). :func:`open_regular` opens a file that may be no regular file (a FIFO of its
 name) without waiting: what a run's store, lock and explorer read their own files with (the reader, pyarrow, numpy
-or PIL, reads through that one checked handle); :func:`check_regular` refuses such a file by one ``stat`` (an image
-named to a run or a command, refused before the run: :func:`check_image_file`); :func:`one_name` tells a name read
+or PIL, reads through that one checked handle; :func:`open_no_wait` opens and tells what it opened, the image loader's
+one open, which reads a FIFO too); :func:`read_text` reads a dataset's list, its labels CSV or a class names' file
+through it (a FIFO, a folder, a huge or a non-UTF-8 file refused, saying what was expected); :func:`check_regular`
+refuses such a file by one ``stat`` (an image named to a run or a command, refused before the run:
+:func:`check_image_file`, in the words of :func:`not_image_file`); :func:`one_name` tells a name read
 from a file (a run's method) that names one file inside a folder from one that would lead out of it.
 """
 from __future__ import annotations
@@ -18,12 +21,13 @@ import os
 import secrets
 import stat
 from pathlib import Path, PurePath
-from typing import Any, Iterator, Optional, Union
+from typing import Any, BinaryIO, Iterator, Optional, Union
 
 from salience._core.errors import SalienceError
 
-__all__ = ["NO_WAIT", "atomic_path", "atomic_write", "check_regular", "file_start", "folder_name", "make_folder",
-           "check_image_file", "not_regular", "one_name", "open_regular", "shell_pipe"]
+__all__ = ["NO_WAIT", "TEXT_FILE_CAP", "atomic_path", "atomic_write", "check_regular", "file_start", "folder_name",
+           "make_folder", "check_image_file", "is_socket", "not_image_file", "not_regular", "one_name", "open_no_wait",
+           "open_regular", "read_text", "shell_pipe", "wait_again"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -147,10 +151,20 @@ def make_folder(path: PathLike, given: str = "out=") -> Path:
     return folder
 
 
-def file_start(path: PathLike, n: int) -> bytes:
+def file_start(path: Union[PathLike, BinaryIO], n: int) -> bytes:
     """The first ``n`` bytes of the file ``path``: fewer when it is shorter, ``b""`` when it is empty or cannot be
     read (missing, a folder, no permission). What a file holds, told by its first bytes (a zip archive, a pickle,
-    a safetensors header, a TIFF)."""
+    a safetensors header, a TIFF). ``path`` may be a file already open for reading (binary, seekable: the handle
+    :func:`load_image <salience.loading.images.load_image>` checked and reads through): read from its start, its
+    position put back to the start."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        try:
+            path.seek(0)
+            head = path.read(n)
+            path.seek(0)
+            return head
+        except OSError:
+            return b""
     try:
         with open(path, "rb") as f:
             return f.read(n)
@@ -164,24 +178,96 @@ reading waits for a writer, for ever where none comes), binary on Windows. The o
 (:func:`open_regular`, and the run lock's own opens, :mod:`salience.runs.lock`)."""
 
 
-def open_regular(path: PathLike, flags: int = os.O_RDONLY, mode: int = 0o666) -> Optional[int]:
-    """``path`` opened with ``flags | NO_WAIT`` (and ``mode``, where ``flags`` create it), its descriptor, when it is a
-    regular file (a link to one included); ``None`` when it is not (a FIFO, a device, a socket: closed again, nothing
-    read or written). Opened without waiting, then checked on the open descriptor (no race between a look and the
-    open); the descriptor is put back to blocking mode (``O_NONBLOCK`` changes nothing for a regular file's reads and
-    writes, and its record locks are taken without waiting anyway). ``OSError``: not there, not allowed."""
+def wait_again(fd: int) -> None:
+    """The descriptor ``fd``, opened with :data:`NO_WAIT`, put back to blocking mode where ``NO_WAIT`` made it
+    non-blocking (``O_NONBLOCK``, POSIX; ``os.set_blocking`` is POSIX's alone in Python 3.11): a shell's pipe read
+    whole, a regular file (:func:`open_no_wait`)."""
+    if NO_WAIT & getattr(os, "O_NONBLOCK", 0):
+        os.set_blocking(fd, True)
+
+
+def open_no_wait(path: PathLike, flags: int = os.O_RDONLY, mode: int = 0o666) -> tuple[int, int]:
+    """``path`` opened with ``flags | NO_WAIT`` (and ``mode``, where ``flags`` create it): its descriptor and what it
+    is (``st_mode``, of ``fstat`` on the descriptor: no race between a look and the open). A regular file's
+    descriptor is put back to blocking mode (``O_NONBLOCK`` changes nothing for its reads and writes, and its record
+    locks are taken without waiting anyway); any other (a FIFO: read it without waiting, or close it) is left as it
+    was opened. The descriptor is not inherited by child processes (Python's ``O_CLOEXEC``). ``OSError``: not there,
+    not allowed."""
     fd = os.open(path, flags | NO_WAIT, mode)
     try:
-        regular = stat.S_ISREG(os.fstat(fd).st_mode)
-        if regular and NO_WAIT & getattr(os, "O_NONBLOCK", 0):
-            os.set_blocking(fd, True)
+        st_mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(st_mode):
+            wait_again(fd)
     except BaseException:
         os.close(fd)
         raise
-    if not regular:
+    return fd, st_mode
+
+
+def open_regular(path: PathLike, flags: int = os.O_RDONLY, mode: int = 0o666) -> Optional[int]:
+    """``path`` opened with ``flags | NO_WAIT`` (and ``mode``, where ``flags`` create it), its descriptor, when it is a
+    regular file (a link to one included); ``None`` when it is not (a FIFO, a device, a socket, a folder: closed
+    again, nothing read or written). Opened without waiting, then checked on the open descriptor
+    (:func:`open_no_wait`). ``OSError``: not there, not allowed."""
+    fd, st_mode = open_no_wait(path, flags, mode)
+    if not stat.S_ISREG(st_mode):
         os.close(fd)
         return None
     return fd
+
+
+TEXT_FILE_CAP = 256 << 20
+"""The most bytes a text file that salience reads whole (a dataset's ``.txt`` list of images, its labels CSV, a class
+names' file) may hold: 256 MiB (a million paths of 250 characters). A larger file is refused before it is read
+(:func:`read_text`)."""
+
+
+def read_text(path: PathLike, name: str, expected: str, limit: Optional[int] = None,
+              too_big: str = "split it in smaller files") -> str:
+    """The text of the UTF-8 file ``path`` (a byte order mark dropped; lines as they are, ``\r\n`` too), read
+    through one handle opened without waiting and checked regular on it (:func:`open_regular`): a FIFO there,
+    even one put there after a look, is never waited on. A :class:`SalienceError` that starts with ``name`` (how the
+    user gave the file: ``labels=PATH``, ``PATH``) and says what was expected (``expected``: ``"a CSV file of
+    path,label lines"``) for a file that cannot be opened (its system error), a folder, a FIFO, a device or a
+    socket, a file over ``limit`` bytes (:data:`TEXT_FILE_CAP` by default; its size checked on the handle before a
+    byte is read; ``too_big`` says what to do then, what the caller can take: several lists, one CSV of fewer
+    lines), or one that is not UTF-8 (the offset of its first bad byte; UTF-16, told by its byte order mark, said
+    so: what Windows' editors save as "Unicode")."""
+    limit = TEXT_FILE_CAP if limit is None else limit
+    try:
+        fd = open_regular(path)
+    except OSError as e:
+        if not is_socket(path):  # a socket's open fails (ENXIO): said as what it is, below
+            raise SalienceError(f"{name}: cannot read it ({e.strerror or e}); check the path and its permissions") \
+                from None
+        fd = None
+    if fd is None:
+        kind = "a folder" if os.path.isdir(path) else "a FIFO, a device or a socket"
+        raise SalienceError(f"{name}: {kind}, not a regular file; expected {expected}")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            data = f.read(limit + 1) if size <= limit else b""
+        except OSError as e:
+            raise SalienceError(f"{name}: cannot read it ({e.strerror or e}); check the file") from None
+    if size > limit or len(data) > limit:
+        raise SalienceError(f"{name}: {max(size, len(data)):,} bytes, over the {limit:,} a text file may hold; "
+                            f"expected {expected} ({too_big})")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")  # Windows' "Unicode"
+        bad = ("UTF-16 text (its byte order mark), not UTF-8" if utf16
+               else f"not UTF-8 text (byte {e.start}: {e.reason})")
+        raise SalienceError(f"{name}: {bad}; expected {expected}, saved as UTF-8") from None
+
+
+def is_socket(path: PathLike) -> bool:
+    """Whether ``path`` is a socket (whose ``open`` fails with ``ENXIO``), by one ``stat``: what it is, said."""
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def not_regular(path: PathLike, what: str, then: str) -> str:
@@ -235,9 +321,29 @@ def shell_pipe(path: PathLike) -> bool:
     return text == "/dev/stdin" or text.startswith(("/dev/fd/", "/proc/self/fd/"))
 
 
+IMAGE_AS_FILE = "give the image as a file (a pipe from the shell, <(...), is read)"
+"""What to do with an image named by no regular file (:func:`not_image_file`)."""
+
+
+def not_image_file(path: PathLike, st_mode: int) -> str:
+    """What to say of the image ``path`` that is no regular file (``st_mode``): a FIFO, :func:`not_regular` (remove
+    it); a device or a socket (``/dev/null``, a terminal as ``/dev/stdin``, a server's socket), never to be removed,
+    said as what it is."""
+    if stat.S_ISCHR(st_mode) or stat.S_ISBLK(st_mode) or stat.S_ISSOCK(st_mode):
+        kind = "a socket" if stat.S_ISSOCK(st_mode) else "a device"
+        return f"{path} is {kind}, not an image file; {IMAGE_AS_FILE}"
+    return not_regular(path, "an image's name", IMAGE_AS_FILE)
+
+
 def check_image_file(path: PathLike) -> None:
     """A :class:`SalienceError` when the local image ``path`` is there and is no regular file (a FIFO, a device, a
-    socket; a shell's pipe, :func:`shell_pipe`, is read): before an image is opened, which would wait for ever on a
-    FIFO without a writer (:func:`check_regular`)."""
-    if not shell_pipe(path):
-        check_regular(path, "an image's name", "give the image as a file (a pipe from the shell, <(...), is read)")
+    socket: :func:`not_image_file`; a shell's pipe, :func:`shell_pipe`, is read): before an image is opened, which
+    would wait for ever on a FIFO without a writer. One ``stat``, as :func:`check_regular`."""
+    if shell_pipe(path):
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # not there, no permission, a NUL in it: the reader says so
+        return
+    if not stat.S_ISREG(mode):
+        raise SalienceError(not_image_file(path, mode))

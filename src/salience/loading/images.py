@@ -22,7 +22,7 @@ import stat
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from salience._core.errors import SalienceError, quiet_warnings
-from salience._core.files import NO_WAIT, file_start, shell_pipe
+from salience._core.files import file_start, is_socket, not_image_file, open_no_wait, shell_pipe, wait_again
 from salience._core.info import ModelInfo
 from salience._core.tensors import MAX_INPUT_PIXELS as _MAX_INPUT_PIXELS, check_input_pixels
 from salience.loading.png import SIGNATURE, decode_png16, is_png16
@@ -139,32 +139,41 @@ def missing_file(p: Path) -> str:
 
 
 def _load(path: PathLike, max_pixels: Any, data: Any, alpha: bool) -> Tensor:
-    """:func:`load_image`; ``alpha``: a transparent image as RGBA ``(4, H, W)``, not composited."""
+    """:func:`load_image`; ``alpha``: a transparent image as RGBA ``(4, H, W)``, not composited. A file is opened
+    once (:func:`_image_file`) and read through that handle alone: its first bytes, its whole bytes (a 16-bit PNG),
+    PIL's reads."""
+    max_pixels = check_max_pixels(max_pixels)
+    if data is not None and not isinstance(data, (bytes, bytearray, memoryview)):
+        raise SalienceError(f"load_image: data must be the file's bytes, got {type(data).__name__}")
+    if data is not None:
+        return _decode(str(path), None, data, max_pixels, alpha)
+    p = _image_path(path)
+    if not p.exists():
+        raise SalienceError(missing_file(p))
+    if p.is_dir():
+        raise SalienceError(f"{p}: is a directory, expected an image file (PNG, JPEG, ...)")
+    with _image_file(p) as (f, piped):  # a pipe gives its bytes once
+        return _decode(p, f, piped, max_pixels, alpha)
+
+
+def _decode(p: Any, f: Optional[BinaryIO], data: Any, max_pixels: Optional[int], alpha: bool) -> Tensor:
+    """The image ``p`` (named in messages) decoded from its open file ``f`` or, when ``f`` is ``None``, from its bytes
+    ``data``: :func:`_load`'s reading."""
     import io
 
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    max_pixels = check_max_pixels(max_pixels)
-    if data is not None and not isinstance(data, (bytes, bytearray, memoryview)):
-        raise SalienceError(f"load_image: data must be the file's bytes, got {type(data).__name__}")
-    p: Any = _image_path(path) if data is None else str(path)
-    if data is None and not p.exists():
-        raise SalienceError(missing_file(p))
-    if data is None and p.is_dir():
-        raise SalienceError(f"{p}: is a directory, expected an image file (PNG, JPEG, ...)")
-    if data is None:
-        data = _pipe_bytes(p)  # a pipe gives its bytes once
-    head = bytes(data[:26]) if data is not None else file_start(p, 26)
+    head = bytes(data[:26]) if data is not None else file_start(f, 26)
     png16 = is_png16(head)
     if png16 and data is None:  # decoded here (salience.loading.png) from the bytes Pillow read the header from
-        data = _file_bytes(p)
+        data = _file_bytes(p, f)
     try:
         # We check the size ourselves (below) against max_pixels; PIL's own bomb check would
         # otherwise refuse or warn on its own, different limit.
         with _without_pils_bomb_limit(), quiet_warnings():  # PIL's notes on odd metadata; errors are raised below
-            img = Image.open(p if data is None else io.BytesIO(data))
+            img = Image.open(f if data is None else io.BytesIO(data))
     except UnidentifiedImageError:
-        raise _unidentified(p, data) from None
+        raise _unidentified(p, head) from None
     except Image.DecompressionBombError as e:  # pragma: no cover - the limit is lifted above
         raise SalienceError(f"{p}: refused as too large to decode ({e}); raise the pixel limit if you trust it") from None
     except MemoryError:
@@ -216,26 +225,60 @@ writer that comes in time is read whole, however long it takes to send its bytes
 without this limit."""
 
 
-def _pipe_bytes(p: Path) -> Optional[bytes]:
-    """The bytes of ``p`` when it is a pipe (bash's ``<(curl ...)``, a named pipe), read whole, as PIL reads a stream it
-    cannot seek (a second look at its first bytes, :func:`_unidentified`, would wait for ever); ``None`` for any other
-    file, which is opened where it is. A named pipe no program opens for writing in :data:`PIPE_WAIT_S` is a
-    :class:`SalienceError` saying so (:func:`_named_pipe_bytes`). A pipe that cannot be read says it is a pipe (its
-    writer is gone or failed)."""
+@contextlib.contextmanager
+def _image_file(p: Path) -> Iterator[tuple[Optional[BinaryIO], Optional[bytes]]]:
+    """The image file ``p`` opened once, without waiting, and told by its handle (``fstat``:
+    :func:`salience._core.files.open_no_wait`), so that a file swapped for a FIFO after a look at its name is never
+    opened plainly (which waits for a writer, for ever where none comes): ``(f, None)``, ``f`` the open regular file
+    (binary, buffered, seekable) that everything is read through; ``(None, data)`` for a pipe, its bytes read whole
+    (:func:`_pipe_bytes`). A :class:`SalienceError` for a file that cannot be opened (its system error), a folder, a
+    device or a socket (refused as :func:`salience._core.files.check_image_file` refuses it before a run)."""
     try:
-        fifo = stat.S_ISFIFO(p.stat().st_mode)
+        fd, mode = open_no_wait(p)
     except OSError as e:
+        if is_socket(p):  # a socket cannot be opened (ENXIO): said as what it is
+            raise SalienceError(not_image_file(p, stat.S_IFSOCK)) from None
         raise SalienceError(f"{p}: cannot be read ({e.strerror or e}); check the path and its permissions") from None
-    if not fifo:
-        return None
+    if stat.S_ISREG(mode):
+        with os.fdopen(fd, "rb") as f:
+            yield f, None
+        return
+    try:
+        if stat.S_ISDIR(mode):  # a folder put there after the look (Linux opens one for reading)
+            raise SalienceError(f"{p}: is a directory, expected an image file (PNG, JPEG, ...)")
+        if not stat.S_ISFIFO(mode):  # a device (/dev/null, a terminal as /dev/stdin): never "remove it"
+            raise SalienceError(not_image_file(p, mode))
+        data = _pipe_bytes(p, fd)
+    finally:
+        os.close(fd)
+    yield None, data
+
+
+def _pipe_bytes(p: Path, fd: int) -> bytes:
+    """The bytes of the pipe ``p`` (bash's ``<(curl ...)``, a named pipe), open without waiting as ``fd``, read whole,
+    as PIL reads a stream it cannot seek (a second look at its first bytes would wait for ever). A named pipe no
+    program opens for writing in :data:`PIPE_WAIT_S` is a :class:`SalienceError` saying so
+    (:func:`_named_pipe_bytes`). A pipe that cannot be read says it is a pipe (its writer is gone or failed)."""
     try:
         if shell_pipe(p) or not hasattr(os, "mkfifo"):  # the shell's pipe; a system without named pipes (Windows)
-            return p.read_bytes()
-        return _named_pipe_bytes(p, PIPE_WAIT_S)
+            wait_again(fd)  # opened without waiting (POSIX): read it waiting for its bytes
+            return _read_to_end(fd)
+        return _named_pipe_bytes(p, fd, PIPE_WAIT_S)
     except OSError as e:
         raise SalienceError(f"{p}: a pipe (/dev/stdin, a named pipe, <(...)) that cannot be read ({e.strerror or e}); "
                             "run the command that writes to it again, or save the image to a file and give its "
                             "path") from None
+
+
+def _read_to_end(fd: int, first: bytes = b"") -> bytes:
+    """``first`` and then the bytes of the open descriptor ``fd`` (blocking) from where it stands to its end, read by
+    ``os.read``: the whole reads of :func:`load_image` (a pipe, a 16-bit PNG). ``OSError``: a read failed."""
+    parts = [first]
+    while True:
+        part = os.read(fd, 1 << 20)
+        if not part:
+            return b"".join(parts)
+        parts.append(part)
 
 
 PIPE_POLL_S = 0.05
@@ -243,12 +286,13 @@ PIPE_POLL_S = 0.05
 wakes no ``select``; its first bytes or its close do)."""
 
 
-def _named_pipe_bytes(p: Path, wait: float) -> bytes:
-    """The bytes of the named pipe ``p``, read whole once a program has it open for writing, if one opens it within
-    ``wait`` seconds. Opened without waiting (:data:`salience._core.files.NO_WAIT`: the open of a FIFO for reading
-    returns at once, writer or not), then looked at every :data:`PIPE_POLL_S` by a read that does not wait: bytes or
-    ``EAGAIN`` (a writer has it open, nothing sent yet) say a writer is there, and the pipe is then read in blocking
-    mode to its end (the writer's close) with no time limit, however slow the writer (``curl URL > p &``); ``b""``
+def _named_pipe_bytes(p: Path, fd: int, wait: float) -> bytes:
+    """The bytes of the named pipe ``p``, open as ``fd``, read whole once a program has it open for writing, if one
+    opens it within ``wait`` seconds. Opened without waiting (:data:`salience._core.files.NO_WAIT`: the open of a FIFO
+    for reading returns at once, writer or not: :func:`_image_file`), then looked at every :data:`PIPE_POLL_S` by a
+    read that does not wait: bytes or ``EAGAIN`` (a writer has it open, nothing sent yet) say a writer is there, and
+    the pipe is then read in blocking mode to its end (the writer's close) with no time limit, however slow the
+    writer (``curl URL > p &``); ``b""``
     (end of file) says no writer has it open. On Linux ``select`` tells a writer that came and closed it (its end of
     file is ready) from none yet (not ready): an empty pipe so closed is ``b""`` (an empty image file). Elsewhere the
     two are not told apart, and a writer that opened and closed it between two looks is waited for until ``wait``
@@ -257,49 +301,50 @@ def _named_pipe_bytes(p: Path, wait: float) -> bytes:
     import time
 
     closed_is_seen = sys.platform.startswith("linux")  # a writer's close wakes select, a reader alone does not
-    with os.fdopen(os.open(p, os.O_RDONLY | NO_WAIT), "rb", buffering=0) as f:
-        deadline = time.monotonic() + wait
-        with selectors.DefaultSelector() as looks:
-            looks.register(f.fileno(), selectors.EVENT_READ)
-            while True:
-                ready = bool(looks.select(0))
-                try:
-                    first = os.read(f.fileno(), 1 << 16)
-                except BlockingIOError:  # EAGAIN: a writer has it open and has sent nothing yet
-                    first = None
-                    break
-                if first or (ready and closed_is_seen):  # its first bytes; or a writer came and closed it, empty
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise SalienceError(
-                        f"{p}: a named pipe that no program opened for writing in {wait:g} s; start the program "
-                        "that writes the image to it first, or save the image to a file and give its path")
-                if ready:  # (not Linux) an end of file ready wakes select at once: slept instead
-                    time.sleep(min(left, PIPE_POLL_S))
-                else:
-                    looks.select(min(left, PIPE_POLL_S))  # wakes early for bytes or a close
-        if first == b"":
-            return b""
-        os.set_blocking(f.fileno(), True)
-        return (first or b"") + f.readall()
+    deadline = time.monotonic() + wait
+    with selectors.DefaultSelector() as looks:
+        looks.register(fd, selectors.EVENT_READ)
+        while True:
+            ready = bool(looks.select(0))
+            try:
+                first = os.read(fd, 1 << 16)
+            except BlockingIOError:  # EAGAIN: a writer has it open and has sent nothing yet
+                first = None
+                break
+            if first or (ready and closed_is_seen):  # its first bytes; or a writer came and closed it, empty
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SalienceError(
+                    f"{p}: a named pipe that no program opened for writing in {wait:g} s; start the program "
+                    "that writes the image to it first, or save the image to a file and give its path")
+            if ready:  # (not Linux) an end of file ready wakes select at once: slept instead
+                time.sleep(min(left, PIPE_POLL_S))
+            else:
+                looks.select(min(left, PIPE_POLL_S))  # wakes early for bytes or a close
+    if first == b"":
+        return b""
+    os.set_blocking(fd, True)
+    return _read_to_end(fd, first or b"")
 
 
-def _file_bytes(p: Path) -> bytes:
-    """The bytes of the file ``p`` (a 16-bit PNG, decoded from them; its header was read just before); one that
-    cannot be read says it is the file, read a second time."""
+def _file_bytes(p: Path, f: BinaryIO) -> bytes:
+    """The bytes of the open file ``f`` of ``p`` (a 16-bit PNG, decoded from them; its header was read just before
+    through the same handle), read from its start by its descriptor (:func:`_read_to_end`; ``f``'s buffer is not read
+    again); one that cannot be read says it is the file."""
     try:
-        return p.read_bytes()
+        os.lseek(f.fileno(), 0, os.SEEK_SET)
+        return _read_to_end(f.fileno())
     except OSError as e:
         raise SalienceError(f"{p}: the file's header was read but not the whole file ({e.strerror or e}); check that "
                             "it is still there and readable (permissions, a network or removable disk), or copy it "
                             "to a local disk") from None
 
 
-def _unidentified(p: Any, data: Optional[bytes]) -> SalienceError:
-    """A file PIL cannot identify: a TIFF whose samples PIL cannot decode says so, anything else is no image."""
-    head = bytes(data[:4]) if data is not None else file_start(p, 4)
-    if head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+def _unidentified(p: Any, head: bytes) -> SalienceError:
+    """A file PIL cannot identify (``head``: its first bytes): a TIFF whose samples PIL cannot decode says so, anything
+    else is no image."""
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return SalienceError(f"{p}: a TIFF file whose samples PIL cannot decode (16- or 64-bit floats, float RGB, ...); "
                              "save it with 8- or 16-bit integers, or as a one-channel 32-bit float image in [0, 1]")
     return SalienceError(f"{p}: not an image file PIL can read (expected PNG, JPEG, BMP, TIFF, WebP, GIF ...); "

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from salience._core.errors import SalienceError, suggest, user_stacklevel
-from salience._core.files import file_start
+from salience._core.files import file_start, read_text
 from salience._core.info import ModelInfo, attach_info, model_info
 from salience._core.tensors import check_flag
 
@@ -737,14 +737,13 @@ def read_labels(path: PathLike) -> tuple[str, ...]:
     """Class names from a file: one name per line (line ``i + 1`` names class ``i``; blank lines at the end
     skipped, a blank line before a name refused with its number: skipped, it shifted every name after it), a JSON
     list, or a JSON object ``{index: name}`` whose indices are ``0..K-1``. A :class:`SalienceError` names the file
-    when it cannot be read or is none of these."""
+    when it cannot be read or is none of these (read by :func:`salience._core.files.read_text`: a FIFO, a folder, a
+    device, a file over 256 MiB or not UTF-8 refused, never waited on)."""
     import json
 
-    p = path_arg(path, "the labels file")
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SalienceError(f"labels file {p}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    p = path_arg(path, "the labels file")  # read through one checked handle: a FIFO refused, never waited on
+    text = read_text(p, f"labels file {p}", "class names, one a line, or a JSON list (UTF-8)",
+                     too_big="check that it is the class names' file")
     if text.lstrip()[:1] in ("[", "{"):
         try:
             data = json.loads(text)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import io
 import os
 import pickle
 import traceback
@@ -21,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from salience._core.errors import SalienceError, user_stacklevel
-from salience._core.files import check_image_file
+from salience._core.files import check_image_file, read_text
 from salience._core.info import ModelInfo
 from salience.loading import remote
 from salience.loading.images import DEFAULT_MAX_PIXELS, load_image, mask_values, normalize_input, resize_crop
@@ -58,7 +59,7 @@ def expand(specs: Sequence[PathLike]) -> list[str]:
             if not found:
                 raise SalienceError(f"{p}: no image files in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
             paths += found
-        elif p.suffix.lower() == ".txt" and p.is_file():
+        elif p.suffix.lower() == ".txt" and p.exists():  # a FIFO of its name too: refused as a list, not waited on
             paths += _list_file(p)
         elif text.endswith(("/", os.sep)):  # written as a folder: not a missing image of that name
             raise SalienceError(f"{text}: no such folder; check the path")
@@ -128,8 +129,18 @@ def _outside_runs(files: list[str], base: Path) -> list[str]:
     return kept
 
 
+LIST_FILE = "a text file of image paths, one a line (UTF-8)"
+"""What a dataset's ``.txt`` list is expected to be, in its errors (:func:`_list_file`)."""
+LABELS_CSV = "a CSV file of path,label lines (UTF-8)"
+"""What a labels CSV is expected to be, in its errors (:func:`read_labels_csv`)."""
+
+
 def _list_file(p: Path) -> list[str]:
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8-sig").splitlines()]
+    """The image paths the ``.txt`` list ``p`` names (blank lines and ``#`` comments skipped; relative ones from its
+    folder), read through one checked handle (:func:`salience._core.files.read_text`: a FIFO, a folder, a device, a
+    huge or a non-UTF-8 file is a :class:`SalienceError` saying a list was expected, never waited on)."""
+    text = read_text(p, str(p), LIST_FILE, too_big="split it into smaller lists and give them all")
+    lines = [ln.strip() for ln in text.splitlines()]
     out = [ln if Path(ln).is_absolute() or remote.is_remote(ln) else str(p.parent / ln)
            for ln in lines if ln and not ln.startswith("#")]
     if not out:
@@ -177,14 +188,16 @@ def read_labels_csv(path: PathLike, paths: Sequence[str], class_names: Optional[
     that ends its path (``a/x.png`` for ``data/a/x.png``), or its file name (refused when lines of
     that name give different labels)
     Images missing from the file get ``None``. ``n_classes``: a label outside ``0..n_classes-1`` is
-    refused with its line."""
+    refused with its line. The file is read through one checked handle (:func:`salience._core.files.read_text`): a
+    FIFO, a folder, a device, a huge or a non-UTF-8 file is a :class:`SalienceError` saying a CSV was expected."""
     p = Path(path)
+    text = read_text(p, f"labels={p}", LABELS_CSV, too_big="keep the lines of this run's images alone: one labels "
+                     "file is read")
+    reader = csv.reader(io.StringIO(text, newline=""))
     try:
-        with open(p, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            rows = [(reader.line_num, r) for r in reader if r and not r[0].startswith("#")]
-    except OSError as e:
-        raise SalienceError(f"labels={p}: cannot read it ({e.strerror or e})") from None
+        rows = [(reader.line_num, r) for r in reader if r and not r[0].startswith("#")]
+    except csv.Error as e:  # a field over csv's limit, a quote left open at the end
+        raise SalienceError(f"labels={p}: line {reader.line_num}: {e}; expected {LABELS_CSV}") from None
     names = {n.lower(): i for i, n in enumerate(class_names or ())}
     table: dict[str, int] = {}
     lines: dict[str, int] = {}
