@@ -47,8 +47,8 @@ def test_weight_bytes_are_the_parameters_bytes_each_counted_once():
 
 def test_gradient_chunk_cap_at_the_border():
     """32 from CPU_WEIGHTY_ITEMS (8; 16 before session 60) items' bytes up to the weights' (at the border too), 16
-    below; 16 without a probe's figure. Items of 1 MB: too big for the small-pass rule (8 MiB hold 8 of them)."""
-    per_item = 1 << 20
+    below; 16 without a probe's figure. Items of 4 MiB: too big for the small-pass rule (24 MiB hold 6 of them)."""
+    per_item = 4 << 20
     w = _engine.CPU_WEIGHTY_ITEMS * per_item
     assert _engine.CPU_WEIGHTY_ITEMS == 8
     assert _engine.gradient_chunk_cap(per_item, w) == _engine.CPU_GRADIENT_CHUNK_WEIGHTY == 32

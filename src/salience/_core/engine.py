@@ -636,10 +636,12 @@ CPU_WEIGHTY_ITEMS = 8
 # Where a pass's items are small in bytes its fixed costs (salience's per-pass work, the backward's setup, the
 # kernels' per-call overhead) outweigh the cache misses of a bigger pass: a CPU gradient pass takes as many items as
 # keep it under CPU_SMALL_PASS_BYTES by the memory probe (a multiple of 8), up to CPU_GRADIENT_CHUNK_SMALL, where that
-# is more than the rules above give. The tiny CNN of benchmarks/fixed_cost_s59.py (22 KB an item) ran integrated
-# gradients' 32 items of one image in one pass in 0.60 of the time of 16 + 16; the demo CNN at 64 px (1.3 MB an
-# item), as fast in passes of 16 as of 32 and slower in passes of 64, stays at 16 (benchmarks/chunk-small-s60-sizes.md).
-CPU_SMALL_PASS_BYTES = 8 << 20
+# is more than the rules above give. Integrated gradients' 64 items of two images (one thread, CPU time, medians):
+# the tiny CNN of benchmarks/fixed_cost_s59.py (22 KB an item) in one pass of 64 in 0.4 of the time of 4 x 16, the
+# demo CNN at 24 px (188 KB) in 0.59 and at 32 px (334 KB: 64 items 21 MB) in 0.68; the demo CNN at 64 px (1.3 MB an
+# item), about as fast in passes of 32 (42 MB) as of 16 and slower in passes of 64 (85 MB), stays at 16
+# (benchmarks/chunk-small-s60-sizes*.md).
+CPU_SMALL_PASS_BYTES = 24 << 20
 CPU_GRADIENT_CHUNK_SMALL = 64
 
 
