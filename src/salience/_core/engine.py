@@ -627,11 +627,11 @@ CPU_GRADIENT_CHUNK = 16
 # item, passes of 32 items 1.06-1.09x of passes of 8 in every round, benchmarks/vgg-chunk-s48-112.txt).
 CPU_GRADIENT_CHUNK_WEIGHTY = 32
 # The weights must weigh at least this many items' bytes for CPU_GRADIENT_CHUNK_WEIGHTY: resnet50
-# at 64 px (102 MB of weights, 7.0 MB an item: 14.5 items' bytes) ran integrated gradients' 32 items of one image
-# in one pass faster than in 16 + 16 (docs/performance-log.md, "The gradient chunk on small models",
-# benchmarks/chunk-small-s60-sizes.md), resnet18 at 112 px (46.8 MB, 5.5 MB: 8.4 items) as fast; resnet50 at 112 px
-# (about 3.6 items' bytes), where 32 items were slower than 2 x 16 (session 44), and at 224 px (1.2) stay under it;
-# 16 items' bytes until session 60.
+# at 64 px (102 MB of weights, 7.0 MB an item: 14.5 items' bytes) and resnet18 at 112 px (46.8 MB, 5.5 MB: 8.4 items)
+# ran integrated gradients' 32 items of one image within 1.02 of the bare pass of 32 in one pass, 1.11-1.14 in
+# 16 + 16 (docs/performance-log.md, "The gradient chunk on small models", benchmarks/chunk-small-s60.md); resnet50
+# at 112 px (22.2 MB an item: 4.6 items' bytes), where 32 items were slower than 2 x 16 (session 44), and at 224 px
+# (1.2) stay under it; 16 items' bytes until session 60.
 CPU_WEIGHTY_ITEMS = 8
 # Where a pass's items are small in bytes its fixed costs (salience's per-pass work, the backward's setup, the
 # kernels' per-call overhead) outweigh the cache misses of a bigger pass: a CPU gradient pass takes as many items as
@@ -639,8 +639,8 @@ CPU_WEIGHTY_ITEMS = 8
 # is more than the rules above give. Integrated gradients' 64 items of two images (one thread, CPU time, medians):
 # the tiny CNN of benchmarks/fixed_cost_s59.py (22 KB an item) in one pass of 64 in 0.4 of the time of 4 x 16, the
 # demo CNN at 24 px (188 KB) in 0.59 and at 32 px (334 KB: 64 items 21 MB) in 0.68; the demo CNN at 64 px (1.3 MB an
-# item), about as fast in passes of 32 (42 MB) as of 16 and slower in passes of 64 (85 MB), stays at 16
-# (benchmarks/chunk-small-s60-sizes*.md).
+# item: 1.14 / 1.07 / 1.08 of the bare pass in passes of 16 / 32 / 64, within the noise, and session 44 had 16 faster
+# than 32 there) stays at 16 (benchmarks/chunk-small-s60-sizes*.md).
 CPU_SMALL_PASS_BYTES = 24 << 20
 CPU_GRADIENT_CHUNK_SMALL = 64
 
