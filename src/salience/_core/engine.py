@@ -18,10 +18,10 @@ belongs to image ``j % B``. :func:`accumulate`
   bits every time, and no call runs a small first chunk (session 45: SmoothGrad 16 of one image ran
   1 + 15 items before, 16 now). On a CPU a gradient pass takes at most :data:`CPU_GRADIENT_CHUNK`
   items (:data:`CPU_GRADIENT_CHUNK_WEIGHTY` where the model's parameters outweigh :data:`CPU_WEIGHTY_ITEMS` items by
-  the probe, up to :data:`CPU_GRADIENT_CHUNK_SMALL` where the items are so small in bytes that a pass of that many stays
-  under :data:`CPU_SMALL_PASS_BYTES`: :func:`gradient_chunk_cap`), where the C library is glibc at most as many as keep its largest single block under
-  glibc's 32 MiB mmap threshold (:func:`mmap_chunk_cap`, the probe's :attr:`MemoryProbe.largest`; session 48),
-  and the items are split evenly (:func:`planned_chunk`); on CUDA, and for gradient-free passes,
+  the probe, up to :data:`CPU_GRADIENT_CHUNK_SMALL` where the items are so small in bytes that a pass of that many
+  stays under :data:`CPU_SMALL_PASS_BYTES`: :func:`gradient_chunk_cap`), where the C library is glibc at most as
+  many as keep its largest single block under glibc's 32 MiB mmap threshold (:func:`mmap_chunk_cap`, the probe's
+  :attr:`MemoryProbe.largest`; session 48), and the items are split evenly (:func:`planned_chunk`); on CUDA, and for gradient-free passes,
   the budget's size. Without a run, or with ``chunks="throughput"``, the probe's pass is the call's
   first chunk (real work). ``chunk=`` fixes the size, ``max_memory=`` sets the budget (default:
   :func:`default_budget`);
