@@ -1,0 +1,132 @@
+"""Review of the CPU gradient-chunk rules for small items (engine.gradient_chunk_cap, tests/test_s60_chunk.py).
+
+What failed before the fix: the small-pass rule took "as many items as fit 24 MiB, a multiple of 8", so items of
+394 KB - 786 KB got a cap of 40, 48 or 56, sizes never measured; ``engine.planned_chunk`` splits a call's 16 n or 32 n
+items evenly under such a cap into passes of no multiple of 8, which the engine's own rule avoids (oneDNN runs them
+10-29 % slower per item, ``engine.CPU_GRADIENT_CHUNK``): the tiny CNN at 80 px (539 KB an item), integrated gradients
+of 8 images ran passes of 37 x 6 + 34 (cap 40), resnet18 at 32 px (451 KB) 43 x 5 + 41 (cap 48, where main ran
+8 x 32). The rule now gives 64 where 64 items fit 24 MiB, else 32 where 32 do. Six of the eight tests here fail on the
+branch before the fix (the four parametrized property tests, the resnet18 plan, the pass sizes at 80 px); the vit_b_16
+plan and ``max_memory=`` hold on both (and fail on main, which had neither rule).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import salience
+from salience._core import engine as _engine
+from salience._core import perf as _perf
+
+# (the memory probe's bytes per item, the weights' bytes, the probe's largest block per item), torch 2.14, random
+# weights, as the engine measured them for integrated gradients (steps 32) of 8 images
+RESNET18_32 = (450922, 46758048, 65536)
+# vit_b_16 at 144 px (image_size=144), integrated gradients of 2 images: its weights weigh 10.6 items' bytes, so the
+# weighty rule (8 items) reaches it; the 1 GiB budget allows 26 items
+VIT_B_16_144 = (32563150, 345917344, 1007616)
+
+
+@pytest.fixture
+def glibc(monkeypatch):
+    """The C library taken as glibc (its mmap bound applies), whatever this process's is."""
+    monkeypatch.setattr(_engine, "_glibc_heap", lambda: True)
+
+
+def _plan(probe: tuple[int, int, int], total: int, n_images: int, budget: int = 1 << 30) -> int:
+    per_item, weights, block = probe
+    cap = _engine.chunk_size(per_item, budget, n_images)
+    return _engine.planned_chunk(total, cap, torch.device("cpu"), False,
+                                 _engine.gradient_chunk_cap(per_item, weights, block))
+
+
+# bytes per item from 1 KB to 4 MB, 60 steps a factor of about 1.15 apart
+_SIZES = [int(1000 * 1.15 ** k) for k in range(60)]
+
+
+@pytest.mark.parametrize("weights", [0, 1 << 40])
+def test_the_cap_is_one_of_the_measured_sizes(weights):
+    """Without the mmap bound the cap is 16, 32 or 64 for every item size (before: 24-56 between 394 KB and 1 MB)."""
+    caps = {_engine.gradient_chunk_cap(p, weights, None) for p in _SIZES}
+    assert caps <= {16, 32, 64}, caps
+
+
+@pytest.mark.parametrize("weights", [0, 1 << 40])
+def test_every_planned_pass_is_a_multiple_of_8(weights):
+    """SmoothGrad's 16 n and integrated gradients' 32 n items of 1-12 images, every item size, a 1 GiB budget: one
+    pass of all items, or passes of a multiple of 8 items (before: 37, 43, 51 ...)."""
+    bad = []
+    for per_item in _SIZES:
+        for images in range(1, 13):
+            for total in (16 * images, 32 * images):
+                size = _plan((per_item, weights, None), total, images)
+                if size < total and size % 8:
+                    bad.append((per_item, total, size))
+    assert bad == []
+
+
+def test_resnet18_at_32_px_plans_as_main(glibc):
+    """resnet18 at 32 px (CIFAR size), integrated gradients of 8 images: 8 passes of 32, as on main (the weighty rule;
+    24 MiB hold 55 items: 32 by the small rule too); the branch's cap of 48 planned 5 x 43 + 41."""
+    assert _engine.gradient_chunk_cap(*RESNET18_32) == 32
+    assert _plan(RESNET18_32, 256, 8) == 32
+
+
+def test_vit_b_16_at_144_px_plan(glibc):
+    """vit_b_16 at 144 px, integrated gradients of 2 images (64 items): the weighty cap (32, weights 10.6 items'
+    bytes) bounded by the 1 GiB budget's 26 items: 24 + 24 + 16 (main: 4 x 16; docs/performance-log.md has the
+    measure); under a budget of 2 GiB 32 + 32."""
+    assert _engine.gradient_chunk_cap(*VIT_B_16_144) == 32
+    assert _plan(VIT_B_16_144, 64, 2) == 24
+    assert _plan(VIT_B_16_144, 64, 2, budget=2 << 30) == 32
+
+
+def _tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 5)).eval()
+
+
+def _passes(model: torch.nn.Module, *calls) -> tuple[list[list[int]], list]:
+    """The batch sizes of ``model``'s forward passes in each of ``calls`` and their results, under one forward
+    pre-hook (a hook added between two calls is a change the run's cache sees: the second call would probe again)."""
+    seen: list[int] = []
+    each: list[list[int]] = []
+    outs: list = []
+    hook = model.register_forward_pre_hook(lambda mod, args: seen.append(int(args[0].shape[0])))
+    try:
+        for call in calls:
+            outs.append(call())
+            each.append(list(seen))
+            seen.clear()
+    finally:
+        hook.remove()
+    return each, outs
+
+
+def test_the_tiny_cnn_at_80_px_runs_passes_of_32():
+    """The tiny CNN at 80 px (539 KB an item by the probe: 46 items fit 24 MiB), integrated gradients of 8 images (256
+    items): a cold call runs the probe's pass of 8, then 8 passes of 32; a warm call the same 8 passes and the same
+    bits (before: passes of 37 x 6 + 34)."""
+    model = _tiny()
+    x = torch.rand(8, 3, 80, 80, generator=torch.Generator().manual_seed(6))
+    _perf.clear_cache()
+
+    def call():
+        return salience.integrated_gradients(model, x, 2, steps=32, reduce=None)
+
+    (cold, warm), (a, b) = _passes(model, call, call)
+    assert cold == [8] + [32] * 8 and warm == [32] * 8
+    assert torch.equal(a, b)
+
+
+def test_max_memory_bounds_a_small_pass():
+    """``max_memory=`` still bounds the pass: the tiny CNN at 16 px (22.6 KB an item, 64 a pass by the small rule),
+    integrated gradients of 2 images under 1 MB: 80 % of it holds 37 items, so 32 + 32, not 64."""
+    model = _tiny()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    _perf.clear_cache()
+    (cold,), _ = _passes(model, lambda: salience.integrated_gradients(model, x, 2, steps=32, max_memory=10 ** 6))
+    assert cold == [2, 32, 32]
+    _perf.clear_cache()
+    (free,), _ = _passes(model, lambda: salience.integrated_gradients(model, x, 2, steps=32))
+    assert free == [2, 64]
