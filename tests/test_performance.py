@@ -357,6 +357,12 @@ def test_chunk_probe_takes_the_size_fastest_per_item(virtual_clock):
     mem = _engine.accumulate(_timed_compute(lambda n: 0.0), 40, 2, max_memory=10 ** 9,
                              run=_perf.Run(model, x, _perf.Performance(chunks="memory"), tag="t3"))
     assert mem.chunks == [40]
+    # the small-pass rule off: the weighty cap (32) alone, and the 40 items split as evenly as multiples of 8 allow
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_engine, "CPU_SMALL_PASS_BYTES", 0)
+        mem = _engine.accumulate(_timed_compute(lambda n: 0.0), 40, 2, max_memory=10 ** 9,
+                                 run=_perf.Run(model, x, _perf.Performance(chunks="memory"), tag="t4"))
+    assert mem.chunks == [24, 16]
 
 
 # Per item (ms) by chunk size: 16 is the fastest; 32 is 7 % slower, more than SIZE_GAIN's 3 %.
