@@ -5,9 +5,9 @@ What failed before the fix: the small-pass rule took "as many items as fit 24 Mi
 items evenly under such a cap into passes of no multiple of 8, which the engine's own rule avoids (oneDNN runs them
 10-29 % slower per item, ``engine.CPU_GRADIENT_CHUNK``): the tiny CNN at 80 px (539 KB an item), integrated gradients
 of 8 images ran passes of 37 x 6 + 34 (cap 40), resnet18 at 32 px (451 KB) 43 x 5 + 41 (cap 48, where main ran
-8 x 32). The rule now gives 64 where 64 items fit 24 MiB, else 32 where 32 do. Six of the eight tests here fail on the
+8 x 32). The rule now gives 64 where 64 items fit 24 MiB, else 32 where 32 do. Six of the ten tests here fail on the
 branch before the fix (the four parametrized property tests, the resnet18 plan, the pass sizes at 80 px); the vit_b_16
-plan and ``max_memory=`` hold on both (and fail on main, which had neither rule).
+plan, ``max_memory=`` and the compiled calls' plan hold on both (checks of the review, not fixes).
 """
 from __future__ import annotations
 
@@ -130,3 +130,39 @@ def test_max_memory_bounds_a_small_pass():
     _perf.clear_cache()
     (free,), _ = _passes(model, lambda: salience.integrated_gradients(model, x, 2, steps=32))
     assert free == [2, 64]
+
+
+@pytest.mark.usefixtures("fresh_perf_state")
+@pytest.mark.parametrize("eager_first", [False, True])
+def test_compiled_calls_run_the_small_rules_plan(monkeypatch, eager_first):
+    """``compile=``: integrated gradients' 32 steps of three 8x8 images (96 items of a few KB: the small-pass cap 64)
+    run 48 + 48 in every call, eager or compiled, cold or warm (a compiled call that reuses an earlier call's probe
+    follows the plan, not the budget's one chunk of 96), and one graph of 48 is compiled."""
+    from conftest import counting_backend, unchanged
+    from test_s45_compile import _net
+
+    model, x = _net(), torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    seen, accumulate = [], _engine.accumulate
+
+    def recording(*a, **k):
+        sums = accumulate(*a, **k)
+        seen.append(list(sums.chunks))
+        return sums
+
+    monkeypatch.setattr(_engine, "accumulate", recording)
+    backend, graphs, _ = counting_backend()
+
+    def call(**kw):
+        return salience.integrated_gradients(model, x, 2, steps=32, reduce=None, **kw)
+
+    ref = call() if eager_first else None
+    outs = []
+    for _ in range(3):
+        with unchanged(model):
+            outs.append(call(compile=backend))
+    assert seen == [[48, 48]] * (3 + eager_first), seen
+    assert graphs == [[48]], graphs
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=1e-6 * float(outs[0].abs().max()))
+    if ref is not None:
+        torch.testing.assert_close(outs[0], ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
