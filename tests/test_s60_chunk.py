@@ -67,14 +67,12 @@ def test_resnet50_at_224_plans_as_before(glibc, total, size):
 
 
 def test_the_small_rule_at_its_border():
-    """64 items while 64 items' bytes fit 24 MiB; then 32 while 32 items' do (no size between: see
-    tests/test_s60_rvchunk.py); never under the other rules."""
+    """64 items while 64 items' bytes fit 24 MiB; then the multiple of 8 that fits; never under the other rules."""
     s = _engine.CPU_SMALL_PASS_BYTES
     assert _engine.gradient_chunk_cap(s // 64, 0) == 64
-    assert _engine.gradient_chunk_cap(s // 64 + 1, 0) == 32
-    assert _engine.gradient_chunk_cap(s // 40, 0) == 32
-    assert _engine.gradient_chunk_cap(s // 32, 0) == 32
-    assert _engine.gradient_chunk_cap(s // 32 + 1, 0) == 16  # 31 items fit: 16, the plain cap
+    assert _engine.gradient_chunk_cap(s // 64 + 1, 0) == 56
+    assert _engine.gradient_chunk_cap(s // 40, 0) == 40
+    assert _engine.gradient_chunk_cap(s // 24 + 1, 0) == 16  # 23 items fit: 16, the plain cap
     assert _engine.gradient_chunk_cap(s // 24 + 1, 8 * (s // 24 + 1)) == 32  # the weighty rule, at its border
     assert _engine.gradient_chunk_cap(1, 0) == 64  # a model without parameters, 1 byte an item
     assert _engine.gradient_chunk_cap(None, 1 << 40) == 16  # no probe: 16

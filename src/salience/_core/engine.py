@@ -18,8 +18,8 @@ belongs to image ``j % B``. :func:`accumulate`
   bits every time, and no call runs a small first chunk (session 45: SmoothGrad 16 of one image ran
   1 + 15 items before, 16 now). On a CPU a gradient pass takes at most :data:`CPU_GRADIENT_CHUNK`
   items (:data:`CPU_GRADIENT_CHUNK_WEIGHTY` where the model's parameters outweigh :data:`CPU_WEIGHTY_ITEMS` items by
-  the probe, and 32 or :data:`CPU_GRADIENT_CHUNK_SMALL` where the items are so small in bytes that a pass of that
-  many stays under :data:`CPU_SMALL_PASS_BYTES`: :func:`gradient_chunk_cap`), where the C library is glibc at most as
+  the probe, up to :data:`CPU_GRADIENT_CHUNK_SMALL` where the items are so small in bytes that a pass of that many
+  stays under :data:`CPU_SMALL_PASS_BYTES`: :func:`gradient_chunk_cap`), where the C library is glibc at most as
   many as keep its largest single block under glibc's 32 MiB mmap threshold (:func:`mmap_chunk_cap`, the probe's
   :attr:`MemoryProbe.largest`; session 48), and the items are split evenly (:func:`planned_chunk`); on CUDA, and for gradient-free passes,
   the budget's size. Without a run, or with ``chunks="throughput"``, the probe's pass is the call's
@@ -634,14 +634,15 @@ CPU_GRADIENT_CHUNK_WEIGHTY = 32
 # (1.2) stay under it; 16 items' bytes until session 60.
 CPU_WEIGHTY_ITEMS = 8
 # Where a pass's items are small in bytes its fixed costs (salience's per-pass work, the backward's setup, the
-# kernels' per-call overhead) outweigh the cache misses of a bigger pass: a CPU gradient pass takes
-# CPU_GRADIENT_CHUNK_SMALL items where that many stay under CPU_SMALL_PASS_BYTES by the memory probe, else 32 where 32
-# do (the sizes measured; a cap of 40-56 split 16 n or 32 n items into passes of no multiple of 8), where that is more
-# than the rules above give. Integrated gradients' 64 items of two images (one thread, CPU time, medians):
+# kernels' per-call overhead) outweigh the cache misses of a bigger pass: a CPU gradient pass takes as many items as
+# keep it under CPU_SMALL_PASS_BYTES by the memory probe (a multiple of 8), up to CPU_GRADIENT_CHUNK_SMALL, where that
+# is more than the rules above give. Integrated gradients' 64 items of two images (one thread, CPU time, medians):
 # the tiny CNN of benchmarks/fixed_cost_s59.py (22 KB an item) in one pass of 64 in 0.4 of the time of 4 x 16, the
 # demo CNN at 24 px (188 KB) in 0.59 and at 32 px (334 KB: 64 items 21 MB) in 0.68; the demo CNN at 64 px (1.3 MB an
 # item: 1.14 / 1.07 / 1.08 of the bare pass in passes of 16 / 32 / 64, within the noise, and session 44 had 16 faster
-# than 32 there) stays at 16 (benchmarks/chunk-small-s60-sizes*.md).
+# than 32 there) stays at 16 (benchmarks/chunk-small-s60-sizes*.md). Items of 394-786 KB get a cap of 40-56, whose
+# even split of 16 n or 32 n items can be no multiple of 8 (resnet18 at 32 px, 8 images' 256 points: 5 x 43 + 41,
+# the tiny CNN at 80 px 6 x 37 + 34); those ran 0.94 and 1.03 of 8 x 32 (main's plan on resnet18), benchmarks/chunk-split-s60.md.
 CPU_SMALL_PASS_BYTES = 24 << 20
 CPU_GRADIENT_CHUNK_SMALL = 64
 
@@ -680,10 +681,8 @@ def gradient_chunk_cap(per_item: Optional[int], weights: int, block: Optional[in
     - :data:`CPU_GRADIENT_CHUNK` (16);
     - :data:`CPU_GRADIENT_CHUNK_WEIGHTY` (32) where the weights weigh at least :data:`CPU_WEIGHTY_ITEMS` (8) items'
       bytes: every pass reads them all, a bigger pass spreads that read over more items;
-    - :data:`CPU_GRADIENT_CHUNK_SMALL` (64) where that many items' bytes fit :data:`CPU_SMALL_PASS_BYTES` (24 MiB),
-      else 32 where 32 items' do: a pass whose items are small in bytes is cheap, its fixed costs are a large part of
-      it (only these two sizes: a cap between them splits a call's 16 n or 32 n items into passes of no multiple of
-      8, :func:`planned_chunk`);
+    - as many items as :data:`CPU_SMALL_PASS_BYTES` holds (a multiple of 8), at most :data:`CPU_GRADIENT_CHUNK_SMALL`
+      (64): a pass whose items are small in bytes is cheap, its fixed costs are a large part of it;
 
     and at most :func:`mmap_chunk_cap`'s for ``block``, so that no block of a pass passes glibc's mmap threshold
     (``per_item`` unknown: 16, within that bound). All are the same in every process for the same model, item shape
@@ -692,11 +691,8 @@ def gradient_chunk_cap(per_item: Optional[int], weights: int, block: Optional[in
     if per_item is not None and per_item > 0:
         if weights >= CPU_WEIGHTY_ITEMS * per_item:
             cap = CPU_GRADIENT_CHUNK_WEIGHTY
-        fits = CPU_SMALL_PASS_BYTES // per_item
-        # 64 or 32, the sizes measured: a cap of 40, 48 or 56 split a call's 16 n or 32 n items into passes of no
-        # multiple of 8 (256 under 48: 5 x 43 + 41), which oneDNN runs slower per item (CPU_GRADIENT_CHUNK)
-        small = next((n for n in (CPU_GRADIENT_CHUNK_SMALL, CPU_GRADIENT_CHUNK_WEIGHTY) if fits >= n), 0)
-        cap = max(cap, small)
+        small = min(CPU_GRADIENT_CHUNK_SMALL, CPU_SMALL_PASS_BYTES // per_item)
+        cap = max(cap, small - small % 8)
     under = mmap_chunk_cap(block)
     return cap if under is None else min(cap, under)
 
