@@ -352,9 +352,16 @@ def test_chunk_probe_takes_the_size_fastest_per_item(virtual_clock):
     assert again.chunks == [2] + [4] * 9 + [2]
     # chunks="memory": the memory probe a pass of its own (thrown away), then on a CPU at most CPU_GRADIENT_CHUNK
     # (16) items a chunk, the 40 items split as evenly as multiples of 8 allow (session 45); these items (a few
-    # floats each) weigh less than the model's weights, so up to 32 (session 46, engine.gradient_chunk_cap): 24 + 16
+    # floats each) weigh less than the model's weights, so up to 32 (session 46, engine.gradient_chunk_cap: 24 + 16),
+    # and are small in bytes, so up to 64 (session 60, engine.CPU_GRADIENT_CHUNK_SMALL): all 40 in one
     mem = _engine.accumulate(_timed_compute(lambda n: 0.0), 40, 2, max_memory=10 ** 9,
                              run=_perf.Run(model, x, _perf.Performance(chunks="memory"), tag="t3"))
+    assert mem.chunks == [40]
+    # the small-pass rule off: the weighty cap (32) alone, and the 40 items split as evenly as multiples of 8 allow
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_engine, "CPU_SMALL_PASS_BYTES", 0)
+        mem = _engine.accumulate(_timed_compute(lambda n: 0.0), 40, 2, max_memory=10 ** 9,
+                                 run=_perf.Run(model, x, _perf.Performance(chunks="memory"), tag="t4"))
     assert mem.chunks == [24, 16]
 
 

@@ -95,10 +95,15 @@ def test_the_probe_is_a_pass_of_its_own_in_the_first_call_only(resnet):
     assert cold == [1, 16] and sizes == [16]
 
 
-def test_the_thrown_away_pass_is_not_summed():
+@pytest.mark.parametrize("small, chunks", [(True, [60]), (False, [32, 28])])
+def test_the_thrown_away_pass_is_not_summed(monkeypatch, small, chunks):
     """The engine alone, a run on a small CNN: ``compute`` sees the probe's pass flagged :func:`discarded` (once, in
     the first call), and the sums are those of every item exactly once: item ``j`` contributes ``j`` to image
-    ``j % 3``, so image ``b`` sums ``b + (b + 3) + ...`` (a closed form)."""
+    ``j % 3``, so image ``b`` sums ``b + (b + 3) + ...`` (a closed form). With the small-pass rule off
+    (``engine.CPU_SMALL_PASS_BYTES`` 0) the items run in two chunks, so the closed form checks each later chunk's
+    items land on their images too."""
+    if not small:
+        monkeypatch.setattr(_engine, "CPU_SMALL_PASS_BYTES", 0)
     model = torch.nn.Sequential(*[torch.nn.Conv2d(3, 3, 3, padding=1) for _ in range(3)]).eval()
     x = torch.rand(3, 3, 8, 8)
     calls: list[tuple[int, int, bool]] = []
@@ -115,9 +120,9 @@ def test_the_thrown_away_pass_is_not_summed():
         assert torch.equal(sums.total, expected)
         probes = [c for c in calls if c[2]]
         assert probes == ([(0, 3, True)] if call == 0 else [])
-        # the compute's items (a float each) weigh far less than the model's weights: 32 a pass (session 46,
-        # engine.gradient_chunk_cap; 16, 16, 16, 12 before), split 32 + 28
-        assert [stop - start for start, stop, d in calls if not d] == sums.chunks == [32, 28]
+        # the compute's items (a float each) are small: up to 64 a pass (engine.CPU_GRADIENT_CHUNK_SMALL), all 60 in
+        # one; without that rule they weigh far less than the model's weights: 32 a pass (the weighty rule), 32 + 28
+        assert [stop - start for start, stop, d in calls if not d] == sums.chunks == chunks
         assert not _engine.discarded()
 
 

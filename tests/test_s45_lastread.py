@@ -39,6 +39,9 @@ def test_compiled_calls_that_reuse_a_probe_run_the_chunk_plan(monkeypatch, eager
  compiled calls that took an earlier call's probe ran one chunk of 32 (the budget's cap) and compiled a graph of
  that size too."""
  model, x = _net(), torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+ # the small-pass rule (engine.CPU_SMALL_PASS_BYTES) would plan this tiny model's 32 items as one pass, the budget's
+ # size too: off here, so that a plan that differs from the budget's is what the compiled calls must follow
+ monkeypatch.setattr(_engine, "CPU_SMALL_PASS_BYTES", 0)
  assert _engine.planned_chunk(32, 1 << 20, torch.device("cpu"), False) == 16
  seen = _chunks_seen(monkeypatch)
  backend, graphs, _ = counting_backend()

@@ -5,6 +5,8 @@ A CPU gradient pass takes at most ``engine.CPU_GRADIENT_CHUNK`` (16) items, or `
 where the model's parameters weigh at least 16 items' bytes by the memory probe (``engine.gradient_chunk_cap``):
 every pass reads all the weights, and on such a model (resnet18 at 64 px) a pass of 32 ran faster per item. Before,
 16 on every model (resnet18's integrated gradients of one image: 16 + 16).
+Since session 60 the weights need weigh only 8 items' bytes, and passes of small items take up to 64
+(tests/test_s60_chunk.py).
 """
 from __future__ import annotations
 
@@ -44,10 +46,13 @@ def test_weight_bytes_are_the_parameters_bytes_each_counted_once():
 
 
 def test_gradient_chunk_cap_at_the_border():
-    """32 from 16 items' bytes up to the weights' (at the border too), 16 below; 16 without a probe's figure."""
-    w = 16 * 1000
-    assert _engine.gradient_chunk_cap(1000, w) == _engine.CPU_GRADIENT_CHUNK_WEIGHTY == 32
-    assert _engine.gradient_chunk_cap(1001, w) == _engine.CPU_GRADIENT_CHUNK == 16
+    """32 from CPU_WEIGHTY_ITEMS (8; 16 before session 60) items' bytes up to the weights' (at the border too), 16
+    below; 16 without a probe's figure. Items of 4 MiB: too big for the small-pass rule (24 MiB hold 6 of them)."""
+    per_item = 4 << 20
+    w = _engine.CPU_WEIGHTY_ITEMS * per_item
+    assert _engine.CPU_WEIGHTY_ITEMS == 8
+    assert _engine.gradient_chunk_cap(per_item, w) == _engine.CPU_GRADIENT_CHUNK_WEIGHTY == 32
+    assert _engine.gradient_chunk_cap(per_item + 1, w) == _engine.CPU_GRADIENT_CHUNK == 16
     assert _engine.gradient_chunk_cap(None, w) == 16
 
 

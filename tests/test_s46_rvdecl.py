@@ -49,9 +49,11 @@ def test_two_fresh_processes_plan_the_same_chunks_and_give_the_same_bits():
 
 
 def test_a_model_without_parameters_keeps_16():
-    """No parameters: 0 bytes, never 16 items' worth (the probe's bytes per item are at least 1): 16, no division."""
+    """No parameters: 0 bytes, never 8 items' worth (the probe's bytes per item are at least 1): 16 where the items are
+    not small (4 MiB), no division; items of 1 byte: the small-pass rule's 64 (session 60)."""
     assert _engine.weight_bytes(torch.nn.ReLU()) == 0
-    assert _engine.gradient_chunk_cap(1, 0) == _engine.CPU_GRADIENT_CHUNK
+    assert _engine.gradient_chunk_cap(4 << 20, 0) == _engine.CPU_GRADIENT_CHUNK
+    assert _engine.gradient_chunk_cap(1, 0) == _engine.CPU_GRADIENT_CHUNK_SMALL
 
 
 # ---- benchmarks/engine_speed.py --bare-items (wt-sgig-s46): a scaled peer must time what its name says

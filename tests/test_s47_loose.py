@@ -282,7 +282,10 @@ def test_a_compiled_call_takes_a_probe_of_its_own_number_of_images(monkeypatch):
     p1, p4 = _per_item(Padded(0), 1), _per_item(Padded(0), 4)
     assert p1 > p4  # a pass's fixed temporaries weigh more per item in a 1-item probe
     base = _engine.weight_bytes(Padded(0)) - 4
-    model = Padded((8 * (p1 + p4) - base) // 4).eval()  # the weights between 16 items' bytes of each probe
+    # the weights between CPU_WEIGHTY_ITEMS (8; 16 before session 60) items' bytes of each probe; the small-pass rule
+    # (session 60: these items are small, 64 a pass) off, so that the weighty rule alone sets the cap
+    monkeypatch.setattr(_engine, "CPU_SMALL_PASS_BYTES", 0)
+    model = Padded((_engine.CPU_WEIGHTY_ITEMS * (p1 + p4) // 2 - base) // 4).eval()
     assert (_per_item(model, 1), _per_item(model, 4)) == (p1, p4)  # unused weights: the same probes
     assert _engine.gradient_chunk_cap(p4, _engine.weight_bytes(model)) == 32
     assert _engine.gradient_chunk_cap(p1, _engine.weight_bytes(model)) == 16

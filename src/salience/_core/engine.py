@@ -17,10 +17,11 @@ belongs to image ``j % B``. :func:`accumulate`
   then every call, cold or warm, runs the same chunks from item 0, so a seeded call gives the same
   bits every time, and no call runs a small first chunk (session 45: SmoothGrad 16 of one image ran
   1 + 15 items before, 16 now). On a CPU a gradient pass takes at most :data:`CPU_GRADIENT_CHUNK`
-  items (:data:`CPU_GRADIENT_CHUNK_WEIGHTY` where the model's parameters outweigh that many items by the probe:
-  :func:`gradient_chunk_cap`), where the C library is glibc at most as many as keep its largest single block under
-  glibc's 32 MiB mmap threshold (:func:`mmap_chunk_cap`, the probe's :attr:`MemoryProbe.largest`; session 48),
-  and the items are split evenly (:func:`planned_chunk`); on CUDA, and for gradient-free passes,
+  items (:data:`CPU_GRADIENT_CHUNK_WEIGHTY` where the model's parameters outweigh :data:`CPU_WEIGHTY_ITEMS` items by
+  the probe, up to :data:`CPU_GRADIENT_CHUNK_SMALL` where the items are so small in bytes that a pass of that many
+  stays under :data:`CPU_SMALL_PASS_BYTES`: :func:`gradient_chunk_cap`), where the C library is glibc at most as
+  many as keep its largest single block under glibc's 32 MiB mmap threshold (:func:`mmap_chunk_cap`, the probe's
+  :attr:`MemoryProbe.largest`; session 48), and the items are split evenly (:func:`planned_chunk`); on CUDA, and for gradient-free passes,
   the budget's size. Without a run, or with ``chunks="throughput"``, the probe's pass is the call's
   first chunk (real work). ``chunk=`` fixes the size, ``max_memory=`` sets the budget (default:
   :func:`default_budget`);
@@ -85,6 +86,9 @@ __all__ = [
     "planned_chunk",
     "CPU_GRADIENT_CHUNK",
     "CPU_GRADIENT_CHUNK_WEIGHTY",
+    "CPU_WEIGHTY_ITEMS",
+    "CPU_SMALL_PASS_BYTES",
+    "CPU_GRADIENT_CHUNK_SMALL",
     "gradient_chunk_cap",
     "mmap_chunk_cap",
     "weight_bytes",
@@ -612,7 +616,7 @@ def _per_item(largest: Optional[int], items: int) -> Optional[int]:
 # with 64 items ran 16 a pass in 0.098 s, 32 in 0.137 s, 60 in 0.158 s. AVX-512 holds 16 float32: sizes that are
 # not a multiple of 8 ran 10-29 % slower per item than the multiple next to them (15 against 16).
 CPU_GRADIENT_CHUNK = 16
-# ... and this many where the model's parameters weigh at least CPU_GRADIENT_CHUNK items' bytes by the memory probe
+# ... and this many where the model's parameters weigh at least CPU_WEIGHTY_ITEMS items' bytes by the memory probe
 # (:func:`gradient_chunk_cap`): every pass reads all the weights (forward, and backward through each layer), so where
 # they outweigh the activations of 16 items a bigger pass spreads that read over more items (session 46,
 # benchmarks/auto-declines-s46-*.md, a loaded machine: integrated gradients' 32 items of one image in one pass against
@@ -622,6 +626,25 @@ CPU_GRADIENT_CHUNK = 16
 # mmap_chunk_cap where a pass's largest block per item is large (session 48: vgg11 at 112 px, weighty, 3.2 MB an
 # item, passes of 32 items 1.06-1.09x of passes of 8 in every round, benchmarks/vgg-chunk-s48-112.txt).
 CPU_GRADIENT_CHUNK_WEIGHTY = 32
+# The weights must weigh at least this many items' bytes for CPU_GRADIENT_CHUNK_WEIGHTY: resnet50
+# at 64 px (102 MB of weights, 7.0 MB an item: 14.5 items' bytes) and resnet18 at 112 px (46.8 MB, 5.5 MB: 8.4 items)
+# ran integrated gradients' 32 items of one image within 1.02 of the bare pass of 32 in one pass, 1.11-1.14 in
+# 16 + 16 (docs/performance-log.md, "The gradient chunk on small models", benchmarks/chunk-small-s60.md); resnet50
+# at 112 px (22.2 MB an item: 4.6 items' bytes), where 32 items were slower than 2 x 16 (session 44), and at 224 px
+# (1.2) stay under it; 16 items' bytes until session 60.
+CPU_WEIGHTY_ITEMS = 8
+# Where a pass's items are small in bytes its fixed costs (salience's per-pass work, the backward's setup, the
+# kernels' per-call overhead) outweigh the cache misses of a bigger pass: a CPU gradient pass takes as many items as
+# keep it under CPU_SMALL_PASS_BYTES by the memory probe (a multiple of 8), up to CPU_GRADIENT_CHUNK_SMALL, where that
+# is more than the rules above give. Integrated gradients' 64 items of two images (one thread, CPU time, medians):
+# the tiny CNN of benchmarks/fixed_cost_s59.py (22 KB an item) in one pass of 64 in 0.4 of the time of 4 x 16, the
+# demo CNN at 24 px (188 KB) in 0.59 and at 32 px (334 KB: 64 items 21 MB) in 0.68; the demo CNN at 64 px (1.3 MB an
+# item: 1.14 / 1.07 / 1.08 of the bare pass in passes of 16 / 32 / 64, within the noise, and session 44 had 16 faster
+# than 32 there) stays at 16 (benchmarks/chunk-small-s60-sizes*.md). Items of 394-786 KB get a cap of 40-56, whose
+# even split of 16 n or 32 n items can be no multiple of 8 (resnet18 at 32 px, 8 images' 256 points: 5 x 43 + 41,
+# the tiny CNN at 80 px 6 x 37 + 34); those ran 0.94 and 1.03 of 8 x 32 (main's plan on resnet18), benchmarks/chunk-split-s60.md.
+CPU_SMALL_PASS_BYTES = 24 << 20
+CPU_GRADIENT_CHUNK_SMALL = 64
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -651,14 +674,25 @@ def _stored_bytes(t: Tensor) -> int:
 
 
 def gradient_chunk_cap(per_item: Optional[int], weights: int, block: Optional[int] = None) -> int:
-    """The most items a CPU gradient pass takes: :data:`CPU_GRADIENT_CHUNK_WEIGHTY` where the model's parameters
-    (``weights`` bytes, :func:`weight_bytes`) weigh at least :data:`CPU_GRADIENT_CHUNK` items of ``per_item`` bytes
-    (the memory probe's), else :data:`CPU_GRADIENT_CHUNK`; and at most :func:`mmap_chunk_cap`'s for ``block``, the
-    largest single block a pass allocates per item (the memory probe's :attr:`MemoryProbe.largest`), so that no
-    block of a pass passes glibc's mmap threshold. All are the same in every process for the same model, item shape
+    """The most items a CPU gradient pass takes, from the memory probe's ``per_item`` bytes, the model's parameters'
+    ``weights`` bytes (:func:`weight_bytes`) and ``block``, the largest single block a pass allocates per item (the
+    probe's :attr:`MemoryProbe.largest`): the largest of
+
+    - :data:`CPU_GRADIENT_CHUNK` (16);
+    - :data:`CPU_GRADIENT_CHUNK_WEIGHTY` (32) where the weights weigh at least :data:`CPU_WEIGHTY_ITEMS` (8) items'
+      bytes: every pass reads them all, a bigger pass spreads that read over more items;
+    - as many items as :data:`CPU_SMALL_PASS_BYTES` holds (a multiple of 8), at most :data:`CPU_GRADIENT_CHUNK_SMALL`
+      (64): a pass whose items are small in bytes is cheap, its fixed costs are a large part of it;
+
+    and at most :func:`mmap_chunk_cap`'s for ``block``, so that no block of a pass passes glibc's mmap threshold
+    (``per_item`` unknown: 16, within that bound). All are the same in every process for the same model, item shape
     and options, so the choice is too (a timing probe's would not be: ``chunks="throughput"`` is that, opt-in)."""
-    cap = CPU_GRADIENT_CHUNK_WEIGHTY if per_item is not None and weights >= CPU_GRADIENT_CHUNK * per_item \
-        else CPU_GRADIENT_CHUNK
+    cap = CPU_GRADIENT_CHUNK
+    if per_item is not None and per_item > 0:
+        if weights >= CPU_WEIGHTY_ITEMS * per_item:
+            cap = CPU_GRADIENT_CHUNK_WEIGHTY
+        small = min(CPU_GRADIENT_CHUNK_SMALL, CPU_SMALL_PASS_BYTES // per_item)
+        cap = max(cap, small - small % 8)
     under = mmap_chunk_cap(block)
     return cap if under is None else min(cap, under)
 

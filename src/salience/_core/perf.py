@@ -30,8 +30,8 @@ settings (:func:`set_performance`, or :func:`performance` for a block):
   larger in fp32 (:mod:`salience._core.islands`; the pixel-gradient maps much closer to fp32's than bf16's, at a
   part of bf16's speed-up), eager only (``compile`` refused with it).
 - ``chunks``: ``"memory"`` (default): the chunk the memory budget allows (on a CPU's gradient passes at most
-  ``engine.CPU_GRADIENT_CHUNK`` items, 32 where the model's parameters outweigh 16 items by the probe:
-  :func:`salience._core.engine.gradient_chunk_cap`; the items split evenly: :func:`salience._core.engine.planned_chunk`), the
+  ``engine.CPU_GRADIENT_CHUNK`` items, 32 where the model's parameters outweigh 8 items by the probe, up to 64
+  where 64 items take at most ``engine.CPU_SMALL_PASS_BYTES`` (24 MiB): :func:`salience._core.engine.gradient_chunk_cap`; the items split evenly: :func:`salience._core.engine.planned_chunk`), the
   memory probe a pass of its own in the first call (thrown away), so that every call runs the same chunks from
   item 0 and a seeded call gives the same bits every time; ``"throughput"`` picks the chunk size by measured seconds per item
   (the fastest of :data:`SIZE_SAMPLES` timings per size), within the memory budget (results then
