@@ -169,3 +169,66 @@ def test_contiguous_and_auto_probe_unchanged():
         assert in_chunks and not in_chunks[0], (fmt, in_chunks)
         if fmt == "contiguous":
             assert not any(in_chunks)
+
+
+def test_clean_scores_run_in_the_chunks_layout():
+    """The bf16 clean scores ``S`` (the passes outside the chunks at the call's precision) read channels-last input at
+    the layer after the ablated one, as every ``S_k`` does (fails on the base and with the probe change alone: ``S``
+    ran contiguous)."""
+    model, x = _model(), _x(3)
+    _perf.clear_cache()
+    with warnings.catch_warnings(), _chunks_seen(model) as seen:
+        warnings.simplefilter("ignore")
+        handle = model[4].register_forward_pre_hook(lambda m, a: dtypes.append(a[0].dtype))
+        dtypes: list = []
+        try:
+            salience.ablationcam(model, x, 1, layer=model[2], precision="bf16", memory_format="channels_last")
+        finally:
+            handle.remove()
+    outside = [cl for (chunk, cl), dt in zip(seen, dtypes) if not chunk and dt == torch.bfloat16]
+    assert outside and all(outside), outside
+
+
+def test_weights_cast_once_a_call():
+    """One bf16 copy of each served weight for the whole call, probe included (fails on the base: three, made for the
+    clean scores, in the contiguous probing chunk and at the first channels-last chunk; two with the probe change
+    alone)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, x = _model(), _x()
+    _perf.clear_cache()  # the memory probe runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
+            salience.ablationcam(model, x, 1, layer=model[2], precision="bf16", memory_format="channels_last")
+    n = sum(e.count for e in p.key_averages(group_by_input_shape=True)
+            if e.key == "aten::copy_" and e.input_shapes and e.input_shapes[0] == [16, 8, 3, 3])
+    assert n == 1, n
+
+
+@pytest.mark.parametrize("where", ["clean", "check"])
+def test_parameters_back_after_an_error_before_the_chunks(where):
+    """An error in the clean scores' pass (channels-last now) or in the sharing check after it, before any chunk:
+    every parameter back exactly."""
+    model, x = _model(), _x()
+    before = _params(model)
+    _perf.clear_cache()
+
+    def boom(m, a):
+        bf16 = a[0].dtype == torch.bfloat16
+        seen.append((bf16, a[0].shape[0]))
+        # the check: its shared pass (two rows, whose error it takes for a rest that cannot share), then its pass per
+        # item (two rows, fp32 where the model is), whose error is the model's
+        if (where == "clean" and bf16) or (where == "check" and seen.count((False, 2)) == 2):
+            raise RuntimeError("boom before the chunks")
+
+    seen: list = []
+    handle = model[4].register_forward_pre_hook(boom)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(RuntimeError, match="boom before the chunks"):
+                salience.ablationcam(model, x, 1, layer=model[2], precision="bf16", memory_format="channels_last")
+    finally:
+        handle.remove()
+    _same(model, before)

@@ -37,7 +37,8 @@ Ablation-CAM's hooked passes never run compiled nor folded (a warning says so on
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable, Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -705,6 +706,23 @@ def _check_precision(model: nn.Module, x: Tensor, run: _perf.Run) -> Any:
     return autocast_off() if fp32 else run.autocast()
 
 
+@contextmanager
+def _chunks_layout(run: _perf.Run) -> Iterator[None]:
+    """Ablation-CAM's ``run`` in its chunks' layout from the clean scores ``S`` on, under a 16-bit autocast
+    (channels-last where ``memory_format="channels_last"`` is forced: :meth:`~salience._core.perf.Run.probe_layout`),
+    the model's parameters put back at the end (:func:`~salience._core.perf.close_run`), after an error before the
+    chunks too. ``S`` then comes from the kernels of the ``S_k`` it is compared with, and inside
+    :meth:`~salience._core.perf.Run.casts_kept` the bf16 weight copies are made once for ``S`` and every chunk: they
+    were made three times (for ``S``, contiguous; in the probing chunk; at the first channels-last chunk), each set
+    51.6 MiB on resnet50, among the passes' activations (benchmarks/ablation-allocs-s59.md)."""
+    try:
+        if run.dtype is not None:
+            run.set_layout(run.probe_layout())
+        yield
+    finally:
+        _perf.close_run(run)
+
+
 def _check_nonzero(clean: Tensor, targets: list[Target], probs: Sequence[bool]) -> None:
     """Refuse a clean score ``S`` of exactly 0 (``clean`` ``(B, K)``): Ablation-CAM's weights
     ``(S - S_k) / S`` would be 0 / 0 or infinite there, a map of NaN (a fresh torchvision
@@ -789,42 +807,43 @@ def ablationcam(
         already = judge(out, probs)  # once, on the clean images: every chunk on one scale
         run = _perf.Run(model, x, replace(perf, compile=False, fold_batchnorm=False),  # _WHY_ABLATION_PASSES_SKIP:
                         tag=f"ablationcam:{probs}:{strip_softmax}:{value}")  # a hook replaces the layer's output
-        with run.casts_kept():  # (B, K) in the clean output's parts, which share one bf16 cast of each weight
+        # one CastCache for the clean scores and every chunk, the run in its chunks' layout from the clean scores on
+        with run.casts_kept(), _chunks_layout(run):
             clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already, batch=batch,
-                                 found=found)
-        _check_nonzero(clean, resolved, probs)
+                                 found=found)  # (B, K) in the clean output's parts
+            _check_nonzero(clean, resolved, probs)
 
-        def score(inputs: Tensor, owner: Tensor) -> Tensor:
-            found.before_pass()
-            return score_items(model, inputs, [t.for_items(owner) for t in resolved], probs, strip_softmax,
-                               already=already, plain=False, owner=owner)  # the live items: not in order
+            def score(inputs: Tensor, owner: Tensor) -> Tensor:
+                found.before_pass()
+                return score_items(model, inputs, [t.for_items(owner) for t in resolved], probs, strip_softmax,
+                                   already=already, plain=False, owner=owner)  # the live items: not in order
 
-        items = _Ablated(model, mod, x, layout, value, score, clean)
+            items = _Ablated(model, mod, x, layout, value, score, clean)
 
-        # item j = channel j // B of image j % B; a channel already equal to value everywhere on its image is not
-        # changed by its ablation: its score is the clean one (weight 0, and it multiplies a map of value anyway).
-        # Tested on the layer's output as the ablation writes it: every token, a ViT's prefix tokens too (the grid
-        # has the patches only: a channel at value on them and not on the class token changes the score)
-        axis = 1 if layout.kind == "channels_first" else native.dim() - 1
-        alive = (native != value).movedim(axis, 1).flatten(2).any(2)  # (B, D)
-        # image by image: a chunk's items of one image share the layers before the layer (_Ablated: on its one row)
-        at = alive.flatten().nonzero().flatten()
-        live = (at % alive.shape[1]) * b + at // alive.shape[1]
-        owners = (live % b).tolist()  # each item's image, read once: the chunks split their items by image
-        if chunk is None or chunk > 1:  # chunk=1: no pass shares
-            with torch.inference_mode(), _check_precision(model, x, run):  # outside the first chunk's probe
-                items.check(live, owners)
+            # item j = channel j // B of image j % B; a channel already equal to value everywhere on its image is not
+            # changed by its ablation: its score is the clean one (weight 0, and it multiplies a map of value anyway).
+            # Tested on the layer's output as the ablation writes it: every token, a ViT's prefix tokens too (the grid
+            # has the patches only: a channel at value on them and not on the class token changes the score)
+            axis = 1 if layout.kind == "channels_first" else native.dim() - 1
+            alive = (native != value).movedim(axis, 1).flatten(2).any(2)  # (B, D)
+            # image by image: a chunk's items of one image share the layers before the layer (_Ablated: on its one row)
+            at = alive.flatten().nonzero().flatten()
+            live = (at % alive.shape[1]) * b + at // alive.shape[1]
+            owners = (live % b).tolist()  # each item's image, read once: the chunks split their items by image
+            if chunk is None or chunk > 1:  # chunk=1: no pass shares
+                with torch.inference_mode(), _check_precision(model, x, run):  # outside the first chunk's probe
+                    items.check(live, owners)
 
-        def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
-            s = items(live[start:stop], owners[start:stop])
-            return s, s  # the scores give the weights: kept per item (small), combined below
+            def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
+                s = items(live[start:stop], owners[start:stop])
+                return s, s  # the scores give the weights: kept per item (small), combined below
 
-        scores = clean.repeat(acts.shape[1], 1)  # (D * B, K): each item's clean score until its pass
-        if len(live):
-            sums = _engine.accumulate(compute, len(live), b, chunk=chunk, max_memory=budget, progress=progress,
-                                      desc="ablationcam", device=x.device, inference=True, run=run)
-            assert sums.scores is not None
-            scores[live] = sums.scores.to(scores.dtype)
+            scores = clean.repeat(acts.shape[1], 1)  # (D * B, K): each item's clean score until its pass
+            if len(live):
+                sums = _engine.accumulate(compute, len(live), b, chunk=chunk, max_memory=budget, progress=progress,
+                                          desc="ablationcam", device=x.device, inference=True, run=run)
+                assert sums.scores is not None
+                scores[live] = sums.scores.to(scores.dtype)
     ablated = _per_image(scores, b)  # (B, K, D)
     y = clean.unsqueeze(-1)
     w = (y - ablated) / y
