@@ -807,8 +807,7 @@ def ablationcam(
         already = judge(out, probs)  # once, on the clean images: every chunk on one scale
         run = _perf.Run(model, x, replace(perf, compile=False, fold_batchnorm=False),  # _WHY_ABLATION_PASSES_SKIP:
                         tag=f"ablationcam:{probs}:{strip_softmax}:{value}")  # a hook replaces the layer's output
-        # one CastCache for the clean scores and every chunk, the run in its chunks' layout from the clean scores on
-        with run.casts_kept(), _chunks_layout(run):
+        with run.casts_kept(), _chunks_layout(run):  # one CastCache for S and every chunk, all in the chunks' layout
             clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already, batch=batch,
                                  found=found)  # (B, K) in the clean output's parts
             _check_nonzero(clean, resolved, probs)
