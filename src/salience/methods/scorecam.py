@@ -444,8 +444,14 @@ class _Ablated:
     set to ``value``. A forward hook replaces the layer's output by the chunk's ablated copies."""
 
     def __init__(self, model: nn.Module, mod: nn.Module, x: Tensor, layout: Layout, value: float,
-                 score: Callable[[Tensor, Tensor], Tensor], clean: Tensor) -> None:
+                 score: Callable[[Tensor, Tensor], Tensor], clean: Tensor, channels_last: bool = False) -> None:
         self.model, self.mod, self.x, self.layout, self.value, self.score = model, mod, x, layout, value, score
+        # channels_last (the run's forced layout, Run.probe_layout): the images once in it for the chunks' passes
+        # (:meth:`_images`), made before the engine's memory probe. Each pass's own channels-last copy of its image
+        # row was counted by the probe (a shared pass of two items of one image) as half a row of every item: plans
+        # smaller than a contiguous call's (resnet50 at 64 px, layer1.0.conv1, 2 images, fp32: 126 + 2 against 128),
+        # so other fp32 maps than the contiguous probe's plan gave
+        self.x_cl = x.detach().contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else None
         self.clean = clean  # (B, K): the images' clean scores, the check's scale (the drops S - S_k)
         # the layers before run once per run of an image's items in a chunk, on that image's one row (the layer's
         # output row repeated for the items' n after it: a read of x or of an earlier tensor after the layer
@@ -491,7 +497,7 @@ class _Ablated:
         saved = scope.snapshot() if scope is not None else None
         s: Optional[Tensor] = None
         try:
-            s = self._run(self.x[o:o + 1], torch.zeros_like(owner), ch, owner)
+            s = self._run(self._images()[o:o + 1], torch.zeros_like(owner), ch, owner)
         except Exception:  # noqa: BLE001 - one row against the items' n, or the model's own check of them (a
             pass  # ValueError, an assert): an error of the model's own comes again from the pass per item
         ok = s is not None and s.shape[0] == len(owner)
@@ -501,7 +507,14 @@ class _Ablated:
 
     def _own(self, owner: Tensor, ch: Tensor) -> Tensor:
         """The items' scores with every item's image a row of its own (the whole model once per item)."""
-        return self._run(self.x[owner], torch.arange(len(owner), device=self.x.device), ch, owner)
+        return self._run(self._images()[owner], torch.arange(len(owner), device=self.x.device), ch, owner)
+
+    def _images(self) -> Tensor:
+        """``x`` ``(B, C, H, W)`` for a pass: inside a channels-last chunk its channels-last copy (a row of it, or rows
+        gathered from it, are channels-last already: the pass makes no copy of its own); else ``x`` (the sharing
+        check, outside the chunks, as it was)."""
+        run = _perf.active(self.model)
+        return self.x_cl if self.x_cl is not None and run is not None and run.channels_last else self.x
 
     def _check_shared(self, o: int, owner: Tensor, ch: Tensor) -> bool:
         """Whether the shared pass gives items of image ``o`` (two: the call's first run's first two) the scores of
@@ -817,7 +830,7 @@ def ablationcam(
                 return score_items(model, inputs, [t.for_items(owner) for t in resolved], probs, strip_softmax,
                                    already=already, plain=False, owner=owner)  # the live items: not in order
 
-            items = _Ablated(model, mod, x, layout, value, score, clean)
+            items = _Ablated(model, mod, x, layout, value, score, clean, channels_last=run.probe_layout())
 
             # item j = channel j // B of image j % B; a channel already equal to value everywhere on its image is not
             # changed by its ablation: its score is the clean one (weight 0, and it multiplies a map of value anyway).
