@@ -707,11 +707,13 @@ class Run:
         return not self.strip_softmax or (self.softmax_checked and not self.softmax_stripped)
 
     def probe_layout(self) -> bool:
-        """The layout of the first, probing chunk (which runs the model itself): with ``plain_passes`` and no folded
-        copy, channels-last where the run's ``memory_format`` is (a contiguous bf16 pass took twice a channels-last
-        one's time on resnet50); else contiguous (with a folded copy the model's parameters are left as they are,
-        :meth:`set_layout`)."""
-        return self.plain_passes and self._folded is None and self.options.memory_format == "channels_last"
+        """The layout of the first, probing chunk (which runs the model itself): with no folded copy, channels-last
+        where the run's ``memory_format`` is (a contiguous bf16 pass took twice a channels-last one's time on resnet50;
+        a hooked run's, Ablation-CAM's, ran contiguous before its channels-last chunks: its bf16 weight copies made
+        once more, its heap grown by 98 MiB, and under ``chunks="throughput"`` its first chunk's scores from other
+        kernels than every later chunk's); else contiguous (with a folded copy the model's parameters are left as they
+        are, :meth:`set_layout`; ``"auto"`` times both layouts after the probe)."""
+        return self._folded is None and self.options.memory_format == "channels_last"
 
     def _restore(self) -> None:
         """Put the parameters :meth:`set_layout` converted back; each one is dropped from the list once it is back, so

@@ -37,7 +37,8 @@ Ablation-CAM's hooked passes never run compiled nor folded (a warning says so on
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable, Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -443,8 +444,14 @@ class _Ablated:
     set to ``value``. A forward hook replaces the layer's output by the chunk's ablated copies."""
 
     def __init__(self, model: nn.Module, mod: nn.Module, x: Tensor, layout: Layout, value: float,
-                 score: Callable[[Tensor, Tensor], Tensor], clean: Tensor) -> None:
+                 score: Callable[[Tensor, Tensor], Tensor], clean: Tensor, channels_last: bool = False) -> None:
         self.model, self.mod, self.x, self.layout, self.value, self.score = model, mod, x, layout, value, score
+        # channels_last (the run's forced layout, Run.probe_layout): the images once in it for the chunks' passes
+        # (:meth:`_images`), made before the engine's memory probe. Each pass's own channels-last copy of its image
+        # row was counted by the probe (a shared pass of two items of one image) as half a row of every item: plans
+        # smaller than a contiguous call's (resnet50 at 64 px, layer1.0.conv1, 2 images, fp32: 126 + 2 against 128),
+        # so other fp32 maps than the contiguous probe's plan gave
+        self.x_cl = x.detach().contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else None
         self.clean = clean  # (B, K): the images' clean scores, the check's scale (the drops S - S_k)
         # the layers before run once per run of an image's items in a chunk, on that image's one row (the layer's
         # output row repeated for the items' n after it: a read of x or of an earlier tensor after the layer
@@ -490,7 +497,7 @@ class _Ablated:
         saved = scope.snapshot() if scope is not None else None
         s: Optional[Tensor] = None
         try:
-            s = self._run(self.x[o:o + 1], torch.zeros_like(owner), ch, owner)
+            s = self._run(self._images()[o:o + 1], torch.zeros_like(owner), ch, owner)
         except Exception:  # noqa: BLE001 - one row against the items' n, or the model's own check of them (a
             pass  # ValueError, an assert): an error of the model's own comes again from the pass per item
         ok = s is not None and s.shape[0] == len(owner)
@@ -500,7 +507,14 @@ class _Ablated:
 
     def _own(self, owner: Tensor, ch: Tensor) -> Tensor:
         """The items' scores with every item's image a row of its own (the whole model once per item)."""
-        return self._run(self.x[owner], torch.arange(len(owner), device=self.x.device), ch, owner)
+        return self._run(self._images()[owner], torch.arange(len(owner), device=self.x.device), ch, owner)
+
+    def _images(self) -> Tensor:
+        """``x`` ``(B, C, H, W)`` for a pass: inside a channels-last chunk its channels-last copy (a row of it, or rows
+        gathered from it, are channels-last already: the pass makes no copy of its own); else ``x`` (the sharing
+        check, outside the chunks, as it was)."""
+        run = _perf.active(self.model)
+        return self.x_cl if self.x_cl is not None and run is not None and run.channels_last else self.x
 
     def _check_shared(self, o: int, owner: Tensor, ch: Tensor) -> bool:
         """Whether the shared pass gives items of image ``o`` (two: the call's first run's first two) the scores of
@@ -705,6 +719,23 @@ def _check_precision(model: nn.Module, x: Tensor, run: _perf.Run) -> Any:
     return autocast_off() if fp32 else run.autocast()
 
 
+@contextmanager
+def _chunks_layout(run: _perf.Run) -> Iterator[None]:
+    """Ablation-CAM's ``run`` in its chunks' layout from the clean scores ``S`` on, under a 16-bit autocast
+    (channels-last where ``memory_format="channels_last"`` is forced: :meth:`~salience._core.perf.Run.probe_layout`),
+    the model's parameters put back at the end (:func:`~salience._core.perf.close_run`), after an error before the
+    chunks too. ``S`` then comes from the kernels of the ``S_k`` it is compared with, and inside
+    :meth:`~salience._core.perf.Run.casts_kept` the bf16 weight copies are made once for ``S`` and every chunk: they
+    were made three times (for ``S``, contiguous; in the probing chunk; at the first channels-last chunk), each set
+    51.6 MiB on resnet50, among the passes' activations (benchmarks/ablation-allocs-s59.md)."""
+    try:
+        if run.dtype is not None:
+            run.set_layout(run.probe_layout())
+        yield
+    finally:
+        _perf.close_run(run)
+
+
 def _check_nonzero(clean: Tensor, targets: list[Target], probs: Sequence[bool]) -> None:
     """Refuse a clean score ``S`` of exactly 0 (``clean`` ``(B, K)``): Ablation-CAM's weights
     ``(S - S_k) / S`` would be 0 / 0 or infinite there, a map of NaN (a fresh torchvision
@@ -789,42 +820,42 @@ def ablationcam(
         already = judge(out, probs)  # once, on the clean images: every chunk on one scale
         run = _perf.Run(model, x, replace(perf, compile=False, fold_batchnorm=False),  # _WHY_ABLATION_PASSES_SKIP:
                         tag=f"ablationcam:{probs}:{strip_softmax}:{value}")  # a hook replaces the layer's output
-        with run.casts_kept():  # (B, K) in the clean output's parts, which share one bf16 cast of each weight
+        with run.casts_kept(), _chunks_layout(run):  # one CastCache for S and every chunk, all in the chunks' layout
             clean = clean_scores(model, x, out, resolved, probs, strip_softmax, run, already=already, batch=batch,
-                                 found=found)
-        _check_nonzero(clean, resolved, probs)
+                                 found=found)  # (B, K) in the clean output's parts
+            _check_nonzero(clean, resolved, probs)
 
-        def score(inputs: Tensor, owner: Tensor) -> Tensor:
-            found.before_pass()
-            return score_items(model, inputs, [t.for_items(owner) for t in resolved], probs, strip_softmax,
-                               already=already, plain=False, owner=owner)  # the live items: not in order
+            def score(inputs: Tensor, owner: Tensor) -> Tensor:
+                found.before_pass()
+                return score_items(model, inputs, [t.for_items(owner) for t in resolved], probs, strip_softmax,
+                                   already=already, plain=False, owner=owner)  # the live items: not in order
 
-        items = _Ablated(model, mod, x, layout, value, score, clean)
+            items = _Ablated(model, mod, x, layout, value, score, clean, channels_last=run.probe_layout())
 
-        # item j = channel j // B of image j % B; a channel already equal to value everywhere on its image is not
-        # changed by its ablation: its score is the clean one (weight 0, and it multiplies a map of value anyway).
-        # Tested on the layer's output as the ablation writes it: every token, a ViT's prefix tokens too (the grid
-        # has the patches only: a channel at value on them and not on the class token changes the score)
-        axis = 1 if layout.kind == "channels_first" else native.dim() - 1
-        alive = (native != value).movedim(axis, 1).flatten(2).any(2)  # (B, D)
-        # image by image: a chunk's items of one image share the layers before the layer (_Ablated: on its one row)
-        at = alive.flatten().nonzero().flatten()
-        live = (at % alive.shape[1]) * b + at // alive.shape[1]
-        owners = (live % b).tolist()  # each item's image, read once: the chunks split their items by image
-        if chunk is None or chunk > 1:  # chunk=1: no pass shares
-            with torch.inference_mode(), _check_precision(model, x, run):  # outside the first chunk's probe
-                items.check(live, owners)
+            # item j = channel j // B of image j % B; a channel already equal to value everywhere on its image is not
+            # changed by its ablation: its score is the clean one (weight 0, and it multiplies a map of value anyway).
+            # Tested on the layer's output as the ablation writes it: every token, a ViT's prefix tokens too (the grid
+            # has the patches only: a channel at value on them and not on the class token changes the score)
+            axis = 1 if layout.kind == "channels_first" else native.dim() - 1
+            alive = (native != value).movedim(axis, 1).flatten(2).any(2)  # (B, D)
+            # image by image: a chunk's items of one image share the layers before the layer (_Ablated: on its one row)
+            at = alive.flatten().nonzero().flatten()
+            live = (at % alive.shape[1]) * b + at // alive.shape[1]
+            owners = (live % b).tolist()  # each item's image, read once: the chunks split their items by image
+            if chunk is None or chunk > 1:  # chunk=1: no pass shares
+                with torch.inference_mode(), _check_precision(model, x, run):  # outside the first chunk's probe
+                    items.check(live, owners)
 
-        def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
-            s = items(live[start:stop], owners[start:stop])
-            return s, s  # the scores give the weights: kept per item (small), combined below
+            def compute(start: int, stop: int) -> tuple[Tensor, Tensor]:
+                s = items(live[start:stop], owners[start:stop])
+                return s, s  # the scores give the weights: kept per item (small), combined below
 
-        scores = clean.repeat(acts.shape[1], 1)  # (D * B, K): each item's clean score until its pass
-        if len(live):
-            sums = _engine.accumulate(compute, len(live), b, chunk=chunk, max_memory=budget, progress=progress,
-                                      desc="ablationcam", device=x.device, inference=True, run=run)
-            assert sums.scores is not None
-            scores[live] = sums.scores.to(scores.dtype)
+            scores = clean.repeat(acts.shape[1], 1)  # (D * B, K): each item's clean score until its pass
+            if len(live):
+                sums = _engine.accumulate(compute, len(live), b, chunk=chunk, max_memory=budget, progress=progress,
+                                          desc="ablationcam", device=x.device, inference=True, run=run)
+                assert sums.scores is not None
+                scores[live] = sums.scores.to(scores.dtype)
     ablated = _per_image(scores, b)  # (B, K, D)
     y = clean.unsqueeze(-1)
     w = (y - ablated) / y
