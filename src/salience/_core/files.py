@@ -235,14 +235,16 @@ def read_text(path: PathLike, name: str, expected: str, limit: Optional[int] = N
     so: what Windows' editors save as "Unicode")."""
     limit = TEXT_FILE_CAP if limit is None else limit
     try:
-        fd = open_regular(path)
+        fd, st_mode = open_no_wait(path)
     except OSError as e:
         if not is_socket(path):  # a socket's open fails (ENXIO): said as what it is, below
             raise SalienceError(f"{name}: cannot read it ({e.strerror or e}); check the path and its permissions") \
                 from None
-        fd = None
-    if fd is None:
-        kind = "a folder" if os.path.isdir(path) else "a FIFO, a device or a socket"
+        fd, st_mode = None, stat.S_IFSOCK
+    if not stat.S_ISREG(st_mode):  # told by the handle's fstat, not by a second look at the name
+        if fd is not None:
+            os.close(fd)
+        kind = "a folder" if stat.S_ISDIR(st_mode) else "a FIFO, a device or a socket"
         raise SalienceError(f"{name}: {kind}, not a regular file; expected {expected}")
     with os.fdopen(fd, "rb") as f:
         try:
@@ -282,12 +284,20 @@ def check_regular(path: PathLike, what: str, then: str) -> None:
     plain open waits for a writer, for ever where none comes. One ``stat``, so a file swapped after it is not seen: a
     reader that must never wait opens the file once with :func:`open_regular` and reads through its handle. A path
     not there, or that cannot be looked at, is left to the reader (its own error)."""
+    mode = _irregular_mode(path)
+    if mode is not None:
+        raise SalienceError(not_regular(path, what, then))
+
+
+def _irregular_mode(path: PathLike) -> Optional[int]:
+    """The ``st_mode`` of ``path`` when it is there and is no regular file, by one ``stat``; ``None`` for a regular
+    file and for a path not there or that cannot be looked at (not there, no permission, a NUL in it: left to the
+    reader, which says so): :func:`check_regular`'s and :func:`check_image_file`'s look."""
     try:
         mode = os.stat(path).st_mode
-    except (OSError, ValueError):  # not there, no permission, a NUL in it: the reader says so
-        return
-    if not stat.S_ISREG(mode):
-        raise SalienceError(not_regular(path, what, then))
+    except (OSError, ValueError):
+        return None
+    return None if stat.S_ISREG(mode) else mode
 
 
 def _on_windows() -> bool:
@@ -339,11 +349,6 @@ def check_image_file(path: PathLike) -> None:
     """A :class:`SalienceError` when the local image ``path`` is there and is no regular file (a FIFO, a device, a
     socket: :func:`not_image_file`; a shell's pipe, :func:`shell_pipe`, is read): before an image is opened, which
     would wait for ever on a FIFO without a writer. One ``stat``, as :func:`check_regular`."""
-    if shell_pipe(path):
-        return
-    try:
-        mode = os.stat(path).st_mode
-    except (OSError, ValueError):  # not there, no permission, a NUL in it: the reader says so
-        return
-    if not stat.S_ISREG(mode):
+    mode = None if shell_pipe(path) else _irregular_mode(path)
+    if mode is not None:
         raise SalienceError(not_image_file(path, mode))

@@ -324,7 +324,7 @@ def _named_pipe_bytes(p: Path, fd: int, wait: float) -> bytes:
                 looks.select(min(left, PIPE_POLL_S))  # wakes early for bytes or a close
     if first == b"":
         return b""
-    os.set_blocking(fd, True)
+    wait_again(fd)
     return _read_to_end(fd, first or b"")
 
 
